@@ -1,0 +1,52 @@
+"""The seam between a selection and the fused engine.
+
+A selection either freezes whole tensors (``requires_grad=False``, nothing else needed) or routes the
+dense gradient of a model weight to a smaller tensor that the optimizer owns (sparse fine-tuning). The
+engine never knows which selection it serves: it only follows the routes found on the model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+ROUTES_ATTRIBUTE = "_lomo_gradient_routes"
+
+
+class GradientRoute(Protocol):
+    """Sends the dense gradient of ``source`` (a model weight) to ``target`` (a tensor the optimizer owns).
+
+    ``target`` is what sits in the optimizer's ``param_groups``; ``source`` is what sits in the model
+    and receives the gradient in backward. After the update rule has changed ``target``, ``scatter``
+    writes it back into ``source``.
+    """
+
+    source: nn.Parameter
+    target: Tensor
+
+    def gather(self, grad: Tensor) -> Tensor:
+        """Return the gradient of ``target`` given the dense gradient of ``source`` (may record statistics)."""
+        ...
+
+    def scatter(self) -> None:
+        """Write ``target`` into ``source`` after the update rule ran."""
+        ...
+
+
+def gradient_routes(model: nn.Module) -> dict[Tensor, GradientRoute]:
+    """All routes registered on ``model`` or any of its submodules, keyed by their source parameter."""
+    routes: dict[Tensor, GradientRoute] = {}
+    for module in model.modules():
+        for route in getattr(module, ROUTES_ATTRIBUTE, ()):
+            routes[route.source] = route
+    return routes
+
+
+def register_routes(module: nn.Module, routes: list[GradientRoute]) -> None:
+    """Attach ``routes`` to ``module`` so that :func:`gradient_routes` finds them."""
+    object.__setattr__(module, ROUTES_ATTRIBUTE, list(routes))
+
+
+__all__ = ["GradientRoute", "gradient_routes", "register_routes", "ROUTES_ATTRIBUTE"]
