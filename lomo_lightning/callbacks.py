@@ -1,0 +1,88 @@
+"""Lightning callbacks that drive the selections during training."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lomo_lightning.selection.hft import HalfFineTuning
+from lomo_lightning.selection.sft import SparseFineTuning
+
+
+class HFTResampleCallback(Callback):
+    """Draw a new Half Fine-Tuning mask at each ``fit`` (continual learning) and/or every N optimizer steps.
+
+    The first ``fit`` keeps the mask already applied (or applies one if none was); every later ``fit``
+    resamples when ``every_stage`` is set. Build the optimizer over all parameters of the model: frozen
+    ones get no gradient and hence no state, and newly trainable ones are already in it. The state of
+    newly frozen parameters is dropped, so a frozen parameter never holds optimizer state.
+
+    ``every_n_steps`` changes the trainable set mid-training, which the fused engine must follow: this
+    callback calls ``trainer.strategy.fused_updater.refresh()`` (re-registers the gradient hooks for the
+    current trainable set) when the strategy has one. A strategy that installs hooks without exposing
+    ``fused_updater`` would keep updating the old set, so it does not support ``every_n_steps``.
+    """
+
+    def __init__(self, hft: HalfFineTuning, every_n_steps: int | None = None, every_stage: bool = True) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        self.hft = hft
+        self.every_n_steps = every_n_steps
+        self.every_stage = every_stage
+        self._fits_started = 0
+        self._last_resampled_step = -1
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fits_started += 1
+        if self.hft.mask is None:
+            self.hft.apply(pl_module)
+        elif self.every_stage and self._fits_started > 1:
+            self._resample(trainer, pl_module)
+        else:
+            return
+        _refresh_fused_hooks(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        step = trainer.global_step
+        # With gradient accumulation several batches end on the same optimizer step: resample once.
+        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_resampled_step:
+            return
+        self._last_resampled_step = step
+        self._resample(trainer, pl_module)
+        _refresh_fused_hooks(trainer)
+
+    def _resample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.hft.resample(pl_module, optimizer=optimizer)
+
+
+class SFTReselectionCallback(Callback):
+    """Run :meth:`SparseFineTuning.step` after every optimizer step, with the trainer's first optimizer.
+
+    Sets ``sft.total_steps`` from ``trainer.estimated_stepping_batches`` when it was not given, so the
+    prune schedule decays to 0 at the end of training.
+    """
+
+    def __init__(self, sft: SparseFineTuning) -> None:
+        self.sft = sft
+        self._last_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.sft.total_steps is None:
+            self.sft.total_steps = int(trainer.estimated_stepping_batches)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        # With gradient accumulation, count optimizer steps, not batches.
+        while self._last_step < trainer.global_step:
+            self._last_step += 1
+            self.sft.step(trainer.optimizers[0])
+
+
+def _refresh_fused_hooks(trainer: pl.Trainer) -> None:
+    fused_updater = getattr(trainer.strategy, "fused_updater", None)
+    if fused_updater is not None:
+        fused_updater.refresh()
+
+
+__all__ = ["HFTResampleCallback", "SFTReselectionCallback"]
