@@ -1,0 +1,100 @@
+"""What every data module here shares: its tokenizer, its cache root and its two loaders.
+
+Batches are Hugging Face style dicts (``input_ids``, ``attention_mask``, ``labels`` as LongTensors,
+``-100`` where no loss), so any causal LM is trained with ``model(**batch).loss``.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lomo_lightning.data.tokenizer import resolve_cache_dir, resolve_tokenizer
+
+MIN_SEQ_LEN = 8
+
+
+class TokenizedDataModule(LightningDataModule, ABC):
+    """Owns the tokenizer (built lazily, so a script can size the model before ``trainer.fit``) and the loaders.
+
+    Subclasses fill ``train_dataset`` and ``val_dataset`` in ``setup`` and define ``collate``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | str | None,
+        *,
+        seq_len: int,
+        batch_size: int,
+        vocab_size: int,
+        num_workers: int,
+        cache_dir: str | os.PathLike | None,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        if seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"seq_len must be at least {MIN_SEQ_LEN}, got {seq_len}: pass a larger seq_len")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.vocab_size = vocab_size
+        self.num_workers = num_workers
+        self.cache_dir: Path = resolve_cache_dir(cache_dir)
+        self.seed = seed
+        self._tokenizer_spec = tokenizer
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    def build_tokenizer(self) -> PreTrainedTokenizerBase:
+        """Load (or train once and cache) the tokenizer; later calls return the same object."""
+        if self._tokenizer is None:
+            self._tokenizer = resolve_tokenizer(self._tokenizer_spec, vocab_size=self.vocab_size, cache_dir=self.cache_dir)
+        return self._tokenizer
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, built on first access (see :meth:`build_tokenizer`)."""
+        return self.build_tokenizer()
+
+    @abstractmethod
+    def collate(self, features: list[dict]) -> dict[str, Tensor]:
+        """Turn dataset rows into a batch of ``input_ids``, ``attention_mask`` and ``labels``."""
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled with a generator seeded by ``seed``, so the example order is reproducible."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(self._require("train_dataset"), shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        """In dataset order, so every validation pass sees the same batches."""
+        return self._loader(self._require("val_dataset"), shuffle=False)
+
+    def _loader(self, dataset: Dataset, *, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate,
+        )
+
+    def _require(self, name: str) -> Dataset:
+        dataset = getattr(self, name)
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.{name} is not built yet: call setup() first")
+        return dataset
+
+
+__all__ = ["MIN_SEQ_LEN", "TokenizedDataModule"]
