@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
 from torch import Tensor, nn
 
 ROUTES_ATTRIBUTE = "_lomo_gradient_routes"
@@ -49,4 +48,3 @@ def register_routes(module: nn.Module, routes: list[GradientRoute]) -> None:
     object.__setattr__(module, ROUTES_ATTRIBUTE, list(routes))
 
 
-__all__ = ["GradientRoute", "gradient_routes", "register_routes", "ROUTES_ATTRIBUTE"]

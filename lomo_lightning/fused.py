@@ -1,0 +1,275 @@
+"""FusedUpdater: run the optimizer inside backward, one parameter at a time, and free each gradient at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lomo_lightning.selection.base import GradientRoute, gradient_routes
+
+
+@dataclass
+class DynamicLossScaler:
+    """fp16 loss scaling: back off on overflow, grow after ``growth_interval`` clean steps.
+
+    The same policy as ``torch.amp.GradScaler``, kept as plain numbers because the fused engine learns
+    about an overflow from the first (norm-measuring) backward pass, before any parameter has changed.
+    """
+
+    scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    min_scale: float = 1.0
+    clean_steps: int = 0
+
+    def update(self, found_overflow: bool) -> None:
+        if found_overflow:
+            self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            self.clean_steps = 0
+            return
+        self.clean_steps += 1
+        if self.clean_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.clean_steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class FusedUpdater:
+    """Moves an optimizer's update into backward: each parameter is updated as soon as its gradient is final.
+
+    A ``register_post_accumulate_grad_hook`` on every trainable parameter runs the update rule for that
+    parameter alone, with the current values of its param group (so LR schedulers act), then frees the
+    gradient. Gradients never all exist together. Works with any optimizer whose ``step()`` is separable
+    per parameter (SGD, AdamW, Adafactor, :class:`~lomo_lightning.Lomo`, :class:`~lomo_lightning.AdaLomo`).
+
+    What only the whole backward pass can know is handled here:
+
+    - global-norm clipping, as LOMO does it: a first backward pass (``retain_graph=True``) only measures
+      the norm of the unclipped gradients, then the fused pass scales each gradient by the clip coefficient;
+    - value clipping, in the hook, before norm scaling;
+    - fp16 loss scaling (``loss_scaler``): the first pass also detects overflow, and an overflowing step
+      changes no parameter;
+    - a step whose loss is not finite is skipped before any parameter changes.
+
+    Example::
+
+        updater = FusedUpdater(model, AdaLomo(model.parameters(), lr=1e-3), clip_grad_norm=1.0)
+        for batch in loader:
+            updater.backward(model(**batch).loss)   # forward, backward and update; no optimizer.step()
+
+    Args:
+        model: the module whose trainable parameters are updated.
+        optimizer: the update rule; every parameter of ``model`` that requires grad must be in it.
+        clip_grad_norm: clip the global gradient norm to this value (two backward passes).
+        clip_grad_value: clamp every gradient entry to ``[-clip_grad_value, clip_grad_value]``.
+        loss_scaler: dynamic loss scaling for fp16 training.
+        install_hooks: ``False`` leaves hook installation to a placement that knows better when a
+            gradient is final (DDP calls :meth:`apply_gradient` from its communication hook).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        loss_scaler: DynamicLossScaler | None = None,
+        install_hooks: bool = True,
+    ):
+        for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
+            if value is not None and not value > 0:
+                raise ValueError(f"FusedUpdater: {name} must be positive or None, got {value}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.loss_scaler = loss_scaler
+        self.steps = 0
+        self.skipped_steps = 0
+        self.last_grad_norm: Tensor | None = None
+        # Hooks are told about the pass through these, set once per backward, read once per parameter.
+        self._measuring = False
+        self._norms: list[Tensor] = []
+        self._inv_scale = 1.0
+        self._clip_coef: Tensor | None = None
+        self._handles: list[RemovableHandle] = []
+        self._targets: dict[Tensor, Tensor] = {}
+        self._routes: dict[Tensor, GradientRoute] = {}
+        self._group_index: dict[Tensor, int] = {}
+        self._fast_step: Callable[..., None] | None = getattr(optimizer, "step_parameter", None)
+        self.refresh(install_hooks=install_hooks)
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def refresh(self, install_hooks: bool = True) -> None:
+        """(Re-)discover the trainable parameters and their hooks, e.g. after a selection changed them."""
+        self.remove()
+        self._group_index = {p: i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
+        routes = gradient_routes(self.model)
+        self._routes, self._targets = {}, {}
+        missing = []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            route = routes.get(param)
+            target = route.target if route is not None else param
+            if target not in self._group_index:
+                missing.append(name)
+                continue
+            self._targets[param] = target
+            if route is not None:
+                self._routes[param] = route
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"FusedUpdater: {len(missing)} parameters require grad but are not in the optimizer ({shown}). "
+                "Their gradients would pile up unused: add them to the optimizer or set requires_grad=False."
+            )
+        if install_hooks:
+            self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient_ready) for p in self._targets]
+
+    def remove(self) -> None:
+        """Remove the hooks; the model and optimizer are left as ordinary, unfused objects."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def parameters(self) -> list[Tensor]:
+        """The model parameters whose gradients the engine consumes."""
+        return list(self._targets)
+
+    # -- one training step -------------------------------------------------------------------------
+
+    def backward(self, loss: Tensor) -> bool:
+        """Backward and update. Returns ``False`` when the step was skipped (non-finite loss or fp16 overflow)."""
+        if not torch.isfinite(loss.detach()).all():
+            self.skipped_steps += 1
+            return False
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        scaled = loss * scale if scale != 1.0 else loss
+        self._inv_scale = 1.0 / scale
+        self._clip_coef = None
+        if self.clip_grad_norm is not None or self.loss_scaler is not None:
+            norm = self._measure_grad_norm(scaled)
+            self.last_grad_norm = norm
+            if not torch.isfinite(norm):
+                if self.loss_scaler is not None:
+                    self.loss_scaler.update(found_overflow=True)
+                self.skipped_steps += 1
+                return False
+            if self.clip_grad_norm is not None:
+                # the same coefficient as torch.nn.utils.clip_grad_norm_
+                self._clip_coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
+        scaled.backward()
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(found_overflow=False)
+        self.steps += 1
+        # what a wrapped optimizer.step() would record; LR schedulers check it
+        self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        return True
+
+    def _measure_grad_norm(self, scaled_loss: Tensor) -> Tensor:
+        """First pass: the global L2 norm of the (unscaled, unclipped) gradients; nothing is updated."""
+        self._measuring = True
+        self._norms = []
+        try:
+            scaled_loss.backward(retain_graph=True)
+        finally:
+            self._measuring = False
+        # the norm of the per-parameter norms, as torch.nn.utils.clip_grad_norm_ computes it
+        norm = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else scaled_loss.new_zeros(())
+        self._norms = []
+        return self.reduce_squared_norm(norm.square()).sqrt() * self._inv_scale
+
+    def reduce_squared_norm(self, squared_norm: Tensor) -> Tensor:
+        """Complete a squared norm over the placement: identity here, an all-reduce for sharded gradients."""
+        return squared_norm
+
+    # -- per parameter (the hot path: runs once per parameter per backward) ------------------------
+
+    @torch.no_grad()
+    def _on_gradient_ready(self, param: Tensor) -> None:
+        grad = param.grad
+        param.grad = None
+        if grad is not None:
+            self.apply_gradient(param, grad)
+
+    @torch.no_grad()
+    def apply_gradient(self, param: Tensor, grad: Tensor) -> None:
+        """Consume the final gradient of one model parameter: measure it, or clip it and run the rule.
+
+        ``grad`` is owned by the engine from here on and may be overwritten.
+        """
+        if self._measuring:
+            self._norms.append(torch.linalg.vector_norm(_local(grad), dtype=torch.float32))
+            return
+        if grad.dtype != torch.float32:
+            grad = grad.float()
+        if self._inv_scale != 1.0:
+            grad.mul_(self._inv_scale)
+        if self.clip_grad_value is not None:
+            grad.clamp_(-self.clip_grad_value, self.clip_grad_value)
+        if self._clip_coef is not None:
+            grad.mul_(self._clip_coef)
+        route = self._routes.get(param)
+        target = self._targets[param]
+        if route is not None:
+            grad = route.gather(grad)
+        group = self.optimizer.param_groups[self._group_index[target]]
+        if self._fast_step is not None:
+            self._fast_step(target, grad, group, grad_is_scratch=True)
+        else:
+            self._step_alone(target, grad, group)
+        if route is not None:
+            route.scatter()
+
+    def _step_alone(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+        """Run a stock optimizer's ``step()`` on one parameter by narrowing its param groups for the call."""
+        groups = self.optimizer.param_groups
+        saved = [g["params"] for g in groups]
+        target.grad = grad.to(target.dtype)
+        try:
+            for g in groups:
+                g["params"] = [target] if g is group else []
+            self.optimizer.step()
+        finally:
+            for g, params in zip(groups, saved):
+                g["params"] = params
+            target.grad = None
+
+    # -- checkpointing -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the loss scale (the rule's state lives in ``optimizer.state_dict()``)."""
+        state: dict[str, Any] = {"steps": self.steps, "skipped_steps": self.skipped_steps}
+        if self.loss_scaler is not None:
+            state["loss_scaler"] = self.loss_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.skipped_steps = state["skipped_steps"]
+        if self.loss_scaler is not None and "loss_scaler" in state:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+__all__ = ["DynamicLossScaler", "FusedUpdater"]

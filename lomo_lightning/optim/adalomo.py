@@ -1,0 +1,197 @@
+"""AdaLomo: LOMO with an adaptive, factored learning rate (Lv et al., 2023/24).
+
+The math follows the reference implementation (``lomo_optim.AdaLomo``) step for step, written so that a
+fused update allocates no temporary the size of the parameter beyond what fp32 casting requires, and so
+that a parameter that is a shard of a larger tensor (FSDP2) gives exactly the unsharded result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+class AdaLomo(Optimizer):
+    r"""Adam-like adaptive update with factored second moments and grouped update normalization.
+
+    For a step :math:`t \ge 1` with :math:`\beta_t = 1 - t^{c}` (``decay_rate`` :math:`c = -0.8`) and
+    :math:`G = g^2 + \epsilon_1`:
+
+    - 2-D :math:`W \in \mathbb{R}^{n \times m}`: :math:`R \leftarrow \beta_t R + (1-\beta_t)\,\mathrm{mean}(G, -1)`,
+      :math:`C \leftarrow \beta_t C + (1-\beta_t)\,\mathrm{mean}(G, -2)`,
+      :math:`u = g \odot (R / \bar R)^{-1/2} \otimes C^{-1/2}`;
+      tensors with more than two dimensions are folded to ``(shape[0], -1)``.
+    - 1-D: :math:`V \leftarrow \beta_t V + (1-\beta_t) G`, :math:`u = g / \sqrt{V}`.
+    - Grouped update normalization: :math:`u \leftarrow u / \max(1, \mathrm{RMS}(u) / d)` (``clip_threshold`` :math:`d`).
+    - :math:`\eta_t = \eta \max(\epsilon_2, \mathrm{RMS}(\theta))`,
+      :math:`\theta \leftarrow \theta (1 - \eta_t \lambda) - \eta_t u`.
+
+    State is fp32 and O(rows + cols) per matrix: ``exp_avg_sq_row``/``exp_avg_sq_col`` (2-D) or
+    ``exp_avg_sq`` (1-D), plus ``step``. Parameters in bf16/fp16 are updated in fp32 and written back.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate :math:`\eta`.
+        eps: :math:`(\epsilon_1, \epsilon_2)`: added to the squared gradient; floor of the parameter RMS.
+        clip_threshold: :math:`d`, the largest RMS an update may have.
+        decay_rate: :math:`c` in :math:`\beta_t = 1 - t^c`.
+        weight_decay: decoupled weight decay :math:`\lambda`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        weight_decay: float = 0.0,
+    ):
+        if lr < 0.0:
+            raise ValueError(f"AdaLomo: lr must be >= 0, got {lr}.")
+        if decay_rate >= 0.0:
+            raise ValueError(f"AdaLomo: decay_rate must be negative (beta_t = 1 - t^decay_rate), got {decay_rate}.")
+        if clip_threshold <= 0.0:
+            raise ValueError(f"AdaLomo: clip_threshold must be > 0, got {clip_threshold}.")
+        if weight_decay < 0.0:
+            raise ValueError(f"AdaLomo: weight_decay must be >= 0, got {weight_decay}.")
+        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self.step_parameter(param, param.grad, group)
+        return loss
+
+    @torch.no_grad()
+    def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
+        """Update ``param`` alone from ``grad``.
+
+        ``grad_is_scratch=True`` lets the update overwrite ``grad`` (the fused engine owns it and frees
+        it right after), which saves a temporary the size of the parameter.
+        """
+        shard = Shard.of(param)
+        local_param, local_grad = shard.local(param), shard.local(grad)
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            if param.dim() >= 2:
+                # under FSDP2 the local rows are a slice of the rows; the columns are always whole
+                rows, cols = local_param.shape[0], math.prod(param.shape[1:])
+                state["exp_avg_sq_row"] = torch.zeros(rows, dtype=torch.float32, device=local_param.device)
+                state["exp_avg_sq_col"] = torch.zeros(cols, dtype=torch.float32, device=local_param.device)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(local_param, dtype=torch.float32)
+        state["step"] += 1
+        g = local_grad.to(torch.float32, copy=not grad_is_scratch)
+        adalomo_update(
+            local_param,
+            g,
+            state,
+            step=state["step"].item(),
+            lr=group["lr"],
+            eps=group["eps"],
+            clip_threshold=group["clip_threshold"],
+            decay_rate=group["decay_rate"],
+            weight_decay=group["weight_decay"],
+            shard=shard,
+        )
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where statistics that span a whole tensor are completed.
+
+    A plain tensor is whole (``group is None``). An FSDP2 parameter is a ``DTensor`` sharded on dim 0:
+    its local rows are complete rows, so row statistics stay local while column sums and the scalar
+    sums behind a mean or an RMS are all-reduced over the shard group. Those are the only collectives.
+    """
+
+    group: Any = None
+    rows: int = 0
+    numel: int = 0
+
+    @staticmethod
+    def of(param: Tensor) -> Shard:
+        placements = getattr(param, "placements", None)
+        if placements is None:
+            return Shard(None, param.shape[0] if param.dim() else 1, param.numel())
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor import Shard as DShard
+
+        mesh = param.device_mesh
+        if mesh.ndim != 1 or not all(isinstance(p, (DShard, Replicate)) for p in placements):
+            raise NotImplementedError(f"AdaLomo supports 1-D meshes with Shard(0) or Replicate placement, got {placements}.")
+        if isinstance(placements[0], DShard) and placements[0].dim != 0:
+            raise NotImplementedError(f"AdaLomo needs parameters sharded on dim 0 (FSDP2's default), got {placements}.")
+        group = mesh.get_group() if isinstance(placements[0], DShard) else None
+        return Shard(group, param.shape[0] if param.dim() else 1, param.numel())
+
+    @staticmethod
+    def local(tensor: Tensor) -> Tensor:
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """Complete a partial sum over the shard group, in place."""
+        if self.group is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+
+def adalomo_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    *,
+    step: float,
+    lr: float,
+    eps: tuple[float, float],
+    clip_threshold: float,
+    decay_rate: float,
+    weight_decay: float,
+    shard: Shard,
+) -> None:
+    """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite."""
+    eps1, eps2 = eps
+    beta = 1.0 - math.pow(step, decay_rate)
+    update = grad  # overwritten in place: from here on it holds u
+    if "exp_avg_sq_row" in state:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        g2d = update.view(row.numel(), col.numel())
+        # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
+        row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(g2d.shape[1]).add_(eps1)
+        col_sum = shard.sum_(torch.linalg.vector_norm(g2d, dim=0).square_())
+        col_mean = col_sum.div_(shard.rows).add_(eps1)
+        row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
+        col.mul_(beta).add_(col_mean, alpha=1.0 - beta)
+        row_avg = shard.sum_(row.sum()).div_(shard.rows)
+        g2d.mul_(row.div(row_avg).rsqrt_().unsqueeze(1)).mul_(col.rsqrt().unsqueeze(0))
+    else:
+        vec = state["exp_avg_sq"]
+        vec.mul_(beta).add_(update.square().add_(eps1), alpha=1.0 - beta)
+        update.mul_(vec.rsqrt())
+    update_rms = shard.sum_(torch.linalg.vector_norm(update).square_()).div_(shard.numel).sqrt_()
+    update.div_(update_rms.div_(clip_threshold).clamp_(min=1.0))
+
+    work = param if param.dtype == torch.float32 else param.float()
+    param_rms = shard.sum_(torch.linalg.vector_norm(work).square_()).div_(shard.numel).sqrt_()
+    lr_t = param_rms.clamp_(min=eps2).mul_(lr)
+    if weight_decay != 0.0:
+        work.mul_(1.0 - lr_t * weight_decay)
+    work.sub_(update.mul_(lr_t))
+    if work is not param:
+        param.copy_(work)

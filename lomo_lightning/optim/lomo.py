@@ -1,0 +1,61 @@
+"""LOMO: plain SGD with decoupled weight decay, meant to run inside backward (Lv et al., 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+class Lomo(Optimizer):
+    r"""SGD with decoupled weight decay, separable per parameter so that it can be fused into backward.
+
+    .. math::
+        \theta \leftarrow \theta (1 - \eta \lambda) - \eta g
+
+    Gradient clipping (by value, then by the global norm measured in a first backward pass) is not
+    part of the rule: :class:`~lomo_lightning.FusedUpdater` applies it before the rule sees ``g``.
+    The rule keeps no state. Parameters in bf16/fp16 are updated in fp32 and written back.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate :math:`\eta`.
+        weight_decay: decoupled weight decay :math:`\lambda`.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3, weight_decay: float = 0.0):
+        if lr < 0.0:
+            raise ValueError(f"Lomo: lr must be >= 0, got {lr}.")
+        if weight_decay < 0.0:
+            raise ValueError(f"Lomo: weight_decay must be >= 0, got {weight_decay}.")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self.step_parameter(param, param.grad, group)
+        return loss
+
+    @torch.no_grad()
+    def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
+        """Update ``param`` alone from ``grad`` with the hyper-parameters of ``group``."""
+        lomo_update(param, grad, lr=group["lr"], weight_decay=group["weight_decay"])
+
+
+def lomo_update(param: Tensor, grad: Tensor, *, lr: float, weight_decay: float) -> None:
+    """``param <- param * (1 - lr * weight_decay) - lr * grad``, computed in fp32."""
+    work = param if param.dtype == torch.float32 else param.float()
+    if weight_decay != 0.0:
+        work.mul_(1.0 - lr * weight_decay)
+    work.add_(grad.to(torch.float32), alpha=-lr)
+    if work is not param:
+        param.copy_(work)
