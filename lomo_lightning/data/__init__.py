@@ -1,0 +1,36 @@
+"""Data modules for causal-LM pretraining and instruction tuning, with Hugging Face style batches."""
+
+from lomo_lightning.data.base import TokenizedDataModule
+from lomo_lightning.data.instructions import (
+    IGNORE_INDEX,
+    HFInstructionDataModule,
+    InstructionCollator,
+    InstructionDataModule,
+    JsonInstructionDataModule,
+    PyInstructDataModule,
+    format_example,
+    format_prompt,
+    function_examples,
+)
+from lomo_lightning.data.python_stdlib import PythonStdlibDataModule
+from lomo_lightning.data.stdlib import split_files, split_halves, stdlib_source_files
+from lomo_lightning.data.tokenizer import default_cache_dir, load_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "HFInstructionDataModule",
+    "InstructionCollator",
+    "InstructionDataModule",
+    "JsonInstructionDataModule",
+    "PyInstructDataModule",
+    "PythonStdlibDataModule",
+    "TokenizedDataModule",
+    "default_cache_dir",
+    "format_example",
+    "format_prompt",
+    "function_examples",
+    "load_tokenizer",
+    "split_files",
+    "split_halves",
+    "stdlib_source_files",
+]
