@@ -1,6 +1,15 @@
 """lomo-lightning: full-parameter LLM fine-tuning on limited memory, fused into backward, for Lightning."""
 
 from lomo_lightning.fused import DynamicLossScaler, FusedUpdater
+from lomo_lightning.module import FusedOptimizationMixin
 from lomo_lightning.optim import AdaLomo, Lomo
+from lomo_lightning.strategies import LomoStrategy
 
-__all__ = ["AdaLomo", "DynamicLossScaler", "FusedUpdater", "Lomo"]
+__all__ = [
+    "AdaLomo",
+    "DynamicLossScaler",
+    "FusedOptimizationMixin",
+    "FusedUpdater",
+    "Lomo",
+    "LomoStrategy",
+]

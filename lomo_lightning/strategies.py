@@ -1,0 +1,187 @@
+"""Lightning strategies that install the fused engine after the model is set up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lomo_lightning.fused import DynamicLossScaler, FusedUpdater
+
+CHECKPOINT_KEY = "lomo_lightning"
+
+
+class FusedStrategyMixin:
+    """What every fused strategy shares: install the engine, route backward through it, keep it in checkpoints.
+
+    ``optimizer_step`` only runs the closure: the update already happened inside backward.
+    """
+
+    fused_updater: FusedUpdater | None
+    clip_grad_norm: float | None
+    clip_grad_value: float | None
+
+    def _init_fused(self, clip_grad_norm: float | None, clip_grad_value: float | None) -> None:
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.fused_updater = None
+        self._restored_engine_state: dict[str, Any] | None = None
+
+    def _install_fused_updater(self, trainer: Trainer) -> None:
+        """Validate the trainer configuration and install the engine on the set-up model."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} cannot work with fused updates: each "
+                "gradient is applied inside backward and freed at once, so nothing is left to accumulate. Use a "
+                "larger batch instead (gradient checkpointing makes room for it), and set accumulate_grad_batches=1."
+            )
+        if len(self.optimizers) != 1:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"Fused updates need exactly one optimizer from configure_optimizers, got {len(self.optimizers)}. "  # type: ignore[attr-defined]
+                "Put all parameters in one optimizer, with param groups for different hyper-parameters."
+            )
+        clip_norm, clip_value = self._resolve_clipping(trainer)
+        self.fused_updater = self._make_fused_updater(
+            self.lightning_module,  # type: ignore[attr-defined]
+            self.optimizers[0],  # type: ignore[attr-defined]
+            clip_grad_norm=clip_norm,
+            clip_grad_value=clip_value,
+            loss_scaler=self._take_over_loss_scaling(),
+        )
+        if self._restored_engine_state is not None:
+            self.fused_updater.load_state_dict(self._restored_engine_state)
+            self._restored_engine_state = None
+
+    def _make_fused_updater(self, module: torch.nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+        return FusedUpdater(module, optimizer, **kwargs)
+
+    def _resolve_clipping(self, trainer: Trainer) -> tuple[float | None, float | None]:
+        """The strategy's own clipping, else ``Trainer(gradient_clip_val=..., gradient_clip_algorithm=...)``."""
+        clip_norm, clip_value = self.clip_grad_norm, self.clip_grad_value
+        if trainer.gradient_clip_val:
+            if clip_norm is not None or clip_value is not None:
+                raise ValueError("Set gradient clipping either on the Trainer or on the strategy, not on both.")
+            algorithm = str(trainer.gradient_clip_algorithm or "norm").lower()
+            if algorithm.endswith("norm"):
+                clip_norm = float(trainer.gradient_clip_val)
+            else:
+                clip_value = float(trainer.gradient_clip_val)
+        return clip_norm, clip_value
+
+    def _take_over_loss_scaling(self) -> DynamicLossScaler | None:
+        """With ``16-mixed``, the engine scales the loss itself: overflow is detected before any update."""
+        precision = self.precision_plugin  # type: ignore[attr-defined]
+        if not isinstance(precision, MixedPrecision) or precision.scaler is None:
+            return None
+        scaler = precision.scaler
+        loss_scaler = DynamicLossScaler(
+            scale=float(scaler.get_scale()) if scaler._scale is not None else float(scaler._init_scale),
+            growth_factor=scaler.get_growth_factor(),
+            backoff_factor=scaler.get_backoff_factor(),
+            growth_interval=scaler.get_growth_interval(),
+        )
+        precision.scaler = None  # Lightning's scaler would otherwise scale the loss a second time
+        return loss_scaler
+
+    # -- the training step -------------------------------------------------------------------------
+
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        if self.fused_updater is None:
+            raise RuntimeError("The fused engine is not installed: fused strategies train only inside Trainer.fit.")
+        module = self.lightning_module  # type: ignore[attr-defined]
+        self.pre_backward(closure_loss)  # type: ignore[attr-defined]
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)  # type: ignore[attr-defined]
+        self.fused_updater.backward(closure_loss)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)  # type: ignore[attr-defined]
+        self.post_backward(closure_loss)  # type: ignore[attr-defined]
+        return closure_loss
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        """Run the closure (forward and fused backward); there is nothing left to step."""
+        return closure()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        if self.fused_updater is not None:
+            checkpoint[CHECKPOINT_KEY] = self.fused_updater.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is not None:
+            if self.fused_updater is not None:
+                self.fused_updater.load_state_dict(state)
+            else:
+                self._restored_engine_state = state
+        return checkpoint
+
+    def teardown(self) -> None:
+        if self.fused_updater is not None:
+            self.fused_updater.remove()
+            self.fused_updater = None
+        super().teardown()  # type: ignore[misc]
+
+
+class LomoStrategy(FusedStrategyMixin, SingleDeviceStrategy):
+    """Fused updates on one device (``Trainer(strategy="lomo")``).
+
+    Args:
+        device: the device; by default the one the Trainer's accelerator chose.
+        clip_grad_norm: global-norm clipping (two backward passes); or use ``Trainer(gradient_clip_val=...)``.
+        clip_grad_value: value clipping; or ``Trainer(gradient_clip_val=..., gradient_clip_algorithm="value")``.
+    """
+
+    strategy_name = "lomo"
+
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(device=device or "cpu", **kwargs)
+        # Lightning's accelerator connector fills this in when the strategy is chosen by name
+        self.parallel_devices = [self._root_device] if device is not None else None
+        self._init_fused(clip_grad_norm, clip_grad_value)
+
+    @property
+    def root_device(self) -> torch.device:
+        if self.parallel_devices:
+            if len(self.parallel_devices) > 1:
+                raise ValueError(
+                    f"strategy='lomo' runs on one device, but {len(self.parallel_devices)} were requested: "
+                    "use strategy='lomo_ddp' or 'lomo_fsdp' for several devices, or set devices=1."
+                )
+            return torch.device(self.parallel_devices[0])
+        return self._root_device
+
+    def setup(self, trainer: Trainer) -> None:
+        super().setup(trainer)
+        self._install_fused_updater(trainer)
+
+
+def fused_updater_of(module: LightningModule) -> FusedUpdater:
+    """The engine serving ``module``'s trainer, with a clear error when the strategy is not a fused one."""
+    strategy = module.trainer.strategy
+    updater = getattr(strategy, "fused_updater", None)
+    if updater is None:
+        raise ValueError(
+            f"{type(module).__name__} trains with fused updates, but the trainer's strategy is "
+            f"{type(strategy).__name__}: use Trainer(strategy='lomo') (or 'lomo_ddp', 'lomo_fsdp')."
+        )
+    return updater
+
+
+StrategyRegistry.register(LomoStrategy.strategy_name, LomoStrategy, description="Fused (LOMO-style) updates on one device")
