@@ -79,10 +79,10 @@ def tokenize_examples(records: Dataset, tokenizer: PreTrainedTokenizerBase, seq_
         kept = [example for example in examples if example is not None]
         return {"input_ids": [e["input_ids"] for e in kept], "labels": [e["labels"] for e in kept]}
 
+    # Name the result after everything it depends on, so datasets' own map cache can never mix tokenizers.
+    fingerprint = cache_key(records=records._fingerprint, tokenizer=tokenizer_fingerprint(tokenizer), seq_len=seq_len)
     with quiet_progress_bars():
-        return records.map(
-            tokenize, batched=True, remove_columns=records.column_names, new_fingerprint=f"instr-{seq_len}"
-        )
+        return records.map(tokenize, batched=True, remove_columns=records.column_names, new_fingerprint=fingerprint)
 
 
 @dataclass
@@ -116,7 +116,7 @@ def check_records(records: Dataset, source: str) -> Dataset:
     if "input" not in records.column_names:
         records = records.add_column("input", [""] * len(records))
     with quiet_progress_bars():
-        records = records.map(lambda row: {"input": row["input"] or ""}, new_fingerprint=f"{source}-input")
+        records = records.map(lambda row: {"input": row["input"] or ""})
     return records.select_columns(list(FIELDS))
 
 
