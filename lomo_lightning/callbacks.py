@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
@@ -60,7 +62,8 @@ class SFTReselectionCallback(Callback):
     """Run :meth:`SparseFineTuning.step` after every optimizer step, with the trainer's first optimizer.
 
     Sets ``sft.total_steps`` from ``trainer.estimated_stepping_batches`` when it was not given, so the
-    prune schedule decays to 0 at the end of training.
+    prune schedule decays to 0 at the end of training. Saves the active sets in checkpoints: Lightning
+    restores them after the model weights and before the optimizer, which is the order they need.
     """
 
     def __init__(self, sft: SparseFineTuning) -> None:
@@ -77,6 +80,12 @@ class SFTReselectionCallback(Callback):
         while self._last_step < trainer.global_step:
             self._last_step += 1
             self.sft.step(trainer.optimizers[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sft.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sft.load_state_dict(state_dict)
 
 
 def _refresh_fused_hooks(trainer: pl.Trainer) -> None:

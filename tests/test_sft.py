@@ -311,3 +311,33 @@ def test_callback_sets_the_schedule_length_and_reselects_during_fit():
     assert sft.total_steps == 5
     assert sft.completed_steps == 5
     assert active_sets(sft) != start
+
+
+@pytest.mark.parametrize("regrowth", REGROWTH_RULES)
+def test_resuming_from_a_state_dict_continues_exactly(regrowth):
+    model = tiny_llama()
+    sft = sparse(regrowth).apply(model)
+    optimizer = torch.optim.AdamW(sft.parameters(), lr=1e-2)
+    for _ in range(4):  # stop inside an accumulation window (steps 5 and 6 precede the reselection at 6)
+        unfused_step(model, optimizer)
+        sft.step(optimizer)
+    checkpoint = {"model": model.state_dict(), "sft": sft.state_dict(), "optimizer": optimizer.state_dict()}
+    checkpoint = {key: _deep_clone(value) for key, value in checkpoint.items()}
+
+    resumed_model = tiny_llama(seed=123)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = sparse(regrowth, seed=123).apply(resumed_model)
+    resumed.load_state_dict(checkpoint["sft"])
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    for _ in range(4):
+        for m, s, o in ((model, sft, optimizer), (resumed_model, resumed, resumed_optimizer)):
+            unfused_step(m, o)
+            s.step(o)
+    assert active_sets(resumed) == active_sets(sft)
+    for (name, expected), actual in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(actual, expected), name
+
+
+def _deep_clone(value):
+    return torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, value)

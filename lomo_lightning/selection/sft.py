@@ -36,6 +36,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,6 +70,13 @@ class SM3Growth:
     def reset(self) -> None:
         self.row.zero_()
         self.col.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"row": self.row.clone(), "col": self.col.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.row.copy_(state["row"])
+        self.col.copy_(state["col"])
 
 
 class AccumulatedGradientGrowth:
@@ -111,6 +119,20 @@ class AccumulatedGradientGrowth:
     def reset(self) -> None:
         self.candidates = self.grad_sum = self.grad_square_sum = None
         self.steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "candidates": self.candidates,
+            "grad_sum": self.grad_sum,
+            "grad_square_sum": self.grad_square_sum,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.candidates = state["candidates"]
+        self.grad_sum = state["grad_sum"]
+        self.grad_square_sum = state["grad_square_sum"]
+        self.steps = state["steps"]
 
 
 @dataclass(eq=False)
@@ -285,6 +307,35 @@ class SparseFineTuning:
                     fresh = torch.zeros(count, dtype=state.dtype, device=state.device) if seed is None else seed
                     state.copy_(torch.cat([state[kept], fresh.to(state.dtype)]))
             route.growth.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the model and optimizer: the active sets, W0 there, statistics."""
+        return {
+            "completed_steps": self.completed_steps,
+            "total_steps": self.total_steps,
+            "routes": {
+                route.name: {
+                    "indices": route.indices.clone(),
+                    "base_values": route.base_values.clone(),
+                    "growth": route.growth.state_dict(),
+                }
+                for route in self.routes
+            },
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` after :meth:`apply`, on a model whose weights were restored already."""
+        self.completed_steps = state["completed_steps"]
+        self.total_steps = state["total_steps"]
+        for route in self.routes:
+            saved = state["routes"][route.name]
+            route.indices = saved["indices"].to(route.indices.device)
+            route.base_values = saved["base_values"].to(route.base_values.device)
+            # The checkpointed weight holds the trained values at the active entries.
+            route.values.copy_(route.source.detach().reshape(-1)[route.indices])
+            route.growth.load_state_dict(saved["growth"])
+        self._set_phases()
 
     def export_delta(self, path: str | os.PathLike) -> None:
         """Save ``<name>.indices`` (int32 where it fits) and ``<name>.values`` (``W - W0`` there) as safetensors."""
