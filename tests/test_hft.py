@@ -39,7 +39,8 @@ def block_fractions(model: nn.Module, block_regex: str) -> dict[str, tuple[int, 
         match = re.match(block_regex, name)
         if match:
             trainable, total = counts.get(match.group(0), (0, 0))
-            counts[match.group(0)] = (trainable + parameter.requires_grad * parameter.numel(), total + parameter.numel())
+            learns = parameter.numel() if parameter.requires_grad else 0
+            counts[match.group(0)] = (trainable + learns, total + parameter.numel())
     return counts
 
 

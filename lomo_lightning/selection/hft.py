@@ -128,7 +128,9 @@ class HalfFineTuning:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio must be in [0, 1], got {ratio}")
         if patterns is None and preset != "auto" and preset not in PRESETS:
-            raise ValueError(f"unknown HFT preset {preset!r}; choose 'auto', one of {sorted(PRESETS)}, or pass patterns=")
+            raise ValueError(
+                f"unknown HFT preset {preset!r}; choose 'auto', one of {sorted(PRESETS)}, or pass patterns="
+            )
         self.ratio = ratio
         self.seed = seed
         self.include_embeddings = include_embeddings

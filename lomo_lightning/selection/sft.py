@@ -57,8 +57,9 @@ class SM3Growth:
         self.col = torch.zeros(weight.numel() // rows, device=weight.device, dtype=torch.float32)
 
     def observe(self, grad: Tensor, route: SparseRoute) -> None:
-        squared = grad.detach().reshape(self.row.numel(), -1).float().square()
-        nu = torch.minimum(self.row[:, None], self.col[None, :]) + squared
+        grad = grad.detach().reshape(self.row.numel(), -1).float()
+        # One dense temporary, the size of the gradient that already exists, freed when the hook returns.
+        nu = torch.minimum(self.row[:, None], self.col[None, :]).addcmul_(grad, grad)
         self.row = nu.amax(dim=1)
         self.col = nu.amax(dim=0)
 
@@ -403,7 +404,7 @@ def delta_size_report(model: nn.Module, path: str | os.PathLike) -> dict[str, fl
 
 
 def _split_budget(total: int, sizes: list[int]) -> list[int]:
-    """Split ``total`` in proportion to ``sizes`` with integer parts summing exactly to ``total`` (largest remainder)."""
+    """Split ``total`` in proportion to ``sizes``, integer parts summing exactly to ``total`` (largest remainder)."""
     whole = sum(sizes)
     shares = [total * size / whole for size in sizes]
     parts = [math.floor(share) for share in shares]
