@@ -326,3 +326,16 @@ def test_hf_instructions_map_fields_from_a_local_dataset(tmp_path: Path, cache_d
     wrong = HFInstructionDataModule(str(data), val_split="validation", tokenizer=tokenizer, cache_dir=cache_dir)
     with pytest.raises(ValueError, match="has no column 'instruction'.*pass instruction_field="):
         wrong.setup("fit")
+
+
+def test_batches_train_a_causal_lm_with_workers(cache_dir: Path, tokenizer) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(config)
+    corpus = PythonStdlibDataModule(tokenizer, seq_len=32, max_files=MAX_FILES, cache_dir=cache_dir, num_workers=1)
+    instruct = PyInstructDataModule(tokenizer, seq_len=256, max_files=MAX_FILES, cache_dir=cache_dir, num_workers=1)
+    for dm in (corpus, instruct):
+        dm.setup("fit")
+        loss = model(**next(iter(dm.train_dataloader()))).loss
+        assert torch.isfinite(loss) and loss.item() > 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,7 +59,9 @@ class TokenizedDataModule(LightningDataModule, ABC):
     def build_tokenizer(self) -> PreTrainedTokenizerBase:
         """Load (or train once and cache) the tokenizer; later calls return the same object."""
         if self._tokenizer is None:
-            self._tokenizer = resolve_tokenizer(self._tokenizer_spec, vocab_size=self.vocab_size, cache_dir=self.cache_dir)
+            self._tokenizer = resolve_tokenizer(
+                self._tokenizer_spec, vocab_size=self.vocab_size, cache_dir=self.cache_dir
+            )
         return self._tokenizer
 
     @property
@@ -67,8 +70,11 @@ class TokenizedDataModule(LightningDataModule, ABC):
         return self.build_tokenizer()
 
     @abstractmethod
-    def collate(self, features: list[dict]) -> dict[str, Tensor]:
-        """Turn dataset rows into a batch of ``input_ids``, ``attention_mask`` and ``labels``."""
+    def collator(self) -> Callable[[list[dict]], dict[str, Tensor]]:
+        """A picklable function turning dataset rows into a batch of ``input_ids``, ``attention_mask``, ``labels``.
+
+        It must not hold the data module (which references the trainer), so spawned workers stay cheap.
+        """
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled with a generator seeded by ``seed``, so the example order is reproducible."""
@@ -87,7 +93,7 @@ class TokenizedDataModule(LightningDataModule, ABC):
             generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate,
+            collate_fn=self.collator(),
         )
 
     def _require(self, name: str) -> Dataset:

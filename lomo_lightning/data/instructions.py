@@ -172,7 +172,8 @@ class InstructionDataModule(TokenizedDataModule):
         records = self.load_records()
         for split in ("train", "val"):
             if len(records[split]) == 0:
-                raise ValueError(f"{type(self).__name__} has no {split} examples: use more data or a larger val_fraction")
+                name = type(self).__name__
+                raise ValueError(f"{name} has no {split} examples: use more data or a larger val_fraction")
             tokenized = tokenize_examples(records[split], self.tokenizer, self.seq_len)
             self.num_dropped[split] = len(records[split]) - len(tokenized)
             if self.num_dropped[split]:
@@ -184,9 +185,9 @@ class InstructionDataModule(TokenizedDataModule):
                 raise ValueError(f"no {split} example fits in seq_len={self.seq_len}: raise seq_len")
             setattr(self, f"{split}_dataset", tokenized)
 
-    def collate(self, features: list[dict]) -> dict[str, Tensor]:
+    def collator(self) -> InstructionCollator:
         pad = self.tokenizer.pad_token_id
-        return InstructionCollator(self.tokenizer.eos_token_id if pad is None else pad)(features)
+        return InstructionCollator(self.tokenizer.eos_token_id if pad is None else pad)
 
 
 def function_examples(path: Path) -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,12 @@ def pack_files(files: list[Path], tokenizer: PreTrainedTokenizerBase, seq_len: i
     n_blocks = len(stream) // seq_len
     blocks = stream[: n_blocks * seq_len].reshape(n_blocks, seq_len)
     return Dataset.from_dict({"input_ids": list(blocks)})
+
+
+def collate_blocks(features: list[dict]) -> dict[str, Tensor]:
+    """Stack packed blocks: attention everywhere, labels equal to the inputs (the model shifts them)."""
+    input_ids = torch.tensor([row["input_ids"] for row in features], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
 
 class PythonStdlibDataModule(TokenizedDataModule):
@@ -146,9 +153,8 @@ class PythonStdlibDataModule(TokenizedDataModule):
                 )
         return blocks
 
-    def collate(self, features: list[dict]) -> dict[str, Tensor]:
-        input_ids = torch.tensor([row["input_ids"] for row in features], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+    def collator(self) -> Callable[[list[dict]], dict[str, Tensor]]:
+        return collate_blocks
 
 
-__all__ = ["PythonStdlibDataModule", "Subset", "pack_files"]
+__all__ = ["PythonStdlibDataModule", "Subset", "collate_blocks", "pack_files"]
