@@ -380,10 +380,7 @@ class HFInstructionDataModule(InstructionDataModule):
                     f"{source} has no column {self.fields[field]!r} (columns: {records.column_names}): "
                     f"pass {field}_field=<column>"
                 )
-        input_column = self.fields["input"]
         columns = {self.fields[f]: f for f in FIELDS if self.fields[f] in records.column_names}
-        if input_column is None or input_column not in records.column_names:
-            columns.pop(input_column, None)
         records = records.select_columns(list(columns)).rename_columns(
             {old: new for old, new in columns.items() if old != new}
         )
