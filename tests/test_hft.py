@@ -290,3 +290,33 @@ def test_fused_training_equals_unfused_and_follows_a_resampled_mask():
             updater.backward(fused(input_ids=tokens, labels=tokens).loss)
     for (name, expected), actual in zip(unfused.named_parameters(), fused.parameters()):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6, msg=name)
+
+
+def test_callback_every_n_steps_rebuilds_the_fused_hooks_under_lomo_strategy():
+    from lomo_lightning.strategies import LomoStrategy
+
+    module = CausalLM(tiny_llama())
+    hft = HalfFineTuning(seed=0)
+    first = set(hft.apply(module).frozen)
+    trainer = pl.Trainer(
+        max_steps=3,
+        strategy=LomoStrategy(),
+        callbacks=[HFTResampleCallback(hft, every_n_steps=2, every_stage=False)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = {name: p.detach().clone() for name, p in module.named_parameters()}
+    trainer.fit(module)
+    second = set(hft.mask.frozen)
+    modules = dict(module.named_modules())
+
+    def changed(module_name: str) -> bool:
+        return any(
+            not torch.equal(p, start[f"{module_name}.{n}"]) for n, p in modules[module_name].named_parameters()
+        )
+
+    # Step 3 ran with the second mask: what it unfroze learned, what both masks froze never moved.
+    assert all(changed(name) for name in first - second)
+    assert not any(changed(name) for name in first & second)

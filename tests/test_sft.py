@@ -249,13 +249,16 @@ def test_prune_fraction_decays_from_the_initial_fraction_to_zero(schedule, at_on
     assert sft.prune_fraction(100) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("rule", ["AdamW", "AdaLomo", "Lomo"])
 @pytest.mark.parametrize("regrowth", REGROWTH_RULES)
-def test_fused_training_with_reselection_equals_unfused(regrowth):
+def test_fused_training_with_reselection_equals_unfused(regrowth, rule):
+    from lomo_lightning import AdaLomo, Lomo
     from lomo_lightning.fused import FusedUpdater
 
+    optimizer_class = {"AdamW": torch.optim.AdamW, "AdaLomo": AdaLomo, "Lomo": Lomo}[rule]
     models = [tiny_llama(), tiny_llama()]
     sfts = [sparse(regrowth).apply(model) for model in models]
-    optimizers = [torch.optim.AdamW(sft.parameters(), lr=1e-2) for sft in sfts]
+    optimizers = [optimizer_class(sft.parameters(), lr=1e-2) for sft in sfts]
     updater = FusedUpdater(models[1], optimizers[1])
     for _ in range(7):
         unfused_step(models[0], optimizers[0])
@@ -267,7 +270,9 @@ def test_fused_training_with_reselection_equals_unfused(regrowth):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6, msg=name)
 
 
-class CausalLM(pl.LightningModule):
+class SparseCausalLM(pl.LightningModule):
+    """Trains the active values of ``sft``; under a fused strategy the engine follows the routes."""
+
     def __init__(self, model: nn.Module, sft: SparseFineTuning) -> None:
         super().__init__()
         self.model = model
@@ -276,6 +281,14 @@ class CausalLM(pl.LightningModule):
     def training_step(self, batch, batch_index):
         return self.model(input_ids=batch, labels=batch).loss
 
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.sft.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randint(0, 128, (12, 16)), batch_size=2)
+
+
+class UnfusedSparseCausalLM(SparseCausalLM):
     def on_after_backward(self):
         # The unfused route: hand each active gradient to the values the optimizer owns.
         for route in self.sft.routes:
@@ -286,12 +299,6 @@ class CausalLM(pl.LightningModule):
         optimizer.step(closure=optimizer_closure)
         for route in self.sft.routes:
             route.scatter()
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.sft.parameters(), lr=1e-2)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randint(0, 128, (12, 16)), batch_size=2)
 
 
 def test_callback_sets_the_schedule_length_and_reselects_during_fit():
@@ -307,7 +314,7 @@ def test_callback_sets_the_schedule_length_and_reselects_during_fit():
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(CausalLM(model, sft))
+    trainer.fit(UnfusedSparseCausalLM(model, sft))
     assert sft.total_steps == 5
     assert sft.completed_steps == 5
     assert active_sets(sft) != start
@@ -341,3 +348,31 @@ def test_resuming_from_a_state_dict_continues_exactly(regrowth):
 
 def _deep_clone(value):
     return torch.utils._pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, value)
+
+
+def test_lomo_strategy_routes_the_fused_update_through_the_active_entries():
+    from lomo_lightning.strategies import LomoStrategy
+
+    model = tiny_llama()
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    sft = SparseFineTuning(density=0.05, reselection_steps=2, selection_accumulation_steps=1).apply(model)
+    budget = sft.budget
+    module = SparseCausalLM(model, sft)
+    trainer = pl.Trainer(
+        max_steps=5,
+        strategy=LomoStrategy(),
+        callbacks=[SFTReselectionCallback(sft)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module)
+    assert sft.completed_steps == 5 and sft.budget == budget
+    routes = {route.name: route for route in sft.routes}
+    for name, parameter in model.named_parameters():
+        inactive = torch.ones(parameter.numel(), dtype=torch.bool)
+        if name in routes:
+            inactive[routes[name].indices] = False
+            assert not torch.equal(parameter, start[name]), name
+        assert torch.equal(parameter.view(-1)[inactive], start[name].view(-1)[inactive]), name
