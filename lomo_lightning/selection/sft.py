@@ -339,7 +339,11 @@ class SparseFineTuning:
         self._set_phases()
 
     def export_delta(self, path: str | os.PathLike) -> None:
-        """Save ``<name>.indices`` (int32 where it fits) and ``<name>.values`` (``W - W0`` there) as safetensors."""
+        """Save ``<name>.indices`` (int32 where it fits) and ``<name>.values`` (``W - W0`` there) as safetensors.
+
+        Names are those of the model given to :meth:`apply`: apply to the Hugging Face model itself (not a
+        wrapper that prefixes its names) for a delta that :func:`apply_sparse_delta` merges into a fresh one.
+        """
         tensors = {}
         for route in self.routes:
             index_dtype = torch.int32 if route.source.numel() < 2**31 else torch.int64
