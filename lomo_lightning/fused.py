@@ -156,7 +156,7 @@ class FusedUpdater:
 
     def backward(self, loss: Tensor) -> bool:
         """Backward and update. Returns ``False`` when the step was skipped (non-finite loss or fp16 overflow)."""
-        if not torch.isfinite(loss.detach()).all():
+        if not self.loss_is_finite(loss.detach()):
             self.skipped_steps += 1
             return False
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
@@ -199,6 +199,10 @@ class FusedUpdater:
         """Complete a squared norm over the placement: identity here, an all-reduce for sharded gradients."""
         return squared_norm
 
+    def loss_is_finite(self, loss: Tensor) -> bool:
+        """Whether to take the step; under several processes every rank must reach the same answer."""
+        return bool(torch.isfinite(loss).all())
+
     # -- per parameter (the hot path: runs once per parameter per backward) ------------------------
 
     @torch.no_grad()
@@ -219,12 +223,13 @@ class FusedUpdater:
             return
         if grad.dtype != torch.float32:
             grad = grad.float()
+        values = _local(grad)  # elementwise work on a shard needs no DTensor dispatch
         if self._inv_scale != 1.0:
-            grad.mul_(self._inv_scale)
+            values.mul_(self._inv_scale)
         if self.clip_grad_value is not None:
-            grad.clamp_(-self.clip_grad_value, self.clip_grad_value)
+            values.clamp_(-self.clip_grad_value, self.clip_grad_value)
         if self._clip_coef is not None:
-            grad.mul_(self._clip_coef)
+            values.mul_(self._clip_coef)
         route = self._routes.get(param)
         target = self._targets[param]
         if route is not None:

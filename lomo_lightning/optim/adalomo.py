@@ -90,18 +90,19 @@ class AdaLomo(Optimizer):
         if not state:
             state["step"] = torch.tensor(0.0)
             if param.dim() >= 2:
-                # under FSDP2 the local rows are a slice of the rows; the columns are always whole
+                # under FSDP2 the local rows are a slice of the rows (state sharded like the parameter);
+                # the columns are always whole (state replicated, O(cols))
                 rows, cols = local_param.shape[0], math.prod(param.shape[1:])
-                state["exp_avg_sq_row"] = torch.zeros(rows, dtype=torch.float32, device=local_param.device)
+                state["exp_avg_sq_row"] = shard.like_rows(torch.zeros(rows, dtype=torch.float32, device=local_param.device), param)
                 state["exp_avg_sq_col"] = torch.zeros(cols, dtype=torch.float32, device=local_param.device)
             else:
-                state["exp_avg_sq"] = torch.zeros_like(local_param, dtype=torch.float32)
+                state["exp_avg_sq"] = shard.like_rows(torch.zeros_like(local_param, dtype=torch.float32), param)
         state["step"] += 1
         g = local_grad.to(torch.float32, copy=not grad_is_scratch)
         adalomo_update(
             local_param,
             g,
-            state,
+            {key: shard.local(value) for key, value in state.items()},
             step=state["step"].item(),
             lr=group["lr"],
             eps=group["eps"],
@@ -144,6 +145,22 @@ class Shard:
     @staticmethod
     def local(tensor: Tensor) -> Tensor:
         return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    @staticmethod
+    def like_rows(local_state: Tensor, param: Tensor) -> Tensor:
+        """Per-row state of ``param``, placed like its rows: a ``DTensor`` for a ``DTensor`` parameter.
+
+        Distributed checkpoints then save each rank's rows once and can reshard them; a plain tensor
+        would be taken for a replica and saved from rank 0 only.
+        """
+        placements = getattr(param, "placements", None)
+        if placements is None:
+            return local_state
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            local_state, param.device_mesh, placements, run_check=False, shape=(param.shape[0],), stride=(1,)
+        )
 
     def sum_(self, tensor: Tensor) -> Tensor:
         """Complete a partial sum over the shard group, in place."""
