@@ -3,13 +3,19 @@
 from lomo_lightning.fused import DynamicLossScaler, FusedUpdater
 from lomo_lightning.module import FusedOptimizationMixin
 from lomo_lightning.optim import AdaLomo, Lomo
-from lomo_lightning.strategies import LomoStrategy
+from lomo_lightning.selection import HalfFineTuning, SparseFineTuning, apply_sparse_delta
+from lomo_lightning.strategies import LomoDDPStrategy, LomoFSDPStrategy, LomoStrategy
 
 __all__ = [
     "AdaLomo",
     "DynamicLossScaler",
     "FusedOptimizationMixin",
     "FusedUpdater",
+    "HalfFineTuning",
     "Lomo",
+    "LomoDDPStrategy",
+    "LomoFSDPStrategy",
     "LomoStrategy",
+    "SparseFineTuning",
+    "apply_sparse_delta",
 ]

@@ -1,0 +1,237 @@
+"""strategy="lomo_fsdp": fused updates on FSDP2 shards.
+
+FSDP2 reduce-scatters each block's gradients in its post-backward and then runs the
+``register_post_accumulate_grad_hook`` hooks of the *sharded* parameters (``DTensor`` on ``Shard(0)``),
+so the engine's ordinary hook sees the final, averaged gradient of the local shard and nothing else.
+The update rule acts on that shard; statistics spanning a whole tensor are completed inside the rule
+(:class:`~lomo_lightning.optim.adalomo.Shard`), and the global gradient norm and the skip verdict here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lomo_lightning.fused import FusedUpdater
+from lomo_lightning.strategies.base import FusedStrategyMixin
+
+
+class ShardedFusedUpdater(FusedUpdater):
+    """The engine on FSDP2 shards: the squared gradient norm is summed over ranks, the skip verdict agreed.
+
+    Usable without Lightning: ``fully_shard`` the model first, then
+    ``ShardedFusedUpdater(model, AdaLomo(model.parameters()), group=mesh.get_group())``.
+
+    Sparse fine-tuning is not supported sharded: its index sets address whole weights.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer, group: dist.ProcessGroup | None = None, **kwargs: Any):
+        self.group = group
+        super().__init__(model, optimizer, **kwargs)
+        if self._routes:
+            self.remove()
+            raise NotImplementedError(
+                "Sparse fine-tuning (SparseFineTuning) under FSDP is not supported: its index sets address whole "
+                "weights, while each rank holds a shard. Use strategy='lomo_ddp' or 'lomo', or HalfFineTuning."
+            )
+
+    def reduce_squared_norm(self, squared_norm: Tensor) -> Tensor:
+        dist.all_reduce(squared_norm, op=dist.ReduceOp.SUM, group=self.group)
+        return squared_norm
+
+    def loss_is_finite(self, loss: Tensor) -> bool:
+        return all_ranks_finite(loss, self.group)
+
+
+def all_ranks_finite(loss: Tensor, group: dist.ProcessGroup | None) -> bool:
+    """``True`` only if the loss is finite on every rank: one rank skipping backward alone would hang the rest."""
+    flag = torch.isfinite(loss).all().to(torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def transformer_roots(module: nn.Module) -> list[nn.Module]:
+    """The outermost Hugging Face ``PreTrainedModel`` instances inside ``module`` (or ``module`` itself)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return []
+    if isinstance(module, PreTrainedModel):
+        return [module]
+    roots: list[nn.Module] = []
+    for child in module.children():
+        roots.extend(transformer_roots(child))
+    return roots
+
+
+def shard_transformers(
+    module: nn.Module,
+    mesh: Any,
+    layer_classes: Iterable[str] | None = None,
+    mp_policy: Any = None,
+    reshard_after_forward: bool = True,
+) -> list[nn.Module]:
+    """``fully_shard`` every transformer block, then each Hugging Face model as a root.
+
+    The blocks are found by class name: ``layer_classes`` or the model's ``_no_split_modules``
+    (``LlamaDecoderLayer`` ...). Returns the sharded roots.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    roots = transformer_roots(module)
+    if not roots:
+        raise TypeError(
+            f"strategy='lomo_fsdp' shards Hugging Face models by itself, but found none in {type(module).__name__}. "
+            "Override configure_model() and apply fully_shard there (per block, then the root)."
+        )
+    kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
+    for root in roots:
+        names = set(layer_classes or getattr(root, "_no_split_modules", None) or ())
+        blocks = [m for m in root.modules() if type(m).__name__ in names]
+        if not blocks:
+            raise ValueError(
+                f"No transformer block of {type(root).__name__} matches {sorted(names)}: pass layer_classes=[...]."
+            )
+        for block in blocks:
+            fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+        # the root's parameters (embeddings, final norm, head) are gathered for the whole forward anyway
+        fully_shard(root, reshard_after_forward=False, **kwargs)
+    sharded = {id(p) for root in roots for p in root.parameters()}
+    outside = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in sharded]
+    if outside:
+        raise ValueError(
+            f"Trainable parameters outside the Hugging Face model would stay unsharded and unsynchronized: "
+            f"{outside[:5]}. Shard them yourself in configure_model()."
+        )
+    return roots
+
+
+def is_fully_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
+    """Fused updates on FSDP2 shards (``Trainer(strategy="lomo_fsdp")``), on one or more nodes.
+
+    Each rank holds 1/world of every sharded parameter and of its AdaLomo row statistics; a
+    parameter's gradient exists only as the local shard, only until the rule has consumed it.
+    Unless ``configure_model()`` already applied ``fully_shard``, the strategy shards every
+    transformer block and then the Hugging Face model over a 1-D mesh of all ranks.
+
+    Args:
+        clip_grad_norm: global-norm clipping (two backward passes, norm all-reduced over shards).
+        clip_grad_value: value clipping.
+        mp_policy: FSDP2 ``MixedPrecisionPolicy``; by default, ``precision="bf16-mixed"`` means
+            bf16 parameters in forward/backward, fp32 gradient reduction and fp32 sharded master weights.
+        layer_classes: class names of the blocks to shard (default: the model's ``_no_split_modules``).
+        reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3).
+        save_distributed_checkpoint: one shard file per rank (``True``) or a full checkpoint on rank 0.
+    """
+
+    strategy_name = "lomo_fsdp"
+
+    def __init__(
+        self,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        mp_policy: Any = None,
+        layer_classes: Iterable[str] | None = None,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ):
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.mp_policy = mp_policy
+        self.layer_classes = list(layer_classes) if layer_classes is not None else None
+        self.reshard_after_forward = reshard_after_forward
+        self._init_fused(clip_grad_norm, clip_grad_value)
+
+    def setup_environment(self) -> None:
+        self._setup_distributed()
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # one FSDP dimension over every rank of every node: AdaLomo's statistics reduce over it
+        self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("data_parallel",))
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def setup(self, trainer: Trainer) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if not is_fully_sharded(self.model):
+            shard_transformers(
+                self.model,
+                self.device_mesh,
+                layer_classes=self.layer_classes,
+                mp_policy=self._mixed_precision_policy(),
+                reshard_after_forward=self.reshard_after_forward,
+            )
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self._install_fused_updater(trainer)
+
+    def _mixed_precision_policy(self) -> Any:
+        if self.mp_policy is not None:
+            return self.mp_policy
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        precision = self.precision_plugin
+        if isinstance(precision, MixedPrecision) and precision.precision == "bf16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    def _make_fused_updater(self, module: nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+        return ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
+
+
+def save_pretrained_consolidated(trainer_or_module: Trainer | LightningModule | nn.Module, directory: str | os.PathLike) -> None:
+    """Export the Hugging Face model as one ordinary ``save_pretrained`` folder, from shards or replicas.
+
+    Call it on every rank (it gathers): the full state dict is assembled on rank 0, moved to CPU, and
+    written by rank 0 alone; the other ranks wait.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    module = trainer_or_module.lightning_module if isinstance(trainer_or_module, Trainer) else trainer_or_module
+    roots = transformer_roots(module)
+    if len(roots) != 1:
+        raise ValueError(f"save_pretrained_consolidated needs exactly one Hugging Face model in the module, found {len(roots)}.")
+    model = roots[0]
+    distributed = dist.is_available() and dist.is_initialized()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not distributed or dist.get_rank() == 0:
+        model.save_pretrained(directory, state_dict=state)
+    if distributed:
+        dist.barrier()
