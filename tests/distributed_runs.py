@@ -1,0 +1,163 @@
+"""Runs named cases on 2 CPU ranks (gloo) through Lightning; rank 0 writes the results for tests/test_distributed.py.
+
+Usage: ``python tests/distributed_runs.py OUT_DIR CASE [CASE ...]``. Lightning re-launches this script for
+rank 1, so every rank runs the same cases in the same order. Each case trains ``tiny_llama()`` on rank r's
+half of every global batch of ``global_batches()`` and writes ``OUT_DIR/CASE.pt``: the full parameters
+(gathered from shards), the full optimizer state, and each rank's local optimizer-state bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # conftest helpers; the package even without an install
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from conftest import batches, tiny_llama  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from lomo_lightning import AdaLomo, Lomo  # noqa: E402
+from lomo_lightning.selection import HalfFineTuning  # noqa: E402
+from lomo_lightning.strategies import save_pretrained_consolidated  # noqa: E402
+
+WORLD = 2
+STEPS = 3
+RULES = {
+    "adalomo": lambda params: AdaLomo(params, lr=1e-2, weight_decay=0.01),
+    "lomo": lambda params: Lomo(params, lr=0.05, weight_decay=0.01),
+}
+CLIP = 0.05
+
+
+def global_batches(n: int = STEPS) -> list[dict[str, torch.Tensor]]:
+    return batches(n, batch_size=2 * WORLD)
+
+
+def rank_slice(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    size = next(iter(batch.values())).shape[0] // WORLD
+    return {key: value[rank * size : (rank + 1) * size] for key, value in batch.items()}
+
+
+class TinyLM(LightningModule):
+    def __init__(self, rule: str, hft: bool = False, nan_at: tuple[int, int] | None = None, seed: int = 0):
+        super().__init__()
+        self.model = tiny_llama(seed=seed)
+        if hft:
+            HalfFineTuning(ratio=0.5, seed=0).apply(self.model)
+        self.rule = rule
+        self.nan_at = nan_at  # (rank, batch index) whose loss becomes NaN
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        if self.nan_at == (self.global_rank, batch_idx):
+            loss = loss * float("nan")
+        return loss
+
+    def on_train_end(self):
+        self.skipped_steps = self.trainer.strategy.fused_updater.skipped_steps
+        # what stays behind as gradients: nothing under FSDP; DDP's zeroed bucket views under DDP
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.leftover_grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+        self.leftover_grads_zero = all(bool((g == 0).all()) for g in grads)
+
+    def configure_optimizers(self):
+        return RULES[self.rule]([p for p in self.parameters() if p.requires_grad])
+
+
+def parse(case: str) -> dict:
+    """``fsdp_adalomo_clip_hft`` -> strategy, rule and flags."""
+    placement, rule, *flags = case.split("_")
+    return {"strategy": f"lomo_{placement}", "rule": rule, "flags": set(flags)}
+
+
+def full_state(strategy: str, module: TinyLM, optimizer) -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    params = get_model_state_dict(module.model, options=options)
+    optim = get_optimizer_state_dict(module.model, optimizer, options=options) if strategy == "lomo_fsdp" else optimizer.state_dict()
+    return params, optim
+
+
+def local_state_bytes(optimizer) -> int:
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
+    return total
+
+
+def run(case: str, out: Path) -> None:
+    spec = parse(case)
+    flags = spec["flags"]
+    resume = "resume" in flags
+    epochs = 2 if ("long" in flags or resume) else 1
+    nan_at = (1, 1) if "nan" in flags else None
+    module = TinyLM(spec["rule"], hft="hft" in flags, nan_at=nan_at, seed=123 if resume else 0)
+    rank_for_data = int(os.environ.get("LOCAL_RANK", 0))
+    data = [rank_slice(b, rank_for_data) for b in global_batches()]
+    callbacks = []
+    checkpoint_dir = out / f"{case}-ckpt"
+    if "save" in flags:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True))
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=spec["strategy"],
+        precision="bf16-mixed" if "bf16" in flags else "32-true",
+        max_epochs=epochs,
+        gradient_clip_val=CLIP if "clip" in flags else None,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out / case),
+    )
+    ckpt_path = None
+    if resume:
+        source = case.replace("_resume", "_save")
+        ckpt_path = str(out / f"{source}-ckpt" / "last.ckpt")
+    trainer.fit(module, DataLoader(data, batch_size=None), ckpt_path=ckpt_path)
+    optimizer = trainer.optimizers[0]
+    params, optim = full_state(spec["strategy"], module, optimizer)
+    sizes = [None] * WORLD
+    dist.all_gather_object(sizes, local_state_bytes(optimizer))
+    dtypes = sorted({str(p.dtype) for p in module.model.parameters()})
+    if "export" in flags:
+        save_pretrained_consolidated(trainer, out / f"{case}-hf")
+    if trainer.global_rank == 0:
+        result = {
+            "params": params,
+            "optim": optim,
+            "state_bytes": sizes,
+            "global_step": trainer.global_step,
+            "skipped_steps": module.skipped_steps,
+            "leftover_grad_bytes": module.leftover_grad_bytes,
+            "leftover_grads_zero": module.leftover_grads_zero,
+            "dtypes": dtypes,
+        }
+        torch.save(result, out / f"{case}.pt")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    for case in sys.argv[2:]:
+        run(case, out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()  # exiting with a live gloo group costs seconds
+
+
+if __name__ == "__main__":
+    torch.use_deterministic_algorithms(True)
+    main()

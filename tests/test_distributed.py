@@ -1,0 +1,187 @@
+"""strategy="lomo_fsdp" and "lomo_ddp" on 2 gloo ranks equal one process on the same global batch.
+
+One subprocess (``tests/distributed_runs.py``; Lightning launches its second rank) runs every case once;
+the tests compare its files against single-process runs of the plain ``FusedUpdater`` made here.
+Case names read ``<placement>_<rule>_<flags>``: ``clip`` (two-pass norm clipping), ``hft`` (half frozen),
+``save``/``resume``/``long`` (distributed checkpoint), ``export`` (consolidated ``save_pretrained``),
+``bf16`` (``precision="bf16-mixed"``: FSDP2 ``MixedPrecisionPolicy``), ``nan`` (rank 1's loss is NaN at step 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from distributed_runs import CLIP, RULES, STEPS, global_batches, parse
+
+from lomo_lightning import AdaLomo, FusedUpdater, HalfFineTuning, SparseFineTuning
+from lomo_lightning.strategies import LomoDDPStrategy, ShardedFusedUpdater
+
+pytestmark = pytest.mark.distributed
+
+TESTS = Path(__file__).parent
+EXACT = [
+    "fsdp_adalomo_save",  # also the first half of the resume case
+    "fsdp_lomo",
+    "fsdp_adalomo_clip",
+    "fsdp_lomo_clip",
+    "fsdp_adalomo_hft",
+    "ddp_adalomo",
+    "ddp_lomo",
+    "ddp_adalomo_clip",
+    "ddp_lomo_clip",
+    "ddp_adalomo_hft",
+]
+OTHERS = ["fsdp_adalomo_resume", "fsdp_adalomo_long_export", "fsdp_adalomo_bf16", "fsdp_adalomo_nan", "ddp_lomo_nan"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("distributed")
+    env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
+    done = subprocess.run(
+        [sys.executable, str(TESTS / "distributed_runs.py"), str(out), *EXACT, *OTHERS],
+        cwd=TESTS.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    return out
+
+
+def result(runs: Path, case: str) -> dict:
+    return torch.load(runs / f"{case}.pt", weights_only=False)
+
+
+def one_process(case: str, steps: list[int] | None = None):
+    """The same case on one process, the whole global batch per step: the model and its optimizer."""
+    spec = parse(case)
+    model = tiny_llama()
+    if "hft" in spec["flags"]:
+        HalfFineTuning(ratio=0.5, seed=0).apply(model)
+    optimizer = RULES[spec["rule"]]([p for p in model.parameters() if p.requires_grad])
+    updater = FusedUpdater(model, optimizer, clip_grad_norm=CLIP if "clip" in spec["flags"] else None)
+    data = global_batches()
+    order = steps if steps is not None else list(range(STEPS)) * (2 if {"long", "resume"} & spec["flags"] else 1)
+    for index in order:
+        assert updater.backward(model(**data[index]).loss)
+    return model, optimizer, updater
+
+
+def max_difference(params: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
+    expected = model.state_dict()
+    assert params.keys() == expected.keys()
+    return max((params[name] - expected[name]).abs().max().item() for name in params)
+
+
+@pytest.mark.parametrize("case", EXACT)
+def test_two_ranks_equal_one_process_on_the_global_batch(runs, case):
+    got = result(runs, case)
+    model, _, updater = one_process(case)
+    assert got["global_step"] == STEPS and got["skipped_steps"] == 0
+    assert max_difference(got["params"], tiny_llama()) > 1e-3, "training must move the parameters"
+    assert max_difference(got["params"], model) < 1e-5
+    if "clip" in case:
+        assert updater.last_grad_norm > CLIP, "the case must exercise clipping"
+
+
+def test_fsdp_adalomo_state_is_exactly_the_unsharded_state(runs):
+    got = result(runs, "fsdp_adalomo_save")["optim"]["state"]
+    model, optimizer, _ = one_process("fsdp_adalomo_save")
+    names = {param: name for name, param in model.named_parameters()}
+    assert len(got) == len(optimizer.state)
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            torch.testing.assert_close(got[names[param]][key], value, rtol=1e-5, atol=1e-12, msg=lambda m: f"{key}: {m}")
+
+
+def test_gradients_do_not_pile_up(runs):
+    fsdp = result(runs, "fsdp_adalomo_save")
+    assert fsdp["leftover_grad_bytes"] == 0, "every shard's gradient is freed by its update"
+    ddp = result(runs, "ddp_adalomo")
+    trainable = sum(p.numel() * 4 for p in tiny_llama().parameters())
+    # what is left are DDP's own buckets (the gradients are views of them), zeroed for the next step
+    assert ddp["leftover_grad_bytes"] <= trainable and ddp["leftover_grads_zero"]
+
+
+def test_resume_from_distributed_checkpoint_equals_uninterrupted(runs):
+    checkpoint = runs / "fsdp_adalomo_save-ckpt" / "last.ckpt"
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2, "one shard file per rank"
+    resumed, uninterrupted = result(runs, "fsdp_adalomo_resume"), result(runs, "fsdp_adalomo_long_export")
+    assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS
+    for name, value in uninterrupted["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+    for name, state in uninterrupted["optim"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed["optim"]["state"][name][key], value), (name, key)
+    model, _, _ = one_process("fsdp_adalomo_long_export")
+    assert max_difference(uninterrupted["params"], model) < 1e-5
+
+
+def test_consolidated_export_is_a_plain_hugging_face_model(runs):
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(runs / "fsdp_adalomo_long_export-hf")
+    trained = result(runs, "fsdp_adalomo_long_export")["params"]
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+
+
+def test_adalomo_state_per_rank_is_sharded(runs):
+    per_rank = result(runs, "fsdp_adalomo_save")["state_bytes"]
+    _, optimizer, _ = one_process("fsdp_adalomo_save")
+    whole = sum(v.numel() * 4 for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
+    # row statistics and 1-D state are split over the ranks; column statistics (O(cols)) are replicated
+    expected = 0
+    for param in optimizer.state:
+        if param.dim() >= 2:
+            expected += (math.ceil(param.shape[0] / 2) + param[0].numel()) * 4
+        else:
+            expected += math.ceil(param.numel() / 2) * 4
+    assert per_rank == [expected, expected]
+    fraction = expected / whole
+    print(f"AdaLomo state per rank / one process = {fraction:.3f} (tiny Llama: hidden 32, its columns are not small)")
+    assert fraction < 0.75
+
+
+def test_bf16_mixed_runs_bf16_compute_on_fp32_master_shards(runs):
+    got = result(runs, "fsdp_adalomo_bf16")
+    model, _, _ = one_process("fsdp_adalomo_bf16")
+    assert got["dtypes"] == ["torch.float32"], "sharded parameters (the master weights) stay fp32"
+    difference = max_difference(got["params"], model)
+    assert 0 < difference < 5e-3, "bf16 forward/backward differs from fp32 by rounding only"
+
+
+@pytest.mark.parametrize("case", ["fsdp_adalomo_nan", "ddp_lomo_nan"])
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(runs, case):
+    got = result(runs, case)
+    assert got["skipped_steps"] == 1
+    model, _, _ = one_process(case, steps=[0, 2])
+    assert max_difference(got["params"], model) < 1e-5
+
+
+def test_sparse_fine_tuning_under_fsdp_is_refused_clearly():
+    model = tiny_llama()
+    sft = SparseFineTuning(density=0.01).apply(model)
+    with pytest.raises(NotImplementedError, match="SparseFineTuning"):
+        ShardedFusedUpdater(model, AdaLomo([p for p in model.parameters() if p.requires_grad] + sft.parameters()))
+
+
+def test_ddp_refuses_gradients_outside_its_buckets():
+    with pytest.raises(ValueError, match="gradient_as_bucket_view"):
+        LomoDDPStrategy(gradient_as_bucket_view=False)
+
+
+def test_strategies_are_registered_by_name():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert {"lomo", "lomo_ddp", "lomo_fsdp"} <= set(StrategyRegistry)
+    assert StrategyRegistry["lomo_fsdp"]["strategy"].strategy_name == "lomo_fsdp"
