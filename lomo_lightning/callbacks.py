@@ -1,10 +1,14 @@
-"""Lightning callbacks that drive the selections during training."""
+"""Lightning callbacks that drive the selections during training, and one that measures speed and memory."""
 
 from __future__ import annotations
 
+import resource
+import sys
+import time
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lomo_lightning.selection.hft import HalfFineTuning
@@ -94,4 +98,44 @@ def _refresh_fused_hooks(trainer: pl.Trainer) -> None:
         fused_updater.refresh()
 
 
-__all__ = ["HFTResampleCallback", "SFTReselectionCallback"]
+class MemoryMonitor(Callback):
+    """Log training speed and peak memory: ``perf/tokens_per_s`` and ``perf/peak_memory_gb``.
+
+    Throughput is measured over the batches since the last logging step (``Trainer(log_every_n_steps)``),
+    counting attended tokens (``attention_mask``, else ``input_ids``) and multiplying by the number of
+    processes. Peak memory is what the accelerator's allocator handed out on a CUDA device (the number
+    LOMO shrinks: parameters, gradients, optimizer state, activations), or the process's peak resident
+    set size on CPU.
+    """
+
+    def __init__(self) -> None:
+        self._tokens = 0
+        self._since = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._tokens, self._since = 0, time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        mask = batch.get("attention_mask")
+        self._tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if trainer.global_step % trainer.log_every_n_steps:
+            return
+        now = time.perf_counter()
+        tokens_per_s = self._tokens * trainer.world_size / max(now - self._since, 1e-9)
+        pl_module.log_dict({"perf/tokens_per_s": tokens_per_s, "perf/peak_memory_gb": peak_memory_gb(pl_module.device)})
+        self._tokens, self._since = 0, now
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated memory on a CUDA ``device``, else the peak resident set size of this process, in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return max_rss / (1e9 if sys.platform == "darwin" else 1e6)
+
+
+__all__ = ["HFTResampleCallback", "MemoryMonitor", "SFTReselectionCallback", "peak_memory_gb"]

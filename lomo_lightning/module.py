@@ -1,12 +1,20 @@
-"""LightningModule side of fused training: a manual-optimization mixin."""
+"""LightningModule side of fused training: a manual-optimization mixin, and a causal-LM module built on it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from lightning.pytorch import LightningModule
 from torch import Tensor
+from torch.optim import Optimizer
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
 
+from lomo_lightning.selection.base import gradient_routes
 from lomo_lightning.strategies import fused_updater_of
+
+IGNORE_INDEX = -100
 
 
 class FusedOptimizationMixin:
@@ -63,3 +71,87 @@ def _batch_size(batch: Any) -> int | None:
             if isinstance(value, Tensor) and value.dim() > 0:
                 return value.shape[0]
     return None
+
+
+class CausalLMModule(LightningModule):
+    """A Hugging Face causal LM with ordinary (automatic) optimization: the standard, unfused baseline.
+
+    Validation logs ``val/loss``, the mean loss per predicted token over the whole validation set (every
+    batch weighted by its number of labelled tokens), and ``val/ppl = exp(val/loss)``. Selections work
+    unchanged: frozen tensors get no gradient, and sparse routes (SFT) hand each dense gradient to the
+    tensor the optimizer owns after backward and write it back after the step, as the fused engine does.
+
+    Args:
+        model: a causal LM computing ``model(**batch).loss``.
+        optimizer: ``optimizer(params) -> Optimizer``, e.g. ``functools.partial(torch.optim.AdamW, lr=1e-4)``.
+        scheduler: ``scheduler(optimizer=..., num_training_steps=...)`` stepped after every optimizer step, or ``None``.
+        trainable: the tensors to optimize, e.g. ``sft.parameters()``; by default all the model's parameters
+            (frozen ones included, so that a selection may unfreeze them later).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        optimizer: Callable[[Iterable[Tensor]], Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        trainable: list[Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.trainable = trainable
+        self.val_loss = MeanMetric()
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model(**batch).loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        predicted_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        self.val_loss.update(self.compute_loss(batch), weight=predicted_tokens)
+
+    def on_validation_epoch_start(self) -> None:
+        # Reset here, not after compute: the states must be made in the same grad mode as the updates
+        # (trainer.validate runs under inference_mode, validation during fit under no_grad).
+        self.val_loss.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # synchronised over processes
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        parameters = self.trainable if self.trainable is not None else list(self.model.parameters())
+        optimizer = self.optimizer_factory(parameters)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_after_backward(self) -> None:
+        if not self.automatic_optimization:
+            return  # the fused engine routed every gradient inside backward already
+        for route in gradient_routes(self.model).values():
+            if route.source.grad is not None:
+                route.target.grad = route.gather(route.source.grad)
+                route.source.grad = None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for route in gradient_routes(self.model).values():
+            route.scatter()
+
+
+class FusedCausalLMModule(FusedOptimizationMixin, CausalLMModule):
+    """:class:`CausalLMModule` with the update fused into backward (LOMO, AdaLomo): train it with ``strategy="lomo"``.
+
+    Gradients never all exist at once: each is applied by the optimizer and freed as soon as it is ready.
+    """
+

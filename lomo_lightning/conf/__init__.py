@@ -1,0 +1,1 @@
+"""Hydra configs of lomo-train (a package, so Hydra finds them in an installed wheel)."""

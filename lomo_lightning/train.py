@@ -1,0 +1,184 @@
+"""lomo-train: compose a run from ``conf/`` with Hydra, train it, and save a model ``from_pretrained`` can load.
+
+    lomo-train                                     # AdaLomo on the stdlib, tiny model, CPU, ~2 minutes
+    lomo-train method=lomo selection=hft model=small trainer=gpu logger=wandb
+    lomo-train -m method=lomo,adalomo method.optimizer.lr=1e-3,3e-3
+
+:func:`run` does the work and can be called with a composed config (tests, notebooks); :func:`main` is
+the console script, which turns a :class:`~lomo_lightning.models.ConfigError` into one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lomo_lightning.data import TokenizedDataModule
+from lomo_lightning.models import ConfigError
+from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
+from lomo_lightning.selection import SparseFineTuning
+
+log = logging.getLogger("lomo_lightning.train")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train as ``cfg`` says and return the final metrics (``val/loss``, ``val/ppl``, ``val/loss_before``...)."""
+    output_dir = writable_directory(cfg.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = prepare_data(cfg.data)
+    model: PreTrainedModel = build(cfg.model, tokenizer=datamodule.tokenizer, seq_len=cfg.data.seq_len)
+    selector = build(cfg.selection.selector) if cfg.selection.selector is not None else None
+    callbacks = [build(callback) for callback in cfg.callbacks.values() if callback is not None]
+    if selector is not None:
+        selector.apply(model)
+        callbacks.append(build(cfg.selection.callback)(selector))
+    module_class = FusedCausalLMModule if cfg.method.fused else CausalLMModule
+    module = module_class(
+        model,
+        optimizer=build(cfg.method.optimizer),
+        scheduler=build(cfg.method.scheduler) if cfg.method.scheduler is not None else None,
+        trainable=selector.parameters() if isinstance(selector, SparseFineTuning) else None,
+    )
+    loggers = [build(logger) for logger in (cfg.get("logger") or {}).values() if logger is not None]
+    trainer: pl.Trainer = build(
+        cfg.trainer,
+        strategy=cfg.strategy.fused if cfg.method.fused else cfg.strategy.unfused,
+        gradient_clip_val=cfg.method.gradient_clip_val,
+        callbacks=callbacks,
+        logger=loggers,
+    )
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    if trainer.is_global_zero:
+        OmegaConf.save(resolved, output_dir / "config.yaml")
+
+    metrics: dict[str, float] = {}
+    if cfg.validate_before_training:
+        (before,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.update({f"{key}_before": value for key, value in before.items()})
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except SystemExit:  # Lightning exits after a graceful shutdown on Ctrl-C
+        if trainer.interrupted and trainer.checkpoint_callback is not None:
+            log.warning("Interrupted; the last checkpoint is %s", trainer.checkpoint_callback.last_model_path or "none")
+        raise
+    metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
+
+    model_dir = output_dir / "model"
+    if trainer.is_global_zero:
+        save_model(model, datamodule.tokenizer, model_dir, selector)
+        report(output_dir, model_dir, trainer, metrics)
+    finish_wandb()
+    return metrics
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)``, letting a ``ConfigError`` raised inside through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        raise
+
+
+def prepare_data(node: DictConfig) -> TokenizedDataModule:
+    """Build the data module, its tokenizer and datasets now, so bad data fails before anything is written."""
+    try:
+        datamodule = build(node)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
+            raise ConfigError(f"data: {error.__cause__}") from None
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"data: {error}") from None
+    return datamodule
+
+
+def writable_directory(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check that files can be written in it."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"output_dir {directory} is not writable ({error.strerror}): pass output_dir=<a writable directory>"
+        ) from None
+    return directory
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path, selector: object | None
+) -> None:
+    """``save_pretrained`` the model and tokenizer (plus the sparse delta after SFT), all or nothing.
+
+    Everything is written into a temporary sibling directory that is then renamed into place, so a
+    crash never leaves a directory that looks like a model but is not one.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=directory.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if isinstance(selector, SparseFineTuning):
+            selector.export_delta(staging / "sparse_delta.safetensors")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def report(output_dir: Path, model_dir: Path, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Log where the run's files are and how validation loss moved."""
+    lines = [f"Run directory: {output_dir}", f"  config:      {output_dir / 'config.yaml'}"]
+    for logger in trainer.loggers:
+        lines.append(f"  {type(logger).__name__ + ':':12} {logger.log_dir or logger.save_dir}")
+    if trainer.checkpoint_callback is not None:
+        lines.append(f"  checkpoint:  {trainer.checkpoint_callback.last_model_path}")
+    lines.append(f"  model:       {model_dir}  (AutoModelForCausalLM.from_pretrained)")
+    if "val/loss" in metrics:
+        before = metrics.get("val/loss_before")
+        moved = f"{before:.4f} -> " if before is not None else ""
+        lines.append(f"val/loss {moved}{metrics['val/loss']:.4f} (perplexity {metrics['val/ppl']:.1f})")
+    log.info("\n".join(lines))
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """The ``lomo-train`` console script; returns ``cfg.optimized_metric`` for sweepers."""
+    try:
+        metrics = run(cfg)
+    except ConfigError as error:
+        log.error("lomo-train: %s", error)
+        sys.exit(1)
+    return metrics.get(cfg.optimized_metric)
+
+
+def finish_wandb() -> None:
+    """Close the W&B run, so its files are complete and the next job of a sweep starts a new one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    main()
