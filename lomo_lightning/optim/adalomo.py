@@ -182,30 +182,39 @@ def adalomo_update(
     weight_decay: float,
     shard: Shard,
 ) -> None:
-    """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite."""
+    """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite.
+
+    On a shard, every partial sum that does not wait for another one travels in the same all-reduce:
+    two collectives per matrix (column sums with the row-state and parameter sums, then the update's
+    sum of squares), one per vector.
+    """
     eps1, eps2 = eps
     beta = 1.0 - math.pow(step, decay_rate)
     update = grad  # overwritten in place: from here on it holds u
+    work = param if param.dtype == torch.float32 else param.float()
+    param_squares = torch.linalg.vector_norm(work).square_().reshape(1)
     if "exp_avg_sq_row" in state:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         g2d = update.view(row.numel(), col.numel())
         # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
         row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(g2d.shape[1]).add_(eps1)
-        col_sum = shard.sum_(torch.linalg.vector_norm(g2d, dim=0).square_())
-        col_mean = col_sum.div_(shard.rows).add_(eps1)
         row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
+        col_squares = torch.linalg.vector_norm(g2d, dim=0).square_()
+        sums = shard.sum_(torch.cat([col_squares, row.sum().reshape(1), param_squares]))
+        col_mean, row_avg, param_squares = sums[:-2].div_(shard.rows).add_(eps1), sums[-2].div(shard.rows), sums[-1]
         col.mul_(beta).add_(col_mean, alpha=1.0 - beta)
-        row_avg = shard.sum_(row.sum()).div_(shard.rows)
         g2d.mul_(row.div(row_avg).rsqrt_().unsqueeze(1)).mul_(col.rsqrt().unsqueeze(0))
+        update_squares = shard.sum_(torch.linalg.vector_norm(update).square_())
     else:
         vec = state["exp_avg_sq"]
         vec.mul_(beta).add_(update.square().add_(eps1), alpha=1.0 - beta)
         update.mul_(vec.rsqrt())
-    update_rms = shard.sum_(torch.linalg.vector_norm(update).square_()).div_(shard.numel).sqrt_()
+        sums = shard.sum_(torch.cat([torch.linalg.vector_norm(update).square_().reshape(1), param_squares]))
+        update_squares, param_squares = sums[0], sums[1]
+    update_rms = update_squares.div(shard.numel).sqrt_()
     update.div_(update_rms.div_(clip_threshold).clamp_(min=1.0))
 
-    work = param if param.dtype == torch.float32 else param.float()
-    param_rms = shard.sum_(torch.linalg.vector_norm(work).square_()).div_(shard.numel).sqrt_()
+    param_rms = param_squares.div(shard.numel).sqrt_()
     lr_t = param_rms.clamp_(min=eps2).mul_(lr)
     if weight_decay != 0.0:
         work.mul_(1.0 - lr_t * weight_decay)

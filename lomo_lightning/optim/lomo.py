@@ -48,7 +48,12 @@ class Lomo(Optimizer):
     @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
         """Update ``param`` alone from ``grad`` with the hyper-parameters of ``group``."""
-        lomo_update(param, grad, lr=group["lr"], weight_decay=group["weight_decay"])
+        # elementwise: a shard (FSDP2 DTensor) is updated through its local tensor, without DTensor dispatch
+        lomo_update(_local(param), _local(grad), lr=group["lr"], weight_decay=group["weight_decay"])
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def lomo_update(param: Tensor, grad: Tensor, *, lr: float, weight_decay: float) -> None:
