@@ -70,6 +70,17 @@ class TinyLM(LightningModule):
         return RULES[self.rule]([p for p in self.parameters() if p.requires_grad])
 
 
+class ManuallyShardedLM(TinyLM):
+    """Shards itself in configure_model: the strategy must leave it as it is."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=self.device_mesh)
+        fully_shard(self.model, mesh=self.device_mesh)
+
+
 def parse(case: str) -> dict:
     """``fsdp_adalomo_clip_hft`` -> strategy, rule and flags."""
     placement, rule, *flags = case.split("_")
@@ -101,7 +112,8 @@ def run(case: str, out: Path) -> None:
     resume = "resume" in flags
     epochs = 2 if ("long" in flags or resume) else 1
     nan_at = (1, 1) if "nan" in flags else None
-    module = TinyLM(spec["rule"], hft="hft" in flags, nan_at=nan_at, seed=123 if resume else 0)
+    module_cls = ManuallyShardedLM if "manual" in flags else TinyLM
+    module = module_cls(spec["rule"], hft="hft" in flags, nan_at=nan_at, seed=123 if resume else 0)
     rank_for_data = int(os.environ.get("LOCAL_RANK", 0))
     data = [rank_slice(b, rank_for_data) for b in global_batches()]
     callbacks = []

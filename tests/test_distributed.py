@@ -4,7 +4,7 @@ One subprocess (``tests/distributed_runs.py``; Lightning launches its second ran
 the tests compare its files against single-process runs of the plain ``FusedUpdater`` made here.
 Case names read ``<placement>_<rule>_<flags>``: ``clip`` (two-pass norm clipping), ``hft`` (half frozen),
 ``save``/``resume``/``long`` (distributed checkpoint), ``export`` (consolidated ``save_pretrained``),
-``bf16`` (``precision="bf16-mixed"``: FSDP2 ``MixedPrecisionPolicy``), ``nan`` (rank 1's loss is NaN at step 2).
+``manual`` (``configure_model`` shards), ``bf16`` (``precision="bf16-mixed"``: FSDP2 ``MixedPrecisionPolicy``), ``nan`` (rank 1's loss is NaN at step 2).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ EXACT = [
     "fsdp_adalomo_clip",
     "fsdp_lomo_clip",
     "fsdp_adalomo_hft",
+    "fsdp_lomo_manual",  # configure_model() applied fully_shard itself
     "ddp_adalomo",
     "ddp_lomo",
     "ddp_adalomo_clip",
