@@ -1,0 +1,249 @@
+"""Fused updates on FSDP2 shards: per-rank memory against one process, and step time against plain FSDP2 + AdamW.
+
+    python benchmarks/distributed.py                 # 2 gloo ranks on CPU, ~1-2 minutes
+    python benchmarks/distributed.py --layers 8 --hidden 512 --steps 10
+
+Memory (per rank, measured on the live tensors after a step, each storage counted once): the local
+parameter shards plus the local optimizer state, against the same model and rule in one process. Also
+the MemTracker peak of one step split by category (parameters, gradients, optimizer state, activations).
+
+Step time: the median over the timed steps of the slowest rank, for
+
+- ``fsdp_adamw``: ``fully_shard`` + ``loss.backward(); AdamW.step(); zero_grad()``  (the reference);
+- ``fsdp_fused_adamw``: the same AdamW, run per shard inside backward by ``ShardedFusedUpdater``
+  (isolates the cost of the hooks);
+- ``fsdp_fused_adalomo`` / ``fsdp_fused_lomo``: the fused rules this package is for.
+
+Writes ``benchmarks/results/distributed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+WORLD = 2
+MODES = ("fsdp_adamw", "fsdp_fused_adamw", "fsdp_fused_adalomo", "fsdp_fused_lomo")
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3 // 8 * 8,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def make_optimizer(mode: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    from lomo_lightning import AdaLomo, Lomo
+
+    if mode.endswith("adamw"):
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    if mode.endswith("adalomo"):
+        return AdaLomo(params, lr=1e-3)
+    return Lomo(params, lr=1e-3)
+
+
+def local_bytes(tensors: list[torch.Tensor]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storage = local.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+
+
+def batch(args: argparse.Namespace, rank: int, step: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
+    return {"input_ids": ids, "labels": ids}
+
+
+def tracker_peak(step_fn, *tracked) -> dict[str, int] | str:
+    """MemTracker's peak of one step, by category; the error text if it cannot track this setup."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        tracker = MemTracker()
+        tracker.track_external(*tracked)
+        with tracker:
+            step_fn()
+        (peak,) = tracker.get_tracker_snapshot("peak").values()
+        return {str(k): int(v) for k, v in peak.items()}
+    except Exception as error:  # a benchmark records what failed instead of dying
+        return f"{type(error).__name__}: {error}"
+
+
+def memory_of_one_process(args: argparse.Namespace) -> dict[str, Any]:
+    """The same model and rules, whole, in one process."""
+    from lomo_lightning import FusedUpdater
+
+    out: dict[str, Any] = {}
+    for rule in ("adalomo", "adamw"):
+        model = build_model(args)
+        optimizer = make_optimizer(f"one_{rule}", list(model.parameters()))
+        if rule == "adamw":
+
+            def step() -> None:
+                model(**batch(args, 0, 0)).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        else:
+            updater = FusedUpdater(model, optimizer)
+
+            def step() -> None:
+                updater.backward(model(**batch(args, 0, 0)).loss)
+
+        step()
+        peak = tracker_peak(step, model, optimizer)
+        params, state = local_bytes(list(model.parameters())), local_bytes(state_tensors(optimizer))
+        out[rule] = {"param_bytes": params, "optimizer_state_bytes": state, "params_plus_state": params + state, "tracker_peak": peak}
+    return out
+
+
+def plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace, rank: int):
+    def step(i: int) -> None:
+        model(**batch(args, rank, i)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def fused_step(model: torch.nn.Module, updater: Any, args: argparse.Namespace, rank: int):
+    def step(i: int) -> None:
+        updater.backward(model(**batch(args, rank, i)).loss)
+
+    return step
+
+
+def worker(rank: int, args: argparse.Namespace, rendezvous: str, result_file: str) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lomo_lightning.strategies import ShardedFusedUpdater
+    from lomo_lightning.strategies.fsdp import shard_transformers
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    steps: dict[str, Any] = {}
+    trained: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
+    for mode in args.modes:
+        model = build_model(args)
+        shard_transformers(model, mesh)
+        optimizer = make_optimizer(mode, list(model.parameters()))
+        trained[mode] = (model, optimizer)
+        steps[mode] = plain_step(model, optimizer, args, rank) if mode == "fsdp_adamw" else fused_step(
+            model, ShardedFusedUpdater(model, optimizer, group=mesh.get_group()), args, rank
+        )
+    # modes take turns step by step, so that load from other processes on the machine hits them alike
+    times: dict[str, list[float]] = {mode: [] for mode in args.modes}
+    for i in range(args.warmup + args.steps):
+        for mode in args.modes:
+            dist.barrier()
+            start = time.perf_counter()
+            steps[mode](i)
+            elapsed = torch.tensor([time.perf_counter() - start])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if i >= args.warmup:
+                times[mode].append(elapsed.item())
+    results: dict[str, Any] = {}
+    for mode, (model, optimizer) in trained.items():
+        peak = tracker_peak(lambda: steps[mode](0), model, optimizer)
+        params, state = local_bytes(list(model.parameters())), local_bytes(state_tensors(optimizer))
+        grads_left = local_bytes([p.grad for p in model.parameters() if p.grad is not None])
+        gathered: list[Any] = [None] * WORLD
+        dist.all_gather_object(
+            gathered,
+            {"param_bytes": params, "optimizer_state_bytes": state, "grad_bytes_after_step": grads_left, "tracker_peak": peak},
+        )
+        results[mode] = {"median_step_s": statistics.median(times[mode]), "step_times_s": times[mode], "per_rank": gathered}
+    if rank == 0:
+        Path(result_file).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4, help="sequences per rank")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // WORLD))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--output", type=Path, default=RESULTS / "distributed.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    one = memory_of_one_process(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "ranks.json")
+        rendezvous = f"file://{os.path.join(tmp, 'rendezvous')}"
+        mp.spawn(worker, args=(args, rendezvous, result_file), nprocs=WORLD, join=True)
+        ranks = json.loads(Path(result_file).read_text())
+
+    reference = ranks["fsdp_adamw"]["median_step_s"] if "fsdp_adamw" in ranks else None
+    summary: dict[str, Any] = {}
+    for mode, run in ranks.items():
+        worst = max(r["param_bytes"] + r["optimizer_state_bytes"] for r in run["per_rank"])
+        rule = "adamw" if mode.endswith("adamw") else "adalomo" if mode.endswith("adalomo") else None
+        entry = {"median_step_s": round(run["median_step_s"], 4), "per_rank_params_plus_state_bytes": worst}
+        if reference:
+            entry["step_time_vs_fsdp_adamw"] = round(run["median_step_s"] / reference, 3)
+        if rule is not None:
+            entry["per_rank_vs_one_process_same_rule"] = round(worst / one[rule]["params_plus_state"], 3)
+        entry["per_rank_vs_one_process_adamw"] = round(worst / one["adamw"]["params_plus_state"], 3)
+        summary[mode] = entry
+    report = {
+        "setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "world": WORLD, "backend": "gloo",
+                  "device": "cpu", "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count()},
+        "one_process": one,
+        "ranks": ranks,
+        "summary": summary,
+        "targets": {"per_rank_vs_one_process_same_rule": 0.6, "fused_step_time_vs_fsdp_adamw": 1.10},
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
