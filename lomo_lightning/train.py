@@ -29,12 +29,13 @@ from lomo_lightning.data import TokenizedDataModule
 from lomo_lightning.models import ConfigError
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
 from lomo_lightning.selection import SparseFineTuning
+from lomo_lightning.strategies import save_pretrained_consolidated
 
 log = logging.getLogger("lomo_lightning.train")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train as ``cfg`` says and return the final metrics (``val/loss``, ``val/ppl``, ``val/loss_before``...)."""
+def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
+    """Train as ``cfg`` says; return the final metrics (``val/loss``, ``val/ppl``, ``val/loss_before``...) and the module."""
     output_dir = writable_directory(cfg.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -52,13 +53,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         scheduler=build(cfg.method.scheduler) if cfg.method.scheduler is not None else None,
         trainable=selector.parameters() if isinstance(selector, SparseFineTuning) else None,
     )
+    if cfg.method.fused:  # Lightning clips only under automatic optimization: the fused strategy clips itself
+        strategy, clip = build(cfg.strategy.fused, clip_grad_norm=cfg.method.gradient_clip_val), None
+    else:
+        strategy, clip = cfg.strategy.unfused, cfg.method.gradient_clip_val
     loggers = [build(logger) for logger in (cfg.get("logger") or {}).values() if logger is not None]
     trainer: pl.Trainer = build(
-        cfg.trainer,
-        strategy=cfg.strategy.fused if cfg.method.fused else cfg.strategy.unfused,
-        gradient_clip_val=cfg.method.gradient_clip_val,
-        callbacks=callbacks,
-        logger=loggers,
+        cfg.trainer, strategy=strategy, gradient_clip_val=clip, callbacks=callbacks, logger=loggers
     )
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -80,11 +81,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
 
     model_dir = output_dir / "model"
+    save_model(trainer, datamodule.tokenizer, model_dir, selector)
     if trainer.is_global_zero:
-        save_model(model, datamodule.tokenizer, model_dir, selector)
         report(output_dir, model_dir, trainer, metrics)
     finish_wandb()
-    return metrics
+    return metrics, module
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -127,24 +128,26 @@ def writable_directory(path: str | os.PathLike) -> Path:
 
 
 def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path, selector: object | None
+    trainer: pl.Trainer, tokenizer: PreTrainedTokenizerBase, directory: Path, selector: object | None
 ) -> None:
     """``save_pretrained`` the model and tokenizer (plus the sparse delta after SFT), all or nothing.
 
-    Everything is written into a temporary sibling directory that is then renamed into place, so a
-    crash never leaves a directory that looks like a model but is not one.
+    Call on every process: the weights are gathered from replicas or shards and written by rank zero,
+    into a staging directory that is then renamed into place, so a crash never leaves a directory that
+    looks like a model but is not one.
     """
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=directory.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if isinstance(selector, SparseFineTuning):
-            selector.export_delta(staging / "sparse_delta.safetensors")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
+    staging = directory.with_name(f".{directory.name}.partial")
+    if trainer.is_global_zero:
         shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained_consolidated(trainer, staging)
+    if not trainer.is_global_zero:
+        return
+    tokenizer.save_pretrained(staging)
+    if isinstance(selector, SparseFineTuning):
+        selector.export_delta(staging / "sparse_delta.safetensors")
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
 
 
 def report(output_dir: Path, model_dir: Path, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -166,7 +169,7 @@ def report(output_dir: Path, model_dir: Path, trainer: pl.Trainer, metrics: dict
 def main(cfg: DictConfig) -> float | None:
     """The ``lomo-train`` console script; returns ``cfg.optimized_metric`` for sweepers."""
     try:
-        metrics = run(cfg)
+        metrics, _ = run(cfg)
     except ConfigError as error:
         log.error("lomo-train: %s", error)
         sys.exit(1)
