@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lomo_lightning import AdaLomo, Lomo  # noqa: E402
-from lomo_lightning.selection import HalfFineTuning  # noqa: E402
+from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
 from lomo_lightning.strategies import save_pretrained_consolidated  # noqa: E402
 
 WORLD = 2
@@ -33,6 +33,7 @@ RULES = {
     "lomo": lambda params: Lomo(params, lr=0.05, weight_decay=0.01),
 }
 CLIP = 0.05
+SFT_DENSITY = 0.05
 
 
 def global_batches(n: int = STEPS) -> list[dict[str, torch.Tensor]]:
@@ -45,9 +46,10 @@ def rank_slice(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Ten
 
 
 class TinyLM(LightningModule):
-    def __init__(self, rule: str, hft: bool = False, nan_at: tuple[int, int] | None = None, seed: int = 0):
+    def __init__(self, rule: str, hft: bool = False, sft: bool = False, nan_at: tuple[int, int] | None = None, seed: int = 0):
         super().__init__()
         self.model = tiny_llama(seed=seed)
+        self.sft = SparseFineTuning(density=SFT_DENSITY).apply(self.model) if sft else None
         if hft:
             HalfFineTuning(ratio=0.5, seed=0).apply(self.model)
         self.rule = rule
@@ -67,6 +69,8 @@ class TinyLM(LightningModule):
         self.leftover_grads_zero = all(bool((g == 0).all()) for g in grads)
 
     def configure_optimizers(self):
+        if self.sft is not None:
+            return RULES[self.rule](self.sft.parameters())
         return RULES[self.rule]([p for p in self.parameters() if p.requires_grad])
 
 
@@ -113,7 +117,7 @@ def run(case: str, out: Path) -> None:
     epochs = 2 if ("long" in flags or resume) else 1
     nan_at = (1, 1) if "nan" in flags else None
     module_cls = ManuallyShardedLM if "manual" in flags else TinyLM
-    module = module_cls(spec["rule"], hft="hft" in flags, nan_at=nan_at, seed=123 if resume else 0)
+    module = module_cls(spec["rule"], hft="hft" in flags, sft="sft" in flags, nan_at=nan_at, seed=123 if resume else 0)
     rank_for_data = int(os.environ.get("LOCAL_RANK", 0))
     data = [rank_slice(b, rank_for_data) for b in global_batches()]
     callbacks = []

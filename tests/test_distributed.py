@@ -2,7 +2,7 @@
 
 One subprocess (``tests/distributed_runs.py``; Lightning launches its second rank) runs every case once;
 the tests compare its files against single-process runs of the plain ``FusedUpdater`` made here.
-Case names read ``<placement>_<rule>_<flags>``: ``clip`` (two-pass norm clipping), ``hft`` (half frozen),
+Case names read ``<placement>_<rule>_<flags>``: ``clip`` (two-pass norm clipping), ``hft`` (half frozen), ``sft`` (sparse routes),
 ``save``/``resume``/``long`` (distributed checkpoint), ``export`` (consolidated ``save_pretrained``),
 ``manual`` (``configure_model`` shards), ``bf16`` (``precision="bf16-mixed"``: FSDP2 ``MixedPrecisionPolicy``), ``nan`` (rank 1's loss is NaN at step 2).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_llama
-from distributed_runs import CLIP, RULES, STEPS, global_batches, parse
+from distributed_runs import CLIP, RULES, SFT_DENSITY, STEPS, global_batches, parse
 
 from lomo_lightning import AdaLomo, FusedUpdater, HalfFineTuning, SparseFineTuning
 from lomo_lightning.strategies import LomoDDPStrategy, ShardedFusedUpdater
@@ -38,6 +38,7 @@ EXACT = [
     "ddp_adalomo_clip",
     "ddp_lomo_clip",
     "ddp_adalomo_hft",
+    "ddp_adalomo_sft",  # sparse routes gather from the averaged gradient, identically on every rank
 ]
 OTHERS = ["fsdp_adalomo_resume", "fsdp_adalomo_long_export", "fsdp_adalomo_bf16", "fsdp_adalomo_nan", "ddp_lomo_nan"]
 
@@ -68,7 +69,10 @@ def one_process(case: str, steps: list[int] | None = None):
     model = tiny_llama()
     if "hft" in spec["flags"]:
         HalfFineTuning(ratio=0.5, seed=0).apply(model)
-    optimizer = RULES[spec["rule"]]([p for p in model.parameters() if p.requires_grad])
+    if "sft" in spec["flags"]:
+        optimizer = RULES[spec["rule"]](SparseFineTuning(density=SFT_DENSITY).apply(model).parameters())
+    else:
+        optimizer = RULES[spec["rule"]]([p for p in model.parameters() if p.requires_grad])
     updater = FusedUpdater(model, optimizer, clip_grad_norm=CLIP if "clip" in spec["flags"] else None)
     data = global_batches()
     order = steps if steps is not None else list(range(STEPS)) * (2 if {"long", "resume"} & spec["flags"] else 1)
@@ -88,7 +92,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, case):
     got = result(runs, case)
     model, _, updater = one_process(case)
     assert got["global_step"] == STEPS and got["skipped_steps"] == 0
-    assert max_difference(got["params"], tiny_llama()) > 1e-3, "training must move the parameters"
+    assert max_difference(got["params"], tiny_llama()) > 5e-4, "training must move the parameters"
     assert max_difference(got["params"], model) < 1e-5
     if "clip" in case:
         assert updater.last_grad_norm > CLIP, "the case must exercise clipping"
