@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lomo_lightning import AdaLomo, Lomo  # noqa: E402
+from lomo_lightning.callbacks import HFTResampleCallback  # noqa: E402
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
 from lomo_lightning.strategies import save_pretrained_consolidated  # noqa: E402
 
@@ -50,10 +51,12 @@ class TinyLM(LightningModule):
         super().__init__()
         self.model = tiny_llama(seed=seed)
         self.sft = SparseFineTuning(density=SFT_DENSITY).apply(self.model) if sft else None
-        if hft:
-            HalfFineTuning(ratio=0.5, seed=0).apply(self.model)
+        self.hft = HalfFineTuning(ratio=0.5, seed=0) if hft else None
+        if self.hft is not None:
+            self.hft.apply(self.model)
         self.rule = rule
         self.nan_at = nan_at  # (rank, batch index) whose loss becomes NaN
+        self.resample = False
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
@@ -71,6 +74,8 @@ class TinyLM(LightningModule):
     def configure_optimizers(self):
         if self.sft is not None:
             return RULES[self.rule](self.sft.parameters())
+        if self.resample:  # newly trainable parameters must already be in the optimizer
+            return RULES[self.rule](self.parameters())
         return RULES[self.rule]([p for p in self.parameters() if p.requires_grad])
 
 
@@ -122,6 +127,9 @@ def run(case: str, out: Path) -> None:
     data = [rank_slice(b, rank_for_data) for b in global_batches()]
     callbacks = []
     checkpoint_dir = out / f"{case}-ckpt"
+    if "resample" in flags:
+        module.resample = True
+        callbacks.append(HFTResampleCallback(module.hft, every_n_steps=1))
     if "save" in flags:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True))
     trainer = Trainer(
@@ -133,7 +141,7 @@ def run(case: str, out: Path) -> None:
         gradient_clip_val=CLIP if "clip" in flags else None,
         use_distributed_sampler=False,
         logger=False,
-        enable_checkpointing=bool(callbacks),
+        enable_checkpointing="save" in flags,
         callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -2,7 +2,7 @@
 
 One subprocess (``tests/distributed_runs.py``; Lightning launches its second rank) runs every case once;
 the tests compare its files against single-process runs of the plain ``FusedUpdater`` made here.
-Case names read ``<placement>_<rule>_<flags>``: ``clip`` (two-pass norm clipping), ``hft`` (half frozen), ``sft`` (sparse routes),
+Case names read ``<placement>_<rule>_<flags>``: ``clip`` (two-pass norm clipping), ``hft`` (half frozen; ``resample``: a new mask after every step), ``sft`` (sparse routes),
 ``save``/``resume``/``long`` (distributed checkpoint), ``export`` (consolidated ``save_pretrained``),
 ``manual`` (``configure_model`` shards), ``bf16`` (``precision="bf16-mixed"``: FSDP2 ``MixedPrecisionPolicy``), ``nan`` (rank 1's loss is NaN at step 2).
 """
@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import tiny_llama
 from distributed_runs import CLIP, RULES, SFT_DENSITY, STEPS, global_batches, parse
+from torch.nn.parallel import DistributedDataParallel
 
 from lomo_lightning import AdaLomo, FusedUpdater, HalfFineTuning, SparseFineTuning
-from lomo_lightning.strategies import LomoDDPStrategy, ShardedFusedUpdater
+from lomo_lightning.strategies import LomoDDPStrategy, ReplicatedFusedUpdater, ShardedFusedUpdater
 
 pytestmark = pytest.mark.distributed
 
@@ -40,7 +42,7 @@ EXACT = [
     "ddp_adalomo_hft",
     "ddp_adalomo_sft",  # sparse routes gather from the averaged gradient, identically on every rank
 ]
-OTHERS = ["fsdp_adalomo_resume", "fsdp_adalomo_long_export", "fsdp_adalomo_bf16", "fsdp_adalomo_nan", "ddp_lomo_nan"]
+OTHERS = ["fsdp_adalomo_hft_resample", "fsdp_adalomo_resume", "fsdp_adalomo_long_export", "fsdp_adalomo_bf16", "fsdp_adalomo_nan", "ddp_lomo_nan"]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +173,34 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(runs, case):
     assert got["skipped_steps"] == 1
     model, _, _ = one_process(case, steps=[0, 2])
     assert max_difference(got["params"], model) < 1e-5
+
+
+def test_hft_resampled_every_step_under_fsdp_equals_one_process(runs):
+    model = tiny_llama()
+    hft = HalfFineTuning(ratio=0.5, seed=0)
+    hft.apply(model)
+    optimizer = RULES["adalomo"](model.parameters())
+    updater = FusedUpdater(model, optimizer)
+    for batch in global_batches():
+        updater.backward(model(**batch).loss)
+        hft.resample(model, optimizer=optimizer)  # what HFTResampleCallback(every_n_steps=1) does
+        updater.refresh()
+    assert max_difference(result(runs, "fsdp_adalomo_hft_resample")["params"], model) < 1e-5
+
+
+def test_ddp_refuses_a_trainable_set_that_changes_after_wrapping(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        hft = HalfFineTuning(ratio=0.5, seed=0)
+        hft.apply(model)
+        ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
+        updater = ReplicatedFusedUpdater(ddp, AdaLomo(model.parameters()))
+        hft.resample(model)
+        with pytest.raises(NotImplementedError, match="resample under strategy='lomo_fsdp'"):
+            updater.refresh()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sparse_fine_tuning_under_fsdp_is_refused_clearly():

@@ -42,8 +42,20 @@ class ReplicatedFusedUpdater(FusedUpdater):
             )
         self.ddp = ddp_model
         self.group = ddp_model.process_group
+        # DDP's reducer all-reduces exactly the parameters that required grad when it was built
+        self._reduced = {p for p in ddp_model.module.parameters() if p.requires_grad}
         super().__init__(ddp_model.module, optimizer, install_hooks=False, **kwargs)
         ddp_model.register_comm_hook(state=self, hook=_allreduce_then_update)
+
+    def refresh(self, install_hooks: bool = False) -> None:
+        """Follow the trainable set; under DDP it cannot change, because DDP's buckets cannot."""
+        super().refresh(install_hooks=False)  # the communication hook, not autograd hooks, feeds the engine
+        if set(self._targets) != self._reduced:
+            raise NotImplementedError(
+                "The trainable parameters changed after DistributedDataParallel wrapped the model (HFT resampling "
+                "mid-training?). DDP only all-reduces the set it was built with. Apply the selection before fit, or "
+                "resample under strategy='lomo_fsdp' or 'lomo'."
+            )
 
     def _measure_grad_norm(self, scaled_loss: Tensor) -> Tensor:
         norm = super()._measure_grad_norm(scaled_loss)
