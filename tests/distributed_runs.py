@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from lomo_lightning import AdaLomo, Lomo  # noqa: E402
 from lomo_lightning.callbacks import HFTResampleCallback  # noqa: E402
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
-from lomo_lightning.strategies import save_pretrained_consolidated  # noqa: E402
+from lomo_lightning.strategies import LomoFSDPStrategy, save_pretrained_consolidated  # noqa: E402
 
 WORLD = 2
 STEPS = 3
@@ -135,8 +135,8 @@ def run(case: str, out: Path) -> None:
     trainer = Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=spec["strategy"],
-        precision="bf16-mixed" if "bf16" in flags else "32-true",
+        strategy=LomoFSDPStrategy(save_distributed_checkpoint=False) if "full" in flags else spec["strategy"],
+        precision="bf16-mixed" if "bf16" in flags else "bf16-true" if "bf16true" in flags else "32-true",
         max_epochs=epochs,
         gradient_clip_val=CLIP if "clip" in flags else None,
         use_distributed_sampler=False,

@@ -3,8 +3,8 @@
 One subprocess (``tests/distributed_runs.py``; Lightning launches its second rank) runs every case once;
 the tests compare its files against single-process runs of the plain ``FusedUpdater`` made here.
 Case names read ``<placement>_<rule>_<flags>``: ``clip`` (two-pass norm clipping), ``hft`` (half frozen; ``resample``: a new mask after every step), ``sft`` (sparse routes),
-``save``/``resume``/``long`` (distributed checkpoint), ``export`` (consolidated ``save_pretrained``),
-``manual`` (``configure_model`` shards), ``bf16`` (``precision="bf16-mixed"``: FSDP2 ``MixedPrecisionPolicy``), ``nan`` (rank 1's loss is NaN at step 2).
+``save``/``resume``/``long`` (distributed checkpoint; ``full``: one full checkpoint file), ``export`` (consolidated ``save_pretrained``),
+``manual`` (``configure_model`` shards), ``bf16`` (``precision="bf16-mixed"``: FSDP2 ``MixedPrecisionPolicy``), ``bf16true`` (bf16 shards), ``nan`` (rank 1's loss is NaN at step 2).
 """
 
 from __future__ import annotations
@@ -42,7 +42,17 @@ EXACT = [
     "ddp_adalomo_hft",
     "ddp_adalomo_sft",  # sparse routes gather from the averaged gradient, identically on every rank
 ]
-OTHERS = ["fsdp_adalomo_hft_resample", "fsdp_adalomo_resume", "fsdp_adalomo_long_export", "fsdp_adalomo_bf16", "fsdp_adalomo_nan", "ddp_lomo_nan"]
+OTHERS = [  # in order: a resume case follows the case that saved its checkpoint
+    "fsdp_adalomo_hft_resample",
+    "fsdp_adalomo_resume",
+    "fsdp_adalomo_save_full",
+    "fsdp_adalomo_resume_full",
+    "fsdp_adalomo_long_export",
+    "fsdp_adalomo_bf16",
+    "fsdp_adalomo_bf16true",
+    "fsdp_adalomo_nan",
+    "ddp_lomo_nan",
+]
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +129,14 @@ def test_gradients_do_not_pile_up(runs):
     assert ddp["leftover_grad_bytes"] <= trainable and ddp["leftover_grads_zero"]
 
 
-def test_resume_from_distributed_checkpoint_equals_uninterrupted(runs):
-    checkpoint = runs / "fsdp_adalomo_save-ckpt" / "last.ckpt"
-    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2, "one shard file per rank"
-    resumed, uninterrupted = result(runs, "fsdp_adalomo_resume"), result(runs, "fsdp_adalomo_long_export")
+@pytest.mark.parametrize("kind", ["", "_full"], ids=["sharded_dcp", "full_on_rank0"])
+def test_resume_from_checkpoint_equals_uninterrupted(runs, kind):
+    checkpoint = runs / f"fsdp_adalomo_save{kind}-ckpt" / "last.ckpt"
+    if kind:  # LomoFSDPStrategy(save_distributed_checkpoint=False): one ordinary file with the full state
+        assert checkpoint.is_file()
+    else:
+        assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2, "one shard file per rank"
+    resumed, uninterrupted = result(runs, f"fsdp_adalomo_resume{kind}"), result(runs, "fsdp_adalomo_long_export")
     assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS
     for name, value in uninterrupted["params"].items():
         assert torch.equal(resumed["params"][name], value), name
@@ -165,6 +179,14 @@ def test_bf16_mixed_runs_bf16_compute_on_fp32_master_shards(runs):
     assert got["dtypes"] == ["torch.float32"], "sharded parameters (the master weights) stay fp32"
     difference = max_difference(got["params"], model)
     assert 0 < difference < 5e-3, "bf16 forward/backward differs from fp32 by rounding only"
+
+
+def test_bf16_true_trains_bf16_shards(runs):
+    got = result(runs, "fsdp_adalomo_bf16true")
+    model, _, _ = one_process("fsdp_adalomo_bf16true")
+    assert got["dtypes"] == ["torch.bfloat16"] and got["global_step"] == STEPS
+    # bf16 parameters, bf16 gradient reduction: close to fp32 training, not equal
+    assert max((got["params"][k].float() - v).abs().max().item() for k, v in model.state_dict().items()) < 2e-2
 
 
 @pytest.mark.parametrize("case", ["fsdp_adalomo_nan", "ddp_lomo_nan"])

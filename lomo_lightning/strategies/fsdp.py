@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lomo_lightning.fused import FusedUpdater
+from lomo_lightning.selection.base import gradient_routes
 from lomo_lightning.strategies.base import FusedStrategyMixin
 
 
@@ -41,13 +42,12 @@ class ShardedFusedUpdater(FusedUpdater):
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, group: dist.ProcessGroup | None = None, **kwargs: Any):
         self.group = group
-        super().__init__(model, optimizer, **kwargs)
-        if self._routes:
-            self.remove()
+        if gradient_routes(model):
             raise NotImplementedError(
                 "Sparse fine-tuning (SparseFineTuning) under FSDP is not supported: its index sets address whole "
                 "weights, while each rank holds a shard. Use strategy='lomo_ddp' or 'lomo', or HalfFineTuning."
             )
+        super().__init__(model, optimizer, **kwargs)
 
     def reduce_squared_norm(self, squared_norm: Tensor) -> Tensor:
         dist.all_reduce(squared_norm, op=dist.ReduceOp.SUM, group=self.group)
