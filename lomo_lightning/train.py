@@ -154,7 +154,8 @@ def report(output_dir: Path, model_dir: Path, trainer: pl.Trainer, metrics: dict
     """Log where the run's files are and how validation loss moved."""
     lines = [f"Run directory: {output_dir}", f"  config:      {output_dir / 'config.yaml'}"]
     for logger in trainer.loggers:
-        lines.append(f"  {type(logger).__name__ + ':':12} {logger.log_dir or logger.save_dir}")
+        kind = type(logger).__name__.removesuffix("Logger").lower() + ":"
+        lines.append(f"  {kind:<12} {logger.log_dir or logger.save_dir}")
     if trainer.checkpoint_callback is not None:
         lines.append(f"  checkpoint:  {trainer.checkpoint_callback.last_model_path}")
     lines.append(f"  model:       {model_dir}  (AutoModelForCausalLM.from_pretrained)")
