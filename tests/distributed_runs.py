@@ -22,7 +22,7 @@ from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from lomo_lightning import AdaLomo, Lomo  # noqa: E402
+from lomo_lightning import AdaLomo, FusedOptimizationMixin, Lomo  # noqa: E402
 from lomo_lightning.callbacks import HFTResampleCallback  # noqa: E402
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
 from lomo_lightning.strategies import LomoFSDPStrategy, save_pretrained_consolidated  # noqa: E402
@@ -47,9 +47,11 @@ def rank_slice(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Ten
 
 
 class TinyLM(LightningModule):
-    def __init__(self, rule: str, hft: bool = False, sft: bool = False, nan_at: tuple[int, int] | None = None, seed: int = 0):
+    def __init__(
+        self, rule: str, hft: bool = False, sft: bool = False, nan_at: tuple[int, int] | None = None, seed: int = 0, tie: bool = False
+    ):
         super().__init__()
-        self.model = tiny_llama(seed=seed)
+        self.model = tiny_llama(seed=seed, tie=tie)
         self.sft = SparseFineTuning(density=SFT_DENSITY).apply(self.model) if sft else None
         self.hft = HalfFineTuning(ratio=0.5, seed=0) if hft else None
         if self.hft is not None:
@@ -58,8 +60,11 @@ class TinyLM(LightningModule):
         self.nan_at = nan_at  # (rank, batch index) whose loss becomes NaN
         self.resample = False
 
+    def compute_loss(self, batch):
+        return self.model(**batch).loss
+
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        loss = self.compute_loss(batch)
         if self.nan_at == (self.global_rank, batch_idx):
             loss = loss * float("nan")
         return loss
@@ -79,7 +84,11 @@ class TinyLM(LightningModule):
         return RULES[self.rule]([p for p in self.parameters() if p.requires_grad])
 
 
-class ManuallyShardedLM(TinyLM):
+class TinyFusedLM(FusedOptimizationMixin, TinyLM):
+    """Manual optimization through the mixin."""
+
+
+class ManuallyShardedLM(TinyFusedLM):
     """Shards itself in configure_model: the strategy must leave it as it is."""
 
     def configure_model(self):
@@ -121,8 +130,8 @@ def run(case: str, out: Path) -> None:
     resume = "resume" in flags
     epochs = 2 if ("long" in flags or resume) else 1
     nan_at = (1, 1) if "nan" in flags else None
-    module_cls = ManuallyShardedLM if "manual" in flags else TinyLM
-    module = module_cls(spec["rule"], hft="hft" in flags, sft="sft" in flags, nan_at=nan_at, seed=123 if resume else 0)
+    module_cls = ManuallyShardedLM if "manual" in flags else TinyFusedLM if "mixin" in flags else TinyLM
+    module = module_cls(spec["rule"], hft="hft" in flags, sft="sft" in flags, tie="tie" in flags, nan_at=nan_at, seed=123 if resume else 0)
     rank_for_data = int(os.environ.get("LOCAL_RANK", 0))
     data = [rank_slice(b, rank_for_data) for b in global_batches()]
     callbacks = []

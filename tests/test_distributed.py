@@ -2,9 +2,14 @@
 
 One subprocess (``tests/distributed_runs.py``; Lightning launches its second rank) runs every case once;
 the tests compare its files against single-process runs of the plain ``FusedUpdater`` made here.
-Case names read ``<placement>_<rule>_<flags>``: ``clip`` (two-pass norm clipping), ``hft`` (half frozen; ``resample``: a new mask after every step), ``sft`` (sparse routes),
-``save``/``resume``/``long`` (distributed checkpoint; ``full``: one full checkpoint file), ``export`` (consolidated ``save_pretrained``),
-``manual`` (``configure_model`` shards), ``bf16`` (``precision="bf16-mixed"``: FSDP2 ``MixedPrecisionPolicy``), ``bf16true`` (bf16 shards), ``nan`` (rank 1's loss is NaN at step 2).
+Case names read ``<placement>_<rule>_<flags>``:
+
+- ``clip``: two-pass global-norm clipping; ``hft``: half frozen (``resample``: a new mask after every step);
+  ``sft``: sparse routes; ``tie``: tied embeddings; ``nan``: rank 1's loss is NaN at step 2;
+- ``manual``: ``configure_model`` applies ``fully_shard`` itself; ``mixin``: ``FusedOptimizationMixin``;
+- ``save``/``resume``/``long``: distributed checkpoint (``full``: one full checkpoint file from rank 0);
+  ``export``: consolidated ``save_pretrained``;
+- ``bf16``: ``precision="bf16-mixed"`` (FSDP2 ``MixedPrecisionPolicy``); ``bf16true``: bf16 shards.
 """
 
 from __future__ import annotations
@@ -32,13 +37,13 @@ EXACT = [
     "fsdp_adalomo_save",  # also the first half of the resume case
     "fsdp_lomo",
     "fsdp_adalomo_clip",
-    "fsdp_lomo_clip",
+    "fsdp_lomo_clip_tie",  # tied embeddings: one shared parameter, updated once
     "fsdp_adalomo_hft",
-    "fsdp_lomo_manual",  # configure_model() applied fully_shard itself
+    "fsdp_lomo_manual",  # configure_model() applied fully_shard itself; manual optimization (mixin)
     "ddp_adalomo",
-    "ddp_lomo",
+    "ddp_lomo_mixin",
     "ddp_adalomo_clip",
-    "ddp_lomo_clip",
+    "ddp_lomo_clip_tie",
     "ddp_adalomo_hft",
     "ddp_adalomo_sft",  # sparse routes gather from the averaged gradient, identically on every rank
 ]
@@ -78,7 +83,7 @@ def result(runs: Path, case: str) -> dict:
 def one_process(case: str, steps: list[int] | None = None):
     """The same case on one process, the whole global batch per step: the model and its optimizer."""
     spec = parse(case)
-    model = tiny_llama()
+    model = tiny_llama(tie="tie" in spec["flags"])
     if "hft" in spec["flags"]:
         HalfFineTuning(ratio=0.5, seed=0).apply(model)
     if "sft" in spec["flags"]:
@@ -104,7 +109,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, case):
     got = result(runs, case)
     model, _, updater = one_process(case)
     assert got["global_step"] == STEPS and got["skipped_steps"] == 0
-    assert max_difference(got["params"], tiny_llama()) > 5e-4, "training must move the parameters"
+    assert max_difference(got["params"], tiny_llama(tie="tie" in case)) > 5e-4, "training must move the parameters"
     assert max_difference(got["params"], model) < 1e-5
     if "clip" in case:
         assert updater.last_grad_norm > CLIP, "the case must exercise clipping"
