@@ -184,9 +184,10 @@ def adalomo_update(
 ) -> None:
     """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite.
 
-    On a shard, every partial sum that does not wait for another one travels in the same all-reduce:
-    two collectives per matrix (column sums with the row-state and parameter sums, then the update's
-    sum of squares), one per vector.
+    On a shard, every partial sum travels in one all-reduce per tensor: for a matrix, the column sums of
+    ``g^2`` and of ``g^2 / R``, the row-state sum and the parameter's sum of squares. The update's sum of
+    squares follows from them without a second collective:
+    ``sum(u^2) = mean(R) * sum_j (sum_i g_ij^2 / R_i) / C_j``.
     """
     eps1, eps2 = eps
     beta = 1.0 - math.pow(step, decay_rate)
@@ -195,16 +196,20 @@ def adalomo_update(
     param_squares = torch.linalg.vector_norm(work).square_().reshape(1)
     if "exp_avg_sq_row" in state:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        g2d = update.view(row.numel(), col.numel())
+        cols = col.numel()
+        g2d = update.view(row.numel(), cols)
         # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
-        row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(g2d.shape[1]).add_(eps1)
+        row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(cols).add_(eps1)
         row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
         col_squares = torch.linalg.vector_norm(g2d, dim=0).square_()
-        sums = shard.sum_(torch.cat([col_squares, row.sum().reshape(1), param_squares]))
-        col_mean, row_avg, param_squares = sums[:-2].div_(shard.rows).add_(eps1), sums[-2].div(shard.rows), sums[-1]
-        col.mul_(beta).add_(col_mean, alpha=1.0 - beta)
-        g2d.mul_(row.div(row_avg).rsqrt_().unsqueeze(1)).mul_(col.rsqrt().unsqueeze(0))
-        update_squares = shard.sum_(torch.linalg.vector_norm(update).square_())
+        g2d.mul_(row.rsqrt().unsqueeze(1))  # g / sqrt(R): the row half of u, known before any collective
+        scaled_squares = torch.linalg.vector_norm(g2d, dim=0).square_()
+        sums = shard.sum_(torch.cat([col_squares, scaled_squares, row.sum().reshape(1), param_squares]))
+        col.mul_(beta).add_(sums[:cols].div_(shard.rows).add_(eps1), alpha=1.0 - beta)
+        row_avg, param_squares = sums[-2].div(shard.rows), sums[-1]
+        # u = g * rsqrt(R / mean(R)) * rsqrt(C)
+        g2d.mul_(col.rsqrt().mul_(row_avg.sqrt()).unsqueeze(0))
+        update_squares = sums[cols : 2 * cols].div_(col).sum().mul_(row_avg)
     else:
         vec = state["exp_avg_sq"]
         vec.mul_(beta).add_(update.square().add_(eps1), alpha=1.0 - beta)
