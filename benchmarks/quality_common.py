@@ -1,0 +1,263 @@
+"""What the quality benchmarks share: a small Llama, the stdlib data, one training loop for every method.
+
+The loop is plain PyTorch: standard methods run ``backward(); step(); zero_grad()``, fused methods run
+``FusedUpdater.backward(loss)``. Every run of a comparison sees the same batches in the same order.
+Runs are independent, so a comparison runs them in a pool of processes (one torch thread each).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+RUNS = HERE / "runs"  # git-ignored: cached base checkpoints
+
+VOCAB = 4096
+MODEL = dict(hidden=128, layers=4, heads=4, intermediate=352)
+
+
+def quiet() -> None:
+    import torch
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    datasets.disable_progress_bars()
+    torch.set_num_threads(1)
+
+
+def build_model(seed: int = 0, max_positions: int = 512):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=MODEL["hidden"],
+        num_hidden_layers=MODEL["layers"],
+        num_attention_heads=MODEL["heads"],
+        num_key_value_heads=MODEL["heads"],
+        intermediate_size=MODEL["intermediate"],
+        vocab_size=VOCAB,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config).train()
+
+
+def stdlib_data(subset: str = "all", seq_len: int = 128, batch_size: int = 8, max_val_blocks: int = 48):
+    from lomo_lightning.data import PythonStdlibDataModule
+
+    dm = PythonStdlibDataModule(
+        seq_len=seq_len, batch_size=batch_size, vocab_size=VOCAB, subset=subset, max_val_blocks=max_val_blocks
+    )
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def instruct_data(seq_len: int = 192, batch_size: int = 8, max_val_examples: int = 64):
+    from lomo_lightning.data import PyInstructDataModule
+
+    dm = PyInstructDataModule(seq_len=seq_len, batch_size=batch_size, vocab_size=VOCAB, max_val_examples=max_val_examples)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def forever(loader_fn: Callable[[], Any]) -> Iterator[dict]:
+    while True:
+        yield from loader_fn()
+
+
+def evaluate(model, loader) -> float:
+    """Mean loss per predicted token over the whole loader."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def subset_loader(dataset, batch_size: int, collate, count: int, seed: int = 0):
+    """A fixed loader over ``count`` rows of ``dataset`` (e.g. stage-1 training blocks to test retention)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(dataset), generator=g)[:count].tolist()
+    return DataLoader(dataset.select(rows), batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """One method on one model: ``step(batch)`` trains on a batch, with the LR schedule applied."""
+
+    def __init__(self, model, method: str, lr: float, total_steps: int, *, weight_decay: float = 0.0,
+                 sft_density: float = 0.01, lora_rank: int = 4, hft_seed: int = 0):
+        import torch
+
+        from lomo_lightning import AdaLomo, FusedUpdater, Lomo
+        from lomo_lightning.selection import HalfFineTuning, SparseFineTuning
+
+        self.method = method
+        self.model = model
+        self.sft = None
+        self.updater = None
+        fused = True
+        if method == "adamw":
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+            fused = False
+        elif method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+            self.model = get_peft_model(model, config)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            fused = False
+        elif method in ("sft_ag", "sft_sm3"):
+            self.sft = SparseFineTuning(
+                density=sft_density,
+                regrowth="accumulated_gradients" if method == "sft_ag" else "sm3",
+                reselection_steps=20,
+                selection_accumulation_steps=5,
+                total_steps=total_steps,
+            ).apply(model)
+            # SpIEL trains the sparse values with AdamW; fused here, one value tensor at a time.
+            self.optimizer = torch.optim.AdamW(self.sft.parameters(), lr=lr, weight_decay=0.0)
+        else:
+            if method in ("hft", "hft_adalomo"):
+                HalfFineTuning(ratio=0.5, seed=hft_seed).apply(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if method == "lomo":
+                self.optimizer = Lomo(params, lr=lr, weight_decay=weight_decay)
+            else:
+                self.optimizer = AdaLomo(params, lr=lr, weight_decay=weight_decay)
+        if fused:
+            self.updater = FusedUpdater(model, self.optimizer)
+        self.trainable = self.sft.budget if self.sft is not None else sum(
+            p.numel() for p in self.model.parameters() if p.requires_grad
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: schedule(s, total_steps, max(1, total_steps // 20))
+        )
+
+    def step(self, batch: dict) -> float:
+        loss = self.model(**batch).loss
+        if self.updater is not None:
+            self.updater.backward(loss)
+            if self.sft is not None:
+                self.sft.step(self.optimizer)
+        else:
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(loss.detach())
+
+
+def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str, Callable[[], float]],
+          eval_every: int) -> dict[str, Any]:
+    """Train ``steps`` steps; every ``eval_every`` steps (and at 0 and the end) run every evaluation."""
+    curve: list[dict[str, float]] = []
+
+    def record(step: int) -> None:
+        point = {"step": step}
+        for name, fn in evals.items():
+            point[name] = fn()
+        curve.append(point)
+
+    start = time.perf_counter()
+    record(0)
+    train_losses = []
+    for step in range(1, steps + 1):
+        train_losses.append(trainer.step(next(batches)))
+        if step % eval_every == 0 or step == steps:
+            record(step)
+    return {
+        "curve": curve,
+        "train_loss": train_losses,
+        "seconds": time.perf_counter() - start,
+        "trainable": trainer.trainable,
+    }
+
+
+def run_pool(fn: Callable, jobs: list[dict], workers: int = 2) -> list[Any]:
+    """``fn(**job)`` for every job in fresh spawned processes (so one torch thread each, no forked state)."""
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(fn, **job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+def base_checkpoint(subset: str, steps: int, lr: float) -> Path:
+    """A base model trained on the stdlib ``subset`` with AdamW, cached under ``benchmarks/runs``."""
+    import torch
+
+    key = hashlib.sha256(json.dumps([MODEL, VOCAB, subset, steps, lr]).encode()).hexdigest()[:12]
+    path = RUNS / f"base-{subset}-{key}.pt"
+    if path.exists():
+        return path
+    quiet()
+    dm = stdlib_data(subset=subset)
+    model = build_model()
+    trainer = Trainer(model, "adamw", lr=lr, total_steps=steps, weight_decay=0.0)
+    batches = forever(dm.train_dataloader)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(next(batches))
+    val = evaluate(model, dm.val_dataloader())
+    print(f"base on {subset}: {steps} steps in {time.perf_counter() - start:.0f}s, val ppl {math.exp(val):.2f}", flush=True)
+    RUNS.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.rename(path)
+    return path
+
+
+def environment() -> dict[str, Any]:
+    import platform
+    import subprocess
+
+    import torch
+
+    import lomo_lightning
+
+    # LOMO_BENCH_LIBRARY_COMMIT: the commit of a library snapshot put first on PYTHONPATH (see README)
+    commit = os.environ.get("LOMO_BENCH_LIBRARY_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "lomo_lightning_path": str(Path(lomo_lightning.__file__).parent),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "model": dict(MODEL, vocab=VOCAB, tied_embeddings=True, dtype="float32"),
+    }
