@@ -10,9 +10,11 @@ import torch
 from conftest import batches, tiny_llama
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-from lomo_lightning import AdaLomo, FusedOptimizationMixin, FusedUpdater, LomoStrategy
+from lomo_lightning import AdaLomo, DynamicLossScaler, FusedOptimizationMixin, FusedUpdater, LomoStrategy
+from lomo_lightning.strategies import CHECKPOINT_KEY
 
 
 def warmup_then_decay(optimizer):
@@ -187,3 +189,27 @@ def test_strategy_instance_and_name_are_the_same_thing():
     trainer(max_steps=2).fit(by_name, loader(data))
     trainer(max_steps=2, strategy=LomoStrategy()).fit(by_instance, loader(data))
     assert_same_parameters(by_name.model, by_instance.model)
+
+
+def test_16_mixed_scales_the_loss_in_the_engine_equals_the_plain_loop_and_checkpoints_the_scale(tmp_path):
+    data = batches(3)
+    expected = tiny_llama()
+    module = TinyLM(copy.deepcopy(expected))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    # Trainer(precision="16-mixed") turns into bf16-mixed on CPU: pass the fp16 plugin (as on GPU) explicitly
+    fp16 = MixedPrecision("16-mixed", "cpu")
+    fit = trainer(tmp_path, max_steps=3, plugins=[fp16], enable_checkpointing=True, callbacks=[checkpoint])
+    fit.fit(module, loader(data))
+    assert fit.precision_plugin.scaler is None, "Lightning's scaler must not scale the loss a second time"
+
+    optimizer = AdaLomo(expected.parameters(), lr=1e-2, weight_decay=0.01)
+    updater = FusedUpdater(expected, optimizer, loss_scaler=DynamicLossScaler(scale=2.0**16))
+    for batch in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = expected(**batch).loss
+        assert updater.backward(loss)
+    assert_same_parameters(module.model, expected)
+
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)
+    assert saved[CHECKPOINT_KEY]["loss_scaler"]["scale"] == 2.0**16
+    assert saved[CHECKPOINT_KEY]["steps"] == 3
