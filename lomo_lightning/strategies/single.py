@@ -14,10 +14,14 @@ from lomo_lightning.strategies.base import FusedStrategyMixin
 class LomoStrategy(FusedStrategyMixin, SingleDeviceStrategy):
     """Fused updates on one device (``Trainer(strategy="lomo")``).
 
+    Clipping is set here, or, under automatic optimization only, with ``Trainer(gradient_clip_val=...,
+    gradient_clip_algorithm=...)`` (Lightning refuses Trainer clipping under manual optimization, so a
+    :class:`~lomo_lightning.FusedOptimizationMixin` module sets it here).
+
     Args:
         device: the device; by default the one the Trainer's accelerator chose.
-        clip_grad_norm: global-norm clipping (two backward passes); or use ``Trainer(gradient_clip_val=...)``.
-        clip_grad_value: value clipping; or ``Trainer(gradient_clip_val=..., gradient_clip_algorithm="value")``.
+        clip_grad_norm: global-norm clipping (two backward passes).
+        clip_grad_value: value clipping.
     """
 
     strategy_name = "lomo"
