@@ -219,7 +219,9 @@ class FusedUpdater:
         ``grad`` is owned by the engine from here on and may be overwritten.
         """
         if self._measuring:
-            self._norms.append(torch.linalg.vector_norm(_local(grad), dtype=torch.float32))
+            route = self._routes.get(param)
+            seen = route.peek(grad) if route is not None else _local(grad)  # the norm of what the rule will see
+            self._norms.append(torch.linalg.vector_norm(seen, dtype=torch.float32))
             return
         if grad.dtype != torch.float32:
             grad = grad.float()

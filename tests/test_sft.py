@@ -36,13 +36,15 @@ def sparse(regrowth: str, **overrides) -> SparseFineTuning:
     return SparseFineTuning(**(arguments | overrides))
 
 
-def unfused_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """What the fused engine does, in plain torch: route the gradients, step, write the values back."""
+def unfused_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None) -> None:
+    """What the fused engine does, in plain torch: route the gradients, (clip,) step, write the values back."""
     routes = gradient_routes(model).values()
     model(input_ids=TOKENS, labels=TOKENS).loss.backward()
     for route in routes:
         route.target.grad = route.gather(route.source.grad)
         route.source.grad = None
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([route.target for route in routes], clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad()
     for route in routes:
@@ -266,6 +268,22 @@ def test_fused_training_with_reselection_equals_unfused(regrowth, rule):
         updater.backward(models[1](input_ids=TOKENS, labels=TOKENS).loss)
         sfts[1].step(optimizers[1])
     assert active_sets(sfts[0]) == active_sets(sfts[1])
+    for (name, expected), actual in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6, msg=name)
+
+
+def test_fused_norm_clipping_measures_the_active_entries_the_rule_sees():
+    from lomo_lightning import AdaLomo
+    from lomo_lightning.fused import FusedUpdater
+
+    models = [tiny_llama(), tiny_llama()]
+    sfts = [sparse("sm3").apply(model) for model in models]
+    optimizers = [AdaLomo(sft.parameters(), lr=1e-2) for sft in sfts]
+    updater = FusedUpdater(models[1], optimizers[1], clip_grad_norm=1e-3)
+    for _ in range(3):
+        unfused_step(models[0], optimizers[0], clip_grad_norm=1e-3)
+        updater.backward(models[1](input_ids=TOKENS, labels=TOKENS).loss)
+    assert updater.last_grad_norm > 1e-3, "the test must exercise clipping"
     for (name, expected), actual in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6, msg=name)
 

@@ -29,6 +29,10 @@ class GradientRoute(Protocol):
         """Return the gradient of ``target`` given the dense gradient of ``source`` (may record statistics)."""
         ...
 
+    def peek(self, grad: Tensor) -> Tensor:
+        """What :meth:`gather` returns, without recording anything (the norm-measuring pass uses it)."""
+        ...
+
     def scatter(self) -> None:
         """Write ``target`` into ``source`` after the update rule ran."""
         ...
