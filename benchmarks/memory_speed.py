@@ -461,10 +461,14 @@ def plot(spec_name: str, rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def run_preset(preset: str, methods: list[str], threads: int, timed_steps: int | None) -> None:
+def run_preset(preset: str, methods: list[str], threads: int, timed_steps: int | None, warmup_steps: int | None,
+               tag: str | None) -> None:
     spec = dict(PRESETS[preset], threads=threads)
     if timed_steps is not None:
         spec["timed"] = timed_steps
+    if warmup_steps is not None:
+        spec["warmup"] = warmup_steps
+    name = preset if tag is None else f"{preset}_{tag}"
     rows = []
     for method in methods:
         print(f"[{preset}] {method} ...", flush=True)
@@ -480,7 +484,7 @@ def run_preset(preset: str, methods: list[str], threads: int, timed_steps: int |
             )
     rows.sort(key=lambda r: METHODS.index(r["method"]))  # run order is free (--methods); tables are not
     by_method = {r["method"]: r for r in rows if "error" not in r}
-    path = RESULTS / f"memory_speed_{preset}.json"
+    path = RESULTS / f"memory_speed_{name}.json"
     if path.exists() and set(methods) != set(METHODS):
         # a partial run updates its methods in the previous results
         previous = json.loads(path.read_text())
@@ -504,8 +508,8 @@ def run_preset(preset: str, methods: list[str], threads: int, timed_steps: int |
     path.write_text(json.dumps({"preset": preset, "spec": spec, "environment": environment(), "notes": notes,
                                 "results": rows, "targets": checks}, indent=2))
     table = markdown_table(spec, rows, checks)
-    (RESULTS / f"memory_speed_{preset}.md").write_text(f"# Memory and speed, preset `{preset}`\n\n{table}")
-    plot(preset, rows)
+    (RESULTS / f"memory_speed_{name}.md").write_text(f"# Memory and speed, preset `{preset}`\n\n{table}")
+    plot(name, rows)
     print(table)
 
 
@@ -568,6 +572,8 @@ def main() -> None:
     parser.add_argument("--sweep-size", action="store_true", help="peak memory vs parameter count, AdamW vs AdaLomo")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker (1: steadier on a shared machine)")
     parser.add_argument("--timed-steps", type=int, help="override the preset's number of timed steps")
+    parser.add_argument("--warmup-steps", type=int, help="override the preset's number of warm-up steps")
+    parser.add_argument("--tag", help="write memory_speed_<preset>_<tag>.* instead (e.g. a repeat of the timing)")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -578,7 +584,7 @@ def main() -> None:
     elif args.sweep_size:
         run_sweep(args.threads)
     else:
-        run_preset(args.preset, args.methods, args.threads, args.timed_steps)
+        run_preset(args.preset, args.methods, args.threads, args.timed_steps, args.warmup_steps, args.tag)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--add", nargs="+", metavar="METHOD:LR",
+                        help="run only these and merge them into the existing results (e.g. extend a grid at its edge)")
     args = parser.parse_args()
 
     base = qc.base_checkpoint(**BASE)
-    jobs = [dict(method=m, lr=lr, steps=args.steps, eval_every=args.eval_every, base=str(base)) for m in LRS for lr in LRS[m]]
+    grid = [(m, lr) for m in LRS for lr in LRS[m]]
+    if args.add:
+        grid = [(item.split(":")[0], float(item.split(":")[1])) for item in args.add]
+    jobs = [dict(method=m, lr=lr, steps=args.steps, eval_every=args.eval_every, base=str(base)) for m, lr in grid]
     runs = qc.run_pool(run, jobs, workers=args.workers)
+    if args.add:
+        previous = json.loads((qc.RESULTS / "quality_pretrain.json").read_text())["runs"]
+        added = {(r["method"], r["lr"]) for r in runs}
+        runs = [r for r in previous if (r["method"], r["lr"]) not in added] + runs
+    runs.sort(key=lambda r: (list(LRS).index(r["method"]), r["lr"]))
 
     best = {}
     for method in LRS:

@@ -18,7 +18,7 @@ import quality_common as qc
 from quality_pretrain import BASE
 
 LORA_RANK = 2
-LRS = {"lora": [1e-2], "sft_ag": [3e-3], "sft_sm3": [3e-3]}  # one learning rate each (time budget)
+LRS = {"lora": [3e-3, 1e-2, 3e-2], "sft_ag": [3e-3, 1e-2, 3e-2], "sft_sm3": [3e-3, 1e-2, 3e-2]}
 LABELS = {"lora": "LoRA (peft) + AdamW", "sft_ag": "SFT-AG (SpIEL) + AdamW", "sft_sm3": "SFT-SM3 (SpIEL-MA) + AdamW"}
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     best = {m: min((r for r in runs if r["method"] == m), key=lambda r: r["curve"][-1]["instruct_val_loss"]) for m in LRS}
     final = {m: r["curve"][-1]["instruct_val_loss"] for m, r in best.items()}
     start = runs[0]["curve"][0]["instruct_val_loss"]
-    lines = ["| method | lr | trainable | instruct val loss | val ppl | wall s (2 runs in parallel) |", "|---|---|---|---|---|---|"]
+    lines = ["| method | lr | trainable | instruct val loss | val ppl | wall s (runs in parallel) |", "|---|---|---|---|---|---|"]
     for r in runs:
         loss = r["curve"][-1]["instruct_val_loss"]
         mark = " (best)" if best[r["method"]] is r else ""
