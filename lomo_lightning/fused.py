@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lomo_lightning.optim.base import local_tensor
 from lomo_lightning.selection.base import GradientRoute, gradient_routes
 
 
@@ -220,12 +221,12 @@ class FusedUpdater:
         """
         if self._measuring:
             route = self._routes.get(param)
-            seen = route.peek(grad) if route is not None else _local(grad)  # the norm of what the rule will see
+            seen = route.peek(grad) if route is not None else local_tensor(grad)  # the norm of what the rule will see
             self._norms.append(torch.linalg.vector_norm(seen, dtype=torch.float32))
             return
         if grad.dtype != torch.float32:
             grad = grad.float()
-        values = _local(grad)  # elementwise work on a shard needs no DTensor dispatch
+        values = local_tensor(grad)  # elementwise work on a shard needs no DTensor dispatch
         if self._inv_scale != 1.0:
             values.mul_(self._inv_scale)
         if self.clip_grad_value is not None:
@@ -272,11 +273,6 @@ class FusedUpdater:
         self.skipped_steps = state["skipped_steps"]
         if self.loss_scaler is not None and "loss_scaler" in state:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 __all__ = ["DynamicLossScaler", "FusedUpdater"]

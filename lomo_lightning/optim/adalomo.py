@@ -8,17 +8,18 @@ that a parameter that is a shard of a larger tensor (FSDP2) gives exactly the un
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.optim import Optimizer
+
+from lomo_lightning.optim.base import PerParameterOptimizer, local_tensor
 
 
-class AdaLomo(Optimizer):
+class AdaLomo(PerParameterOptimizer):
     r"""Adam-like adaptive update with factored second moments and grouped update normalization.
 
     For a step :math:`t \ge 1` with :math:`\beta_t = 1 - t^{c}` (``decay_rate`` :math:`c = -0.8`) and
@@ -64,18 +65,6 @@ class AdaLomo(Optimizer):
             raise ValueError(f"AdaLomo: weight_decay must be >= 0, got {weight_decay}.")
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate, weight_decay=weight_decay)
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self.step_parameter(param, param.grad, group)
-        return loss
 
     @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
@@ -144,7 +133,7 @@ class Shard:
 
     @staticmethod
     def local(tensor: Tensor) -> Tensor:
-        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        return local_tensor(tensor)
 
     @staticmethod
     def like_rows(local_state: Tensor, param: Tensor) -> Tensor:

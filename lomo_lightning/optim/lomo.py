@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from lomo_lightning.optim.base import PerParameterOptimizer, local_tensor
 
 
-class Lomo(Optimizer):
+class Lomo(PerParameterOptimizer):
     r"""SGD with decoupled weight decay, separable per parameter so that it can be fused into backward.
 
     .. math::
@@ -34,26 +35,10 @@ class Lomo(Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self.step_parameter(param, param.grad, group)
-        return loss
-
-    @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
         """Update ``param`` alone from ``grad`` with the hyper-parameters of ``group``."""
         # elementwise: a shard (FSDP2 DTensor) is updated through its local tensor, without DTensor dispatch
-        lomo_update(_local(param), _local(grad), lr=group["lr"], weight_decay=group["weight_decay"])
-
-
-def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        lomo_update(local_tensor(param), local_tensor(grad), lr=group["lr"], weight_decay=group["weight_decay"])
 
 
 def lomo_update(param: Tensor, grad: Tensor, *, lr: float, weight_decay: float) -> None:
