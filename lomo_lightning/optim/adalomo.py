@@ -205,13 +205,12 @@ def adalomo_update(
         update.mul_(vec.rsqrt())
         sums = shard.sum_(torch.cat([torch.linalg.vector_norm(update).square_().reshape(1), param_squares]))
         update_squares, param_squares = sums[0], sums[1]
-    update_rms = update_squares.div(shard.numel).sqrt_()
-    update.div_(update_rms.div_(clip_threshold).clamp_(min=1.0))
-
-    param_rms = param_squares.div(shard.numel).sqrt_()
-    lr_t = param_rms.clamp_(min=eps2).mul_(lr)
+    # grouped update normalization: u / max(1, RMS(u) / d)
+    normalizer = update_squares.div(shard.numel).sqrt_().div_(clip_threshold).clamp_(min=1.0)
+    lr_t = param_squares.div(shard.numel).sqrt_().clamp_(min=eps2).mul_(lr)
     if weight_decay != 0.0:
         work.mul_(1.0 - lr_t * weight_decay)
-    work.sub_(update.mul_(lr_t))
+    # theta - lr_t * u / normalizer, the two scalars folded so that u is read once and never rewritten
+    work.addcmul_(update, lr_t.div_(normalizer), value=-1.0)
     if work is not param:
         param.copy_(work)
