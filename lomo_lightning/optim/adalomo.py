@@ -158,6 +158,24 @@ class Shard:
         return tensor
 
 
+# Rows per block times columns: 1 MiB of fp32, a temporary small enough to stay in cache.
+_BLOCK_ELEMENTS = 2**18
+
+
+def column_sum_of_squares(matrix: Tensor) -> Tensor:
+    """``sum_i matrix[i, j]**2`` in blocks of rows.
+
+    One reduction over dim 0 of a large matrix is an order of magnitude slower on CPU than over dim 1
+    (128 ms against 7 ms for a 32000 x 768 embedding), and squaring the matrix whole would need a
+    temporary the size of the parameter; a block at a time is fast and bounded everywhere.
+    """
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(matrix.shape[1], 1))
+    total = matrix.new_zeros(matrix.shape[1])
+    for block in matrix.split(rows_per_block):
+        total.add_(block.square().sum(0))
+    return total
+
+
 def adalomo_update(
     param: Tensor,
     grad: Tensor,
@@ -190,9 +208,9 @@ def adalomo_update(
         # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
         row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(cols).add_(eps1)
         row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
-        col_squares = torch.linalg.vector_norm(g2d, dim=0).square_()
+        col_squares = column_sum_of_squares(g2d)
         g2d.mul_(row.rsqrt().unsqueeze(1))  # g / sqrt(R): the row half of u, known before any collective
-        scaled_squares = torch.linalg.vector_norm(g2d, dim=0).square_()
+        scaled_squares = column_sum_of_squares(g2d)
         sums = shard.sum_(torch.cat([col_squares, scaled_squares, row.sum().reshape(1), param_squares]))
         col.mul_(beta).add_(sums[:cols].div_(shard.rows).add_(eps1), alpha=1.0 - beta)
         row_avg, param_squares = sums[-2].div(shard.rows), sums[-1]
