@@ -74,7 +74,7 @@ class AdaLomo(PerParameterOptimizer):
         it right after), which saves a temporary the size of the parameter.
         """
         shard = Shard.of(param)
-        local_param, local_grad = shard.local(param), shard.local(grad)
+        local_param, local_grad = local_tensor(param), local_tensor(grad)
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0)
@@ -91,7 +91,7 @@ class AdaLomo(PerParameterOptimizer):
         adalomo_update(
             local_param,
             g,
-            {key: shard.local(value) for key, value in state.items()},
+            {key: local_tensor(value) for key, value in state.items()},
             step=state["step"].item(),
             lr=group["lr"],
             eps=group["eps"],
@@ -130,10 +130,6 @@ class Shard:
             raise NotImplementedError(f"AdaLomo needs parameters sharded on dim 0 (FSDP2's default), got {placements}.")
         group = mesh.get_group() if isinstance(placements[0], DShard) else None
         return Shard(group, param.shape[0] if param.dim() else 1, param.numel())
-
-    @staticmethod
-    def local(tensor: Tensor) -> Tensor:
-        return local_tensor(tensor)
 
     @staticmethod
     def like_rows(local_state: Tensor, param: Tensor) -> Tensor:
