@@ -239,7 +239,8 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="prune_schedule"):
         SparseFineTuning(prune_schedule="step")
     with pytest.raises(ValueError, match="selection_accumulation_steps"):
-        SparseFineTuning(reselection_steps=3, selection_accumulation_steps=4)
+        SparseFineTuning(regrowth="accumulated_gradients", reselection_steps=3, selection_accumulation_steps=4)
+    SparseFineTuning(regrowth="sm3", reselection_steps=1)  # SM3 has no accumulation window to fit
 
 
 @pytest.mark.parametrize(("schedule", "at_one_quarter"), [("linear", 0.15), ("cosine", 0.1 * (1 + 0.5**0.5))])
@@ -394,3 +395,31 @@ def test_lomo_strategy_routes_the_fused_update_through_the_active_entries():
             inactive[routes[name].indices] = False
             assert not torch.equal(parameter, start[name]), name
         assert torch.equal(parameter.view(-1)[inactive], start[name].view(-1)[inactive]), name
+
+
+def test_regrowth_ranks_ties_by_index_so_any_number_of_shards_agrees():
+    from lomo_lightning.selection.layout import WeightLayout
+
+    scores = torch.tensor([0.5, 2.0, 1.0, 1.0, 3.0, 1.0, 1.0, 0.0])
+    # two above the threshold 1.0, then the tied entries with the lowest indices; returned sorted
+    assert WeightLayout(torch.zeros(2, 4)).top_indices(scores, 4).tolist() == [1, 2, 3, 4]
+    assert WeightLayout(torch.zeros(2, 4)).top_indices(scores, 0).numel() == 0
+
+
+def test_routes_follow_a_weight_that_was_replaced_after_apply():
+    """``fully_shard`` (and moving to another device) replaces parameters: the routes must follow them."""
+    from lomo_lightning import AdaLomo, FusedUpdater
+
+    model = tiny_llama()
+    sft = sparse("sm3").apply(model)
+    route = sft.routes[0]
+    owner = model.get_submodule(route.name.rsplit(".", 1)[0])
+    old = owner.weight
+    owner.weight = nn.Parameter(old.detach().clone())
+    updater = FusedUpdater(model, AdaLomo(sft.parameters(), lr=1e-2))
+    assert route.source is owner.weight
+    before = owner.weight.detach().clone()
+    updater.backward(model(input_ids=TOKENS, labels=TOKENS).loss)
+    changed = (owner.weight.detach() != before).reshape(-1).nonzero().squeeze(1)
+    assert changed.numel() > 0 and set(changed.tolist()) <= set(route.indices.tolist())
+    assert torch.equal(old.detach(), before), "the replaced parameter is no longer written"

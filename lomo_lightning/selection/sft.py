@@ -39,17 +39,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lomo_lightning.selection.base import register_routes
+from lomo_lightning.selection.layout import WeightLayout
 
 REGROWTH_RULES = ("sm3", "accumulated_gradients")
 PRUNE_SCHEDULES = ("linear", "cosine")
 
 
 class SM3Growth:
-    """SM3 row/column accumulators of the squared gradient; scores an entry by ``min(row_i, col_j)``."""
+    """SM3 row/column accumulators of the squared gradient; scores an entry by ``min(row_i, col_j)``.
+
+    On shards (FSDP2 holds whole rows) the accumulators stay whole and the same on every rank: the local
+    rows' maxima and the local column maxima travel in one all-reduce (max) per step.
+    """
 
     def __init__(self, weight: Tensor) -> None:
         rows = weight.shape[0]
@@ -57,20 +63,33 @@ class SM3Growth:
         self.col = torch.zeros(weight.numel() // rows, device=weight.device, dtype=torch.float32)
 
     def observe(self, grad: Tensor, route: SparseRoute) -> None:
-        grad = grad.detach().reshape(self.row.numel(), -1).float()
-        # One dense temporary, the size of the gradient that already exists, freed when the hook returns.
-        nu = torch.minimum(self.row[:, None], self.col[None, :]).addcmul_(grad, grad)
-        self.row = nu.amax(dim=1)
-        self.col = nu.amax(dim=0)
+        layout = route.layout
+        grad = layout.local_rows(grad.detach()).float()
+        rows = slice(layout.row_start, layout.row_stop)
+        # One dense temporary, the size of the gradient (shard) that already exists, freed when the hook returns.
+        nu = torch.minimum(self.row[rows, None], self.col[None, :]).addcmul_(grad, grad)
+        if not layout.sharded:
+            self.row, self.col = nu.amax(dim=1), nu.amax(dim=0)
+            return
+        # every accumulator is >= 0: zeros stand for the rows held elsewhere, and max completes both at once
+        maxima = torch.zeros(self.row.numel() + self.col.numel(), device=nu.device, dtype=torch.float32)
+        maxima[rows] = nu.amax(dim=1)
+        maxima[self.row.numel() :] = nu.amax(dim=0)
+        layout.all_reduce_max_(maxima)
+        self.row, self.col = maxima[: self.row.numel()].clone(), maxima[self.row.numel() :].clone()
 
     def grow(self, count: int, route: SparseRoute) -> tuple[Tensor, dict[str, Tensor]]:
-        scores = torch.minimum(self.row[:, None], self.col[None, :]).reshape(-1)
-        scores[route.indices] = -1.0  # scores are >= 0, so active entries never win
-        return scores.topk(count).indices, {}
+        layout = route.layout
+        scores = torch.minimum(self.row[layout.row_start : layout.row_stop, None], self.col[None, :]).reshape(-1)
+        scores[layout.locate(route.indices)[1]] = -1.0  # scores are >= 0, so active entries never win
+        return layout.top_indices(scores, count), {}
 
     def reset(self) -> None:
         self.row.zero_()
         self.col.zero_()
+
+    def to(self, device: torch.device) -> None:
+        self.row, self.col = self.row.to(device), self.col.to(device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"row": self.row.clone(), "col": self.col.clone()}
@@ -91,10 +110,11 @@ class AccumulatedGradientGrowth:
         self.steps = 0
 
     def choose_candidates(self, grad: Tensor, route: SparseRoute) -> None:
-        scores = grad.detach().reshape(-1).abs().float()
-        scores[route.indices] = -1.0
-        self.candidates = scores.topk(self.candidate_count).indices
-        self.grad_sum = torch.zeros(self.candidate_count, device=grad.device, dtype=torch.float32)
+        layout = route.layout
+        scores = layout.local_flat(grad.detach()).abs().float()
+        scores[layout.locate(route.indices)[1]] = -1.0
+        self.candidates = layout.top_indices(scores, self.candidate_count)
+        self.grad_sum = torch.zeros(self.candidate_count, device=scores.device, dtype=torch.float32)
         self.grad_square_sum = torch.zeros_like(self.grad_sum)
         self.steps = 0
 
@@ -102,7 +122,7 @@ class AccumulatedGradientGrowth:
         if route.phase == "choose":
             self.choose_candidates(grad, route)
         if route.phase in ("choose", "accumulate"):
-            picked = grad.detach().reshape(-1)[self.candidates].float()
+            picked = route.layout.read(grad.detach(), self.candidates)
             self.grad_sum += picked
             self.grad_square_sum += picked.square()
             self.steps += 1
@@ -121,6 +141,12 @@ class AccumulatedGradientGrowth:
         self.candidates = self.grad_sum = self.grad_square_sum = None
         self.steps = 0
 
+    def to(self, device: torch.device) -> None:
+        for name in ("candidates", "grad_sum", "grad_square_sum"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "candidates": self.candidates,
@@ -138,7 +164,13 @@ class AccumulatedGradientGrowth:
 
 @dataclass(eq=False)
 class SparseRoute:
-    """Route from a dense weight ``source`` to its ``k`` active ``values`` (the tensor the optimizer owns)."""
+    """Route from a dense weight ``source`` to its ``k`` active ``values`` (the tensor the optimizer owns).
+
+    ``indices``, ``values``, ``base_values`` and the growth statistics are global: the same on every rank
+    and the same as on one process. When ``source`` is an FSDP2 shard, its :attr:`layout` reads the
+    active entries' gradients from the local rows and completes them with one all-reduce, and
+    :meth:`scatter` writes back only the entries held here.
+    """
 
     name: str
     source: nn.Parameter
@@ -148,21 +180,43 @@ class SparseRoute:
     growth: SM3Growth | AccumulatedGradientGrowth
     # Set by SparseFineTuning before each step: which part of the AG window this step's gradient is for.
     phase: str | None = field(default=None)
+    _layout: WeightLayout | None = field(default=None, repr=False)
 
     @property
     def target(self) -> Tensor:
         return self.values
 
+    @property
+    def layout(self) -> WeightLayout:
+        """Where ``source``'s entries live (recomputed when the source is replaced, e.g. by ``fully_shard``)."""
+        if self._layout is None or self._layout.weight is not self.source:
+            self._layout = WeightLayout(self.source)
+        return self._layout
+
+    def bind(self, source: nn.Parameter) -> None:
+        """Follow the model's current parameter: ``fully_shard`` replaces it, Lightning moves it to the device.
+
+        ``values`` keeps its identity (the optimizer holds it), so it moves through ``.data``.
+        """
+        self.source = source
+        device = source.device
+        if self.indices.device != device:
+            self.indices = self.indices.to(device)
+            self.base_values = self.base_values.to(device)
+            self.values.data = self.values.data.to(device)
+            self.growth.to(device)
+
     def gather(self, grad: Tensor) -> Tensor:
         self.growth.observe(grad, self)
-        return self.peek(grad)
+        return self.layout.read(grad, self.indices).to(self.values.dtype)
 
     def peek(self, grad: Tensor) -> Tensor:
-        return grad.reshape(-1)[self.indices].to(self.values.dtype)
+        # only the entries held here: the engine completes the norm over the shard group
+        return self.layout.read_local(grad, self.indices)
 
     def scatter(self) -> None:
         with torch.no_grad():
-            self.source.detach().view(-1).index_copy_(0, self.indices, self.values.detach().to(self.source.dtype))
+            self.layout.write(self.source.detach(), self.indices, self.values.detach())
 
 
 class SparseFineTuning:
@@ -174,7 +228,8 @@ class SparseFineTuning:
         reselection_steps: optimizer steps between two prune-and-regrow rounds.
         prune_schedule: ``"linear"`` or ``"cosine"`` decay of the pruned fraction to 0 at ``total_steps``.
         initial_prune_fraction: pruned fraction of the active entries at step 0.
-        selection_accumulation_steps: length of the AG accumulation window (at most ``reselection_steps``).
+        selection_accumulation_steps: length of the AG accumulation window (at most ``reselection_steps``;
+            unused by SM3).
         candidate_multiplier: AG candidates per entry that may regrow.
         targets: regexes searched in parameter names; default every ``nn.Linear`` (or GPT-2 ``Conv1D``)
             weight except the embeddings and the LM head.
@@ -205,10 +260,11 @@ class SparseFineTuning:
             raise ValueError(f"initial_prune_fraction must be in [0, 1], got {initial_prune_fraction}")
         if reselection_steps < 1:
             raise ValueError(f"reselection_steps must be >= 1, got {reselection_steps}")
-        if not 1 <= selection_accumulation_steps <= reselection_steps:
+        # the window only exists for accumulated gradients; SM3 observes every step
+        if regrowth == "accumulated_gradients" and not 1 <= selection_accumulation_steps <= reselection_steps:
             raise ValueError(
-                f"selection_accumulation_steps must be in [1, reselection_steps={reselection_steps}], "
-                f"got {selection_accumulation_steps}"
+                f"selection_accumulation_steps must be in [1, reselection_steps={reselection_steps}] for "
+                f"regrowth='accumulated_gradients', got {selection_accumulation_steps}"
             )
         if candidate_multiplier < 1:
             raise ValueError(f"candidate_multiplier must be >= 1, got {candidate_multiplier}")
@@ -295,13 +351,13 @@ class SparseFineTuning:
             grown, seeds = route.growth.grow(wanted, route)
             # AG may offer fewer candidates than wanted; pruning as many as grow keeps the budget exact.
             count = grown.numel()
-            flat_weight = route.source.detach().view(-1)
             pruned = (route.values - route.base_values).abs().topk(count, largest=False).indices
             kept = torch.ones(k, dtype=torch.bool, device=route.indices.device)
             kept[pruned] = False
-            flat_weight.index_copy_(0, route.indices[pruned], route.base_values[pruned])
+            weight = route.source.detach()
+            route.layout.write(weight, route.indices[pruned], route.base_values[pruned])
             # Inactive entries are untouched, so W there still is W0.
-            grown_base = flat_weight[grown].clone()
+            grown_base = route.layout.read(weight, grown).to(route.base_values.dtype)
             route.indices = torch.cat([route.indices[kept], grown])
             route.base_values = torch.cat([route.base_values[kept], grown_base])
             route.values.copy_(torch.cat([route.values[kept], grown_base.to(route.values.dtype)]))
@@ -337,12 +393,14 @@ class SparseFineTuning:
             route.indices = saved["indices"].to(route.indices.device)
             route.base_values = saved["base_values"].to(route.base_values.device)
             # The checkpointed weight holds the trained values at the active entries.
-            route.values.copy_(route.source.detach().reshape(-1)[route.indices])
+            route.values.copy_(route.layout.read(route.source.detach(), route.indices))
             route.growth.load_state_dict(saved["growth"])
         self._set_phases()
 
     def export_delta(self, path: str | os.PathLike) -> None:
         """Save ``<name>.indices`` (int32 where it fits) and ``<name>.values`` (``W - W0`` there) as safetensors.
+
+        Under several processes, call it on every rank (sharded weights are read collectively); rank 0 writes.
 
         Names are those of the model given to :meth:`apply`: apply to the Hugging Face model itself (not a
         wrapper that prefixes its names) for a delta that :func:`apply_sparse_delta` merges into a fresh one.
@@ -350,10 +408,11 @@ class SparseFineTuning:
         tensors = {}
         for route in self.routes:
             index_dtype = torch.int32 if route.source.numel() < 2**31 else torch.int64
-            delta = route.source.detach().reshape(-1)[route.indices] - route.base_values
+            delta = route.layout.read(route.source.detach(), route.indices).to(route.base_values.dtype) - route.base_values
             tensors[f"{route.name}.indices"] = route.indices.to(index_dtype).cpu().contiguous()
             tensors[f"{route.name}.values"] = delta.cpu().contiguous()
-        save_file(tensors, os.fspath(path), metadata={"format": "lomo_lightning.sparse_delta"})
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            save_file(tensors, os.fspath(path), metadata={"format": "lomo_lightning.sparse_delta"})
 
     def _target_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         if self.targets is not None:
