@@ -140,11 +140,11 @@ def save_model(
     if trainer.is_global_zero:
         shutil.rmtree(staging, ignore_errors=True)
     save_pretrained_consolidated(trainer, staging)
+    if isinstance(selector, SparseFineTuning):
+        selector.export_delta(staging / "sparse_delta.safetensors")  # collective under FSDP; rank zero writes
     if not trainer.is_global_zero:
         return
     tokenizer.save_pretrained(staging)
-    if isinstance(selector, SparseFineTuning):
-        selector.export_delta(staging / "sparse_delta.safetensors")
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(staging, directory)

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lomo_lightning import AdaLomo, FusedOptimizationMixin, Lomo  # noqa: E402
-from lomo_lightning.callbacks import HFTResampleCallback  # noqa: E402
+from lomo_lightning.callbacks import HFTResampleCallback, SFTReselectionCallback  # noqa: E402
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
 from lomo_lightning.strategies import LomoFSDPStrategy, save_pretrained_consolidated  # noqa: E402
 
@@ -37,6 +37,19 @@ CLIP = 0.05
 SFT_DENSITY = 0.05
 
 
+def make_sft(flags: set[str]) -> SparseFineTuning | None:
+    """``sft``: sparse routes; ``ag``: accumulated-gradient regrowth (else SM3); ``resel``: reselect every 2 steps."""
+    if "sft" not in flags:
+        return None
+    return SparseFineTuning(
+        density=SFT_DENSITY,
+        regrowth="accumulated_gradients" if "ag" in flags else "sm3",
+        reselection_steps=2 if "resel" in flags else 10**6,
+        selection_accumulation_steps=2,
+        total_steps=10,  # fixed, so that the prune schedule of a 3-step run is that of a 6-step one
+    )
+
+
 def global_batches(n: int = STEPS) -> list[dict[str, torch.Tensor]]:
     return batches(n, batch_size=2 * WORLD)
 
@@ -48,11 +61,17 @@ def rank_slice(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Ten
 
 class TinyLM(LightningModule):
     def __init__(
-        self, rule: str, hft: bool = False, sft: bool = False, nan_at: tuple[int, int] | None = None, seed: int = 0, tie: bool = False
+        self,
+        rule: str,
+        hft: bool = False,
+        sft: SparseFineTuning | None = None,
+        nan_at: tuple[int, int] | None = None,
+        seed: int = 0,
+        tie: bool = False,
     ):
         super().__init__()
         self.model = tiny_llama(seed=seed, tie=tie)
-        self.sft = SparseFineTuning(density=SFT_DENSITY).apply(self.model) if sft else None
+        self.sft = sft.apply(self.model) if sft is not None else None
         self.hft = HalfFineTuning(ratio=0.5, seed=0) if hft else None
         if self.hft is not None:
             self.hft.apply(self.model)
@@ -110,7 +129,10 @@ def full_state(strategy: str, module: TinyLM, optimizer) -> tuple[dict, dict]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     params = get_model_state_dict(module.model, options=options)
-    optim = get_optimizer_state_dict(module.model, optimizer, options=options) if strategy == "lomo_fsdp" else optimizer.state_dict()
+    if strategy == "lomo_fsdp" and module.sft is None:
+        optim = get_optimizer_state_dict(module.model, optimizer, options=options)
+    else:  # replicas; the sparse values of SFT are the same on every rank
+        optim = optimizer.state_dict()
     return params, optim
 
 
@@ -131,7 +153,7 @@ def run(case: str, out: Path) -> None:
     epochs = 2 if ("long" in flags or resume) else 1
     nan_at = (1, 1) if "nan" in flags else None
     module_cls = ManuallyShardedLM if "manual" in flags else TinyFusedLM if "mixin" in flags else TinyLM
-    module = module_cls(spec["rule"], hft="hft" in flags, sft="sft" in flags, tie="tie" in flags, nan_at=nan_at, seed=123 if resume else 0)
+    module = module_cls(spec["rule"], hft="hft" in flags, sft=make_sft(flags), tie="tie" in flags, nan_at=nan_at, seed=123 if resume else 0)
     rank_for_data = int(os.environ.get("LOCAL_RANK", 0))
     data = [rank_slice(b, rank_for_data) for b in global_batches()]
     callbacks = []
@@ -139,6 +161,8 @@ def run(case: str, out: Path) -> None:
     if "resample" in flags:
         module.resample = True
         callbacks.append(HFTResampleCallback(module.hft, every_n_steps=1))
+    if module.sft is not None:
+        callbacks.append(SFTReselectionCallback(module.sft))
     if "save" in flags:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True))
     trainer = Trainer(
@@ -168,6 +192,8 @@ def run(case: str, out: Path) -> None:
     dtypes = sorted({str(p.dtype) for p in module.model.parameters()})
     if "export" in flags:
         save_pretrained_consolidated(trainer, out / f"{case}-hf")
+        if module.sft is not None:
+            module.sft.export_delta(out / f"{case}-delta.safetensors")
     if trainer.global_rank == 0:
         result = {
             "params": params,
@@ -178,6 +204,7 @@ def run(case: str, out: Path) -> None:
             "leftover_grad_bytes": module.leftover_grad_bytes,
             "leftover_grads_zero": module.leftover_grads_zero,
             "dtypes": dtypes,
+            "sft": module.sft.state_dict() if module.sft is not None else None,
         }
         torch.save(result, out / f"{case}.pt")
 

@@ -5,7 +5,8 @@ the tests compare its files against single-process runs of the plain ``FusedUpda
 Case names read ``<placement>_<rule>_<flags>``:
 
 - ``clip``: two-pass global-norm clipping; ``hft``: half frozen (``resample``: a new mask after every step);
-  ``sft``: sparse routes; ``tie``: tied embeddings; ``nan``: rank 1's loss is NaN at step 2;
+  ``sft``: sparse routes (``ag``: accumulated-gradient regrowth, else SM3; ``resel``: prune and regrow every
+  2 steps); ``tie``: tied embeddings; ``nan``: rank 1's loss is NaN at step 2;
 - ``manual``: ``configure_model`` applies ``fully_shard`` itself; ``mixin``: ``FusedOptimizationMixin``;
 - ``save``/``resume``/``long``: distributed checkpoint (``full``: one full checkpoint file from rank 0);
   ``export``: consolidated ``save_pretrained``;
@@ -24,11 +25,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import tiny_llama
-from distributed_runs import CLIP, RULES, SFT_DENSITY, STEPS, global_batches, parse
+from distributed_runs import CLIP, RULES, STEPS, global_batches, make_sft, parse
+from lightning.pytorch import LightningModule
 from torch.nn.parallel import DistributedDataParallel
 
-from lomo_lightning import AdaLomo, FusedUpdater, HalfFineTuning, SparseFineTuning
-from lomo_lightning.strategies import LomoDDPStrategy, ReplicatedFusedUpdater, ShardedFusedUpdater
+from lomo_lightning import AdaLomo, FusedUpdater, HalfFineTuning, SparseFineTuning, apply_sparse_delta
+from lomo_lightning.strategies import LomoDDPStrategy, LomoFSDPStrategy, ReplicatedFusedUpdater
 
 pytestmark = pytest.mark.distributed
 
@@ -45,7 +47,10 @@ EXACT = [
     "ddp_adalomo_clip",
     "ddp_lomo_clip_tie",
     "ddp_adalomo_hft",
-    "ddp_adalomo_sft",  # sparse routes gather from the averaged gradient, identically on every rank
+    "ddp_adalomo_sft_ag_resel",  # sparse routes gather from the averaged gradient, identically on every rank
+    "fsdp_adalomo_sft_resel",  # SM3 regrowth: statistics completed over the shards, global top-k
+    "fsdp_adalomo_sft_ag_resel_save",  # accumulated-gradient regrowth; also the first half of a resume case
+    "fsdp_lomo_sft_clip",  # the norm of the active entries' gradients, summed over shards
 ]
 OTHERS = [  # in order: a resume case follows the case that saved its checkpoint
     "fsdp_adalomo_hft_resample",
@@ -57,6 +62,8 @@ OTHERS = [  # in order: a resume case follows the case that saved its checkpoint
     "fsdp_adalomo_bf16true",
     "fsdp_adalomo_nan",
     "ddp_lomo_nan",
+    "fsdp_adalomo_sft_ag_resel_resume",  # resumes mid-window: the candidates' sums come from the checkpoint
+    "fsdp_adalomo_sft_ag_resel_long_export",
 ]
 
 
@@ -81,13 +88,14 @@ def result(runs: Path, case: str) -> dict:
 
 
 def one_process(case: str, steps: list[int] | None = None):
-    """The same case on one process, the whole global batch per step: the model and its optimizer."""
+    """The same case on one process, the whole global batch per step: the model, its optimizer, the engine, SFT."""
     spec = parse(case)
     model = tiny_llama(tie="tie" in spec["flags"])
     if "hft" in spec["flags"]:
         HalfFineTuning(ratio=0.5, seed=0).apply(model)
-    if "sft" in spec["flags"]:
-        optimizer = RULES[spec["rule"]](SparseFineTuning(density=SFT_DENSITY).apply(model).parameters())
+    sft = make_sft(spec["flags"])
+    if sft is not None:
+        optimizer = RULES[spec["rule"]](sft.apply(model).parameters())
     else:
         optimizer = RULES[spec["rule"]]([p for p in model.parameters() if p.requires_grad])
     updater = FusedUpdater(model, optimizer, clip_grad_norm=CLIP if "clip" in spec["flags"] else None)
@@ -95,7 +103,9 @@ def one_process(case: str, steps: list[int] | None = None):
     order = steps if steps is not None else list(range(STEPS)) * (2 if {"long", "resume"} & spec["flags"] else 1)
     for index in order:
         assert updater.backward(model(**data[index]).loss)
-    return model, optimizer, updater
+        if sft is not None:
+            sft.step(optimizer)  # what SFTReselectionCallback does
+    return model, optimizer, updater, sft
 
 
 def max_difference(params: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
@@ -107,17 +117,38 @@ def max_difference(params: dict[str, torch.Tensor], model: torch.nn.Module) -> f
 @pytest.mark.parametrize("case", EXACT)
 def test_two_ranks_equal_one_process_on_the_global_batch(runs, case):
     got = result(runs, case)
-    model, _, updater = one_process(case)
+    model, optimizer, updater, sft = one_process(case)
     assert got["global_step"] == STEPS and got["skipped_steps"] == 0
     assert max_difference(got["params"], tiny_llama(tie="tie" in case)) > 5e-4, "training must move the parameters"
     assert max_difference(got["params"], model) < 1e-5
     if "clip" in case:
         assert updater.last_grad_norm > CLIP, "the case must exercise clipping"
+    if sft is not None:
+        assert_same_sparse_state(got, case, sft, optimizer)
+
+
+def assert_same_sparse_state(got: dict, case: str, sft: SparseFineTuning, optimizer) -> None:
+    """The active sets, W0 there, the growth statistics and the values' optimizer state equal one process's."""
+    initial = {route.name: route.indices for route in make_sft(parse(case)["flags"]).apply(tiny_llama()).routes}
+    moved = 0
+    for name, expected in sft.state_dict()["routes"].items():
+        saved = got["sft"]["routes"][name]
+        assert torch.equal(saved["indices"], expected["indices"]), f"{name}: another active set"
+        torch.testing.assert_close(saved["base_values"], expected["base_values"], rtol=0, atol=0)
+        for key, value in expected["growth"].items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(saved["growth"][key], value, rtol=1e-5, atol=1e-10, msg=lambda m: f"{name}.{key}: {m}")
+        moved += not torch.equal(saved["indices"], initial[name])
+    if sft.reselection_steps <= STEPS:
+        assert moved == len(initial), "every weight must have pruned and regrown entries"
+    for position, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(got["optim"]["state"][position][key], value, rtol=1e-5, atol=1e-10)
 
 
 def test_fsdp_adalomo_state_is_exactly_the_unsharded_state(runs):
     got = result(runs, "fsdp_adalomo_save")["optim"]["state"]
-    model, optimizer, _ = one_process("fsdp_adalomo_save")
+    model, optimizer, _, _ = one_process("fsdp_adalomo_save")
     names = {param: name for name, param in model.named_parameters()}
     assert len(got) == len(optimizer.state)
     for param, state in optimizer.state.items():
@@ -148,7 +179,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(runs, kind):
     for name, state in uninterrupted["optim"]["state"].items():
         for key, value in state.items():
             assert torch.equal(resumed["optim"]["state"][name][key], value), (name, key)
-    model, _, _ = one_process("fsdp_adalomo_long_export")
+    model, _, _, _ = one_process("fsdp_adalomo_long_export")
     assert max_difference(uninterrupted["params"], model) < 1e-5
 
 
@@ -163,7 +194,7 @@ def test_consolidated_export_is_a_plain_hugging_face_model(runs):
 
 def test_adalomo_state_per_rank_is_sharded(runs):
     per_rank = result(runs, "fsdp_adalomo_save")["state_bytes"]
-    _, optimizer, _ = one_process("fsdp_adalomo_save")
+    _, optimizer, _, _ = one_process("fsdp_adalomo_save")
     whole = sum(v.numel() * 4 for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
     # row statistics and 1-D state are split over the ranks; column statistics (O(cols)) are replicated
     expected = 0
@@ -180,7 +211,7 @@ def test_adalomo_state_per_rank_is_sharded(runs):
 
 def test_bf16_mixed_runs_bf16_compute_on_fp32_master_shards(runs):
     got = result(runs, "fsdp_adalomo_bf16")
-    model, _, _ = one_process("fsdp_adalomo_bf16")
+    model, _, _, _ = one_process("fsdp_adalomo_bf16")
     assert got["dtypes"] == ["torch.float32"], "sharded parameters (the master weights) stay fp32"
     difference = max_difference(got["params"], model)
     assert 0 < difference < 5e-3, "bf16 forward/backward differs from fp32 by rounding only"
@@ -188,7 +219,7 @@ def test_bf16_mixed_runs_bf16_compute_on_fp32_master_shards(runs):
 
 def test_bf16_true_trains_bf16_shards(runs):
     got = result(runs, "fsdp_adalomo_bf16true")
-    model, _, _ = one_process("fsdp_adalomo_bf16true")
+    model, _, _, _ = one_process("fsdp_adalomo_bf16true")
     assert got["dtypes"] == ["torch.bfloat16"] and got["global_step"] == STEPS
     # bf16 parameters, bf16 gradient reduction: close to fp32 training, not equal
     assert max((got["params"][k].float() - v).abs().max().item() for k, v in model.state_dict().items()) < 2e-2
@@ -198,7 +229,7 @@ def test_bf16_true_trains_bf16_shards(runs):
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(runs, case):
     got = result(runs, case)
     assert got["skipped_steps"] == 1
-    model, _, _ = one_process(case, steps=[0, 2])
+    model, _, _, _ = one_process(case, steps=[0, 2])
     assert max_difference(got["params"], model) < 1e-5
 
 
@@ -230,11 +261,42 @@ def test_ddp_refuses_a_trainable_set_that_changes_after_wrapping(tmp_path):
         dist.destroy_process_group()
 
 
-def test_sparse_fine_tuning_under_fsdp_is_refused_clearly():
+def test_sparse_fine_tuning_resumes_exactly_under_fsdp(runs):
+    case = "fsdp_adalomo_sft_ag_resel_long_export"
+    resumed, uninterrupted = result(runs, "fsdp_adalomo_sft_ag_resel_resume"), result(runs, case)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS
+    for name, value in uninterrupted["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+    for position, state in uninterrupted["optim"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed["optim"]["state"][position][key], value), (position, key)
+    for name, route in uninterrupted["sft"]["routes"].items():
+        assert torch.equal(resumed["sft"]["routes"][name]["indices"], route["indices"]), name
+        assert torch.equal(resumed["sft"]["routes"][name]["base_values"], route["base_values"]), name
+    model, optimizer, _, sft = one_process(case)
+    assert max_difference(uninterrupted["params"], model) < 1e-5
+    assert_same_sparse_state(uninterrupted, case, sft, optimizer)
+
+
+def test_sparse_delta_exported_from_shards_rebuilds_the_trained_model(runs):
+    case = "fsdp_adalomo_sft_ag_resel_long_export"
     model = tiny_llama()
-    sft = SparseFineTuning(density=0.01).apply(model)
-    with pytest.raises(NotImplementedError, match="SparseFineTuning"):
-        ShardedFusedUpdater(model, AdaLomo([p for p in model.parameters() if p.requires_grad] + sft.parameters()))
+    apply_sparse_delta(model, runs / f"{case}-delta.safetensors")
+    trained = result(runs, case)["params"]
+    assert max_difference(trained, tiny_llama()) > 5e-4
+    assert max_difference(trained, model) < 1e-6  # W0 + (W - W0): rounding only
+
+
+def test_fsdp_refuses_an_optimizer_mixing_sparse_values_and_model_parameters():
+    module = LightningModule()
+    module.model = tiny_llama()
+    sft = SparseFineTuning(density=0.01).apply(module.model)
+    strategy = LomoFSDPStrategy()
+    strategy._lightning_module = module
+    assert strategy._optimizes_sparse_values(AdaLomo(sft.parameters()))
+    assert not strategy._optimizes_sparse_values(AdaLomo(module.model.parameters()))
+    with pytest.raises(ValueError, match="either the sparse values"):
+        strategy._optimizes_sparse_values(AdaLomo([*sft.parameters(), module.model.model.norm.weight]))
 
 
 def test_ddp_refuses_gradients_outside_its_buckets():

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -200,3 +201,26 @@ def test_the_console_script_reports_errors_in_one_line_and_exits_with_1(tmp_path
 def test_trust_remote_code_is_off_unless_asked_for(tmp_path):
     for model in ("tiny", "small", "llama2_7b", "hf"):
         assert config(tmp_path, tmp_path, f"model={model}").model.trust_remote_code is False
+
+
+@pytest.mark.distributed
+def test_sparse_fine_tuning_on_two_fsdp_ranks_saves_a_model_its_delta_rebuilds(tmp_path, cache_dir):
+    """The app under strategy=fsdp: shards trained, then one consolidated model and one sparse delta."""
+    from lomo_lightning.data import load_tokenizer
+    from lomo_lightning.selection import apply_sparse_delta
+
+    overrides = ["selection=sft_sm3", "selection.selector.reselection_steps=1", "strategy=fsdp", "trainer.devices=2"]
+    command = [sys.executable, "-m", "lomo_lightning.train", f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"]
+    done = subprocess.run(command + tiny(*overrides), env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    cfg = OmegaConf.load(tmp_path / "config.yaml")
+    assert cfg.trainer.devices == 2 and cfg.strategy.fused._target_.endswith("LomoFSDPStrategy")
+
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    base = instantiate(cfg.model, tokenizer=load_tokenizer(str(tmp_path / "model")), seq_len=cfg.data.seq_len)
+    untouched = {name: value.clone() for name, value in base.state_dict().items()}
+    apply_sparse_delta(base, tmp_path / "model" / "sparse_delta.safetensors")
+    rebuilt = base.state_dict()
+    assert max((trained.state_dict()[name] - value).abs().max().item() for name, value in untouched.items()) > 1e-5
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(rebuilt[name], value, rtol=0, atol=1e-6, msg=name)

@@ -20,6 +20,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -30,6 +31,8 @@ from lomo_lightning.fused import FusedUpdater
 from lomo_lightning.selection.base import gradient_routes
 from lomo_lightning.strategies.base import FusedStrategyMixin
 
+SPARSE_OPTIMIZER_KEY = "lomo_lightning_sparse_optimizer"
+
 
 class ShardedFusedUpdater(FusedUpdater):
     """The engine on FSDP2 shards: the squared gradient norm is summed over ranks, the skip verdict agreed.
@@ -37,16 +40,13 @@ class ShardedFusedUpdater(FusedUpdater):
     Usable without Lightning: ``fully_shard`` the model first, then
     ``ShardedFusedUpdater(model, AdaLomo(model.parameters()), group=mesh.get_group())``.
 
-    Sparse fine-tuning is not supported sharded: its index sets address whole weights.
+    Sparse fine-tuning works too: its routes follow the sharded weights, read the active entries'
+    gradients from the local rows (one all-reduce of ``k`` values per weight) and write back only the
+    entries held here; the ``k`` values and their optimizer state are the same on every rank.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, group: dist.ProcessGroup | None = None, **kwargs: Any):
         self.group = group
-        if gradient_routes(model):
-            raise NotImplementedError(
-                "Sparse fine-tuning (SparseFineTuning) under FSDP is not supported: its index sets address whole "
-                "weights, while each rank holds a shard. Use strategy='lomo_ddp' or 'lomo', or HalfFineTuning."
-            )
         super().__init__(model, optimizer, **kwargs)
 
     def reduce_squared_norm(self, squared_norm: Tensor) -> Tensor:
@@ -213,7 +213,56 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         return MixedPrecisionPolicy()
 
     def _make_fused_updater(self, module: nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
-        return ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
+        updater = ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
+        self._optimizes_sparse_values(optimizer)  # a mix the checkpoints cannot hold fails here, not at the first save
+        return updater
+
+    # -- checkpoints of sparse fine-tuning ---------------------------------------------------------
+    # The optimizer of SparseFineTuning owns its active values, tensors outside the model: distributed
+    # checkpointing keys optimizer state by parameter name and cannot place them. Their state is small
+    # (O(k)) and the same on every rank, so it travels in the checkpoint's metadata instead.
+
+    def _optimizes_sparse_values(self, optimizer: Optimizer) -> bool:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        targets = {id(route.target) for route in gradient_routes(self.lightning_module).values()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sparse = sum(id(p) in targets for p in params)
+        if 0 < sparse < len(params):
+            raise ValueError(
+                "Under strategy='lomo_fsdp' the optimizer must hold either the sparse values of SparseFineTuning "
+                f"(sft.parameters()) or model parameters, not both ({sparse} of {len(params)} are sparse values): "
+                "their checkpoints are kept apart."
+            )
+        return sparse > 0
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if self._optimizes_sparse_values(optimizer):
+            return {}  # saved by save_checkpoint under SPARSE_OPTIMIZER_KEY
+        return super().optimizer_state(optimizer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if any(self._optimizes_sparse_values(optimizer) for optimizer in self.optimizers):
+            checkpoint[SPARSE_OPTIMIZER_KEY] = [optimizer.state_dict() for optimizer in self.optimizers]
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        optimizers = self.optimizers
+        if not any(self._optimizes_sparse_values(optimizer) for optimizer in optimizers):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self.optimizers = []  # Lightning would look for their state among the distributed tensors
+        try:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        finally:
+            self.optimizers = optimizers
+        if SPARSE_OPTIMIZER_KEY not in checkpoint:
+            raise KeyError(
+                f"{checkpoint_path} holds no optimizer state of sparse values: it was not saved by a sparse "
+                "fine-tuning run under strategy='lomo_fsdp'."
+            )
+        for optimizer, state in zip(optimizers, checkpoint.pop(SPARSE_OPTIMIZER_KEY)):
+            optimizer.load_state_dict(state)
+        return checkpoint
 
 
 def save_pretrained_consolidated(trainer_or_module: Trainer | LightningModule | nn.Module, directory: str | os.PathLike) -> None:
