@@ -16,13 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 128
 
 
-def tiny_llama(tie: bool = False, seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32):
+def tiny_llama(tie: bool = False, seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32, intermediate: int = 64):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
-        intermediate_size=64,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -37,6 +37,11 @@ CLIP = 0.05
 SFT_DENSITY = 0.05
 
 
+def intermediate_size(flags: set[str]) -> int:
+    """``odd``: 37 MLP channels, so that rows (gate/up) and columns (down) split unevenly over 2 ranks."""
+    return 37 if "odd" in flags else 64
+
+
 def make_sft(flags: set[str]) -> SparseFineTuning | None:
     """``sft``: sparse routes; ``ag``: accumulated-gradient regrowth (else SM3); ``resel``: reselect every 2 steps."""
     if "sft" not in flags:
@@ -68,9 +73,10 @@ class TinyLM(LightningModule):
         nan_at: tuple[int, int] | None = None,
         seed: int = 0,
         tie: bool = False,
+        intermediate: int = 64,
     ):
         super().__init__()
-        self.model = tiny_llama(seed=seed, tie=tie)
+        self.model = tiny_llama(seed=seed, tie=tie, intermediate=intermediate)
         self.sft = sft.apply(self.model) if sft is not None else None
         self.hft = HalfFineTuning(ratio=0.5, seed=0) if hft else None
         if self.hft is not None:
@@ -153,7 +159,9 @@ def run(case: str, out: Path) -> None:
     epochs = 2 if ("long" in flags or resume) else 1
     nan_at = (1, 1) if "nan" in flags else None
     module_cls = ManuallyShardedLM if "manual" in flags else TinyFusedLM if "mixin" in flags else TinyLM
-    module = module_cls(spec["rule"], hft="hft" in flags, sft=make_sft(flags), tie="tie" in flags, nan_at=nan_at, seed=123 if resume else 0)
+    module = module_cls(spec["rule"], hft="hft" in flags, sft=make_sft(flags), tie="tie" in flags, nan_at=nan_at, seed=123 if resume else 0,
+        intermediate=intermediate_size(flags),
+    )
     rank_for_data = int(os.environ.get("LOCAL_RANK", 0))
     data = [rank_slice(b, rank_for_data) for b in global_batches()]
     callbacks = []

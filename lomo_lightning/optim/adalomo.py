@@ -79,11 +79,11 @@ class AdaLomo(PerParameterOptimizer):
         if not state:
             state["step"] = torch.tensor(0.0)
             if param.dim() >= 2:
-                # under FSDP2 the local rows are a slice of the rows (state sharded like the parameter);
-                # the columns are always whole (state replicated, O(cols))
+                # under FSDP2 each rank keeps the statistics of its own rows and of one chunk of the columns
                 rows, cols = local_param.shape[0], math.prod(param.shape[1:])
-                state["exp_avg_sq_row"] = shard.like_rows(torch.zeros(rows, dtype=torch.float32, device=local_param.device), param)
-                state["exp_avg_sq_col"] = torch.zeros(cols, dtype=torch.float32, device=local_param.device)
+                device = local_param.device
+                state["exp_avg_sq_row"] = shard.like_rows(torch.zeros(rows, dtype=torch.float32, device=device), param)
+                state["exp_avg_sq_col"] = shard.column_chunk(torch.zeros(cols, dtype=torch.float32, device=device), param)
             else:
                 state["exp_avg_sq"] = shard.like_rows(torch.zeros_like(local_param, dtype=torch.float32), param)
         state["step"] += 1
@@ -107,8 +107,10 @@ class Shard:
     """Where statistics that span a whole tensor are completed.
 
     A plain tensor is whole (``group is None``). An FSDP2 parameter is a ``DTensor`` sharded on dim 0:
-    its local rows are complete rows, so row statistics stay local while column sums and the scalar
-    sums behind a mean or an RMS are all-reduced over the shard group. Those are the only collectives.
+    its local rows are complete rows, so row statistics stay local. The column statistics are sharded
+    too, by chunks of columns (``torch.chunk``, as ``DTensor`` places ``Shard(0)``): each rank
+    completes the column sums of its own chunk (a reduce-scatter), updates them, and all-gathers
+    the whole column factor for the update. The scalar sums behind a mean or an RMS ride along.
     """
 
     group: Any = None
@@ -145,6 +147,26 @@ class Shard:
 
         return DTensor.from_local(
             local_state, param.device_mesh, placements, run_check=False, shape=(param.shape[0],), stride=(1,)
+        )
+
+    def columns(self, cols: int) -> slice:
+        """The chunk of ``cols`` columns whose statistics this rank keeps (all of them when whole)."""
+        if self.group is None:
+            return slice(0, cols)
+        chunk = math.ceil(cols / dist.get_world_size(self.group))
+        start = min(dist.get_rank(self.group) * chunk, cols)
+        return slice(start, min(start + chunk, cols))
+
+    def column_chunk(self, whole_state: Tensor, param: Tensor) -> Tensor:
+        """Per-column state of ``param``: whole for a plain tensor, this rank's chunk as a ``DTensor`` on shards."""
+        if self.group is None:
+            return whole_state
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import Shard as DShard
+
+        cols = whole_state.numel()
+        return DTensor.from_local(
+            whole_state[self.columns(cols)].clone(), param.device_mesh, [DShard(0)], run_check=False, shape=(cols,), stride=(1,)
         )
 
     def sum_(self, tensor: Tensor) -> Tensor:
@@ -187,10 +209,11 @@ def adalomo_update(
 ) -> None:
     """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite.
 
-    On a shard, every partial sum travels in one all-reduce per tensor: for a matrix, the column sums of
-    ``g^2`` and of ``g^2 / R``, the row-state sum and the parameter's sum of squares. The update's sum of
-    squares follows from them without a second collective:
-    ``sum(u^2) = mean(R) * sum_j (sum_i g_ij^2 / R_i) / C_j``.
+    The update's sum of squares follows from column sums, without a pass over ``u``:
+    ``sum(u^2) = mean(R) * sum_j (sum_i g_ij^2 / R_i) / C_j``. On a shard, a matrix completes its column
+    sums of ``g^2`` and ``g^2 / R``, the row-state sum and the parameter's sum of squares in one
+    reduce-scatter and returns the column factor in one all-gather (:func:`_sharded_column_step`); a
+    vector needs one all-reduce of two scalars.
     """
     eps1, eps2 = eps
     beta = 1.0 - math.pow(step, decay_rate)
@@ -199,20 +222,26 @@ def adalomo_update(
     param_squares = torch.linalg.vector_norm(work).square_().reshape(1)
     if "exp_avg_sq_row" in state:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        cols = col.numel()
-        g2d = update.view(row.numel(), cols)
+        g2d = update.view(row.numel(), -1)
         # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
-        row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(cols).add_(eps1)
+        row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(g2d.shape[1]).add_(eps1)
         row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
         col_squares = column_sum_of_squares(g2d)
         g2d.mul_(row.rsqrt().unsqueeze(1))  # g / sqrt(R): the row half of u, known before any collective
         scaled_squares = column_sum_of_squares(g2d)
-        sums = shard.sum_(torch.cat([col_squares, scaled_squares, row.sum().reshape(1), param_squares]))
-        col.mul_(beta).add_(sums[:cols].div_(shard.rows).add_(eps1), alpha=1.0 - beta)
-        row_avg, param_squares = sums[-2].div(shard.rows), sums[-1]
+        cols = g2d.shape[1]
+        if shard.group is None:
+            sums = torch.cat([col_squares, scaled_squares, row.sum().reshape(1), param_squares])
+            col.mul_(beta).add_(sums[:cols].div_(shard.rows).add_(eps1), alpha=1.0 - beta)
+            row_avg, param_squares = sums[-2].div(shard.rows), sums[-1]
+            col_factor = col
+            update_squares = sums[cols : 2 * cols].div_(col).sum().mul_(row_avg)
+        else:
+            col_factor, row_avg, param_squares, update_squares = _sharded_column_step(
+                col, col_squares, scaled_squares, row.sum(), param_squares, beta=beta, eps1=eps1, shard=shard
+            )
         # u = g * rsqrt(R / mean(R)) * rsqrt(C)
-        g2d.mul_(col.rsqrt().mul_(row_avg.sqrt()).unsqueeze(0))
-        update_squares = sums[cols : 2 * cols].div_(col).sum().mul_(row_avg)
+        g2d.mul_(col_factor.rsqrt().mul_(row_avg.sqrt()).unsqueeze(0))
     else:
         vec = state["exp_avg_sq"]
         vec.mul_(beta).add_(update.square().add_(eps1), alpha=1.0 - beta)
@@ -228,3 +257,43 @@ def adalomo_update(
     work.addcmul_(update, lr_t.div_(normalizer), value=-1.0)
     if work is not param:
         param.copy_(work)
+
+
+def _sharded_column_step(
+    col: Tensor,
+    col_squares: Tensor,
+    scaled_squares: Tensor,
+    row_sum: Tensor,
+    param_squares: Tensor,
+    *,
+    beta: float,
+    eps1: float,
+    shard: Shard,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Column statistics on shards: update this rank's chunk ``col`` and return the whole column factor.
+
+    Two collectives: a reduce-scatter completes the chunk's column sums (the row-state sum and the
+    parameter's sum of squares ride in every chunk, so every rank receives them), and an all-gather
+    returns the updated chunks together with each chunk's share of ``sum(u^2)``. Returns
+    ``(C, mean(R), sum(theta^2), sum(u^2))``.
+    """
+    world = dist.get_world_size(shard.group)
+    cols = col_squares.numel()
+    chunk = math.ceil(cols / world)
+    mine = shard.columns(cols)
+    # rank r's slice of the send buffer: [its chunk of both column sums, row-state sum, parameter sum of squares]
+    send = col_squares.new_zeros(world, 2 * chunk + 2)
+    send[:, :chunk] = torch.nn.functional.pad(col_squares, (0, world * chunk - cols)).view(world, chunk)
+    send[:, chunk : 2 * chunk] = torch.nn.functional.pad(scaled_squares, (0, world * chunk - cols)).view(world, chunk)
+    send[:, -2], send[:, -1] = row_sum, param_squares.reshape(())
+    received = col_squares.new_empty(2 * chunk + 2)
+    dist.reduce_scatter_tensor(received, send.view(-1), group=shard.group)
+    width = mine.stop - mine.start
+    col.mul_(beta).add_(received[:width].div_(shard.rows).add_(eps1), alpha=1.0 - beta)
+    row_avg = received[-2].div(shard.rows)
+    mine_out = col_squares.new_ones(chunk + 1)  # padding columns hold 1, never read
+    mine_out[:width] = col
+    mine_out[-1] = received[chunk : chunk + width].div(col).sum().mul_(row_avg)
+    gathered = col_squares.new_empty(world, chunk + 1)
+    dist.all_gather_into_tensor(gathered.view(-1), mine_out, group=shard.group)
+    return gathered[:, :chunk].reshape(-1)[:cols], row_avg, received[-1], gathered[:, -1].sum()

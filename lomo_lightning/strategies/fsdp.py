@@ -4,7 +4,8 @@ FSDP2 reduce-scatters each block's gradients in its post-backward and then runs 
 ``register_post_accumulate_grad_hook`` hooks of the *sharded* parameters (``DTensor`` on ``Shard(0)``),
 so the engine's ordinary hook sees the final, averaged gradient of the local shard and nothing else.
 The update rule acts on that shard; statistics spanning a whole tensor are completed inside the rule
-(:class:`~lomo_lightning.optim.adalomo.Shard`), and the global gradient norm and the skip verdict here.
+(:class:`~lomo_lightning.optim.adalomo.Shard`), sparse fine-tuning's through its routes, and the global gradient
+norm and the skip verdict here.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def is_fully_sharded(module: nn.Module) -> bool:
 class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
     """Fused updates on FSDP2 shards (``Trainer(strategy="lomo_fsdp")``), on one or more nodes.
 
-    Each rank holds 1/world of every sharded parameter and of its AdaLomo row statistics; a
+    Each rank holds 1/world of every sharded parameter and of its AdaLomo statistics; a
     parameter's gradient exists only as the local shard, only until the rule has consumed it.
     Unless ``configure_model()`` already applied ``fully_shard``, the strategy shards every
     transformer block and then the Hugging Face model over a 1-D mesh of all ranks.
