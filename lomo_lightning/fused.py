@@ -176,6 +176,7 @@ class FusedUpdater:
                 # the same coefficient as torch.nn.utils.clip_grad_norm_
                 self._clip_coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
         scaled.backward()
+        self._end_of_backward()
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_overflow=False)
         self.steps += 1
@@ -238,12 +239,19 @@ class FusedUpdater:
         if route is not None:
             grad = route.gather(grad)
         group = self.optimizer.param_groups[self._group_index[target]]
+        self._step(target, grad, group)
+        if route is not None:
+            route.scatter()
+
+    def _step(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+        """Run the rule on one tensor (a placement may defer it; :meth:`_end_of_backward` completes it)."""
         if self._fast_step is not None:
             self._fast_step(target, grad, group, grad_is_scratch=True)
         else:
             self._step_alone(target, grad, group)
-        if route is not None:
-            route.scatter()
+
+    def _end_of_backward(self) -> None:
+        """Complete what the hooks left pending (nothing here; a sharded placement batches collectives)."""
 
     def _step_alone(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         """Run a stock optimizer's ``step()`` on one parameter by narrowing its param groups for the call."""

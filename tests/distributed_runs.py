@@ -42,6 +42,11 @@ def intermediate_size(flags: set[str]) -> int:
     return 37 if "odd" in flags else 64
 
 
+def add_unused_parameter(model: torch.nn.Module) -> None:
+    """``unused``: a trainable parameter that never gets a gradient, registered last in the first block."""
+    model.model.layers[0].post_attention_layernorm.register_parameter("unused", torch.nn.Parameter(torch.ones(8)))
+
+
 def make_sft(flags: set[str]) -> SparseFineTuning | None:
     """``sft``: sparse routes; ``ag``: accumulated-gradient regrowth (else SM3); ``resel``: reselect every 2 steps."""
     if "sft" not in flags:
@@ -162,6 +167,8 @@ def run(case: str, out: Path) -> None:
     module = module_cls(spec["rule"], hft="hft" in flags, sft=make_sft(flags), tie="tie" in flags, nan_at=nan_at, seed=123 if resume else 0,
         intermediate=intermediate_size(flags),
     )
+    if "unused" in flags:
+        add_unused_parameter(module.model)
     rank_for_data = int(os.environ.get("LOCAL_RANK", 0))
     data = [rank_slice(b, rank_for_data) for b in global_batches()]
     callbacks = []

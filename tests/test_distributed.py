@@ -6,7 +6,8 @@ Case names read ``<placement>_<rule>_<flags>``:
 
 - ``clip``: two-pass global-norm clipping; ``hft``: half frozen (``resample``: a new mask after every step);
   ``sft``: sparse routes (``ag``: accumulated-gradient regrowth, else SM3; ``resel``: prune and regrow every
-  2 steps); ``tie``: tied embeddings; ``nan``: rank 1's loss is NaN at step 2;
+  2 steps); ``tie``: tied embeddings; ``nan``: rank 1's loss is NaN at step 2; ``odd``: 37 MLP channels
+  (uneven shards); ``unused``: a trainable parameter without gradient, last in its FSDP unit;
 - ``manual``: ``configure_model`` applies ``fully_shard`` itself; ``mixin``: ``FusedOptimizationMixin``;
 - ``save``/``resume``/``long``: distributed checkpoint (``full``: one full checkpoint file from rank 0);
   ``export``: consolidated ``save_pretrained``;
@@ -25,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import tiny_llama
-from distributed_runs import CLIP, RULES, STEPS, global_batches, intermediate_size, make_sft, parse
+from distributed_runs import CLIP, RULES, STEPS, add_unused_parameter, global_batches, intermediate_size, make_sft, parse
 from lightning.pytorch import LightningModule
 from torch.nn.parallel import DistributedDataParallel
 
@@ -52,6 +53,7 @@ EXACT = [
     "fsdp_adalomo_sft_ag_resel_save",  # accumulated-gradient regrowth; also the first half of a resume case
     "fsdp_lomo_sft_clip",  # the norm of the active entries' gradients, summed over shards
     "fsdp_adalomo_odd",  # rows and columns that do not split evenly over the ranks
+    "fsdp_adalomo_unused",  # the last parameter of a block gets no gradient: its batched collective still runs
     "fsdp_adalomo_sft_resel_odd",
 ]
 OTHERS = [  # in order: a resume case follows the case that saved its checkpoint
@@ -93,6 +95,8 @@ def one_process(case: str, steps: list[int] | None = None):
     """The same case on one process, the whole global batch per step: the model, its optimizer, the engine, SFT."""
     spec = parse(case)
     model = tiny_llama(tie="tie" in spec["flags"], intermediate=intermediate_size(spec["flags"]))
+    if "unused" in spec["flags"]:
+        add_unused_parameter(model)
     if "hft" in spec["flags"]:
         HalfFineTuning(ratio=0.5, seed=0).apply(model)
     sft = make_sft(spec["flags"])
@@ -122,6 +126,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, case):
     model, optimizer, updater, sft = one_process(case)
     assert got["global_step"] == STEPS and got["skipped_steps"] == 0
     untrained = tiny_llama(tie="tie" in case, intermediate=intermediate_size(parse(case)["flags"]))
+    if "unused" in case:
+        add_unused_parameter(untrained)
     assert max_difference(got["params"], untrained) > 5e-4, "training must move the parameters"
     assert max_difference(got["params"], model) < 1e-5
     if "clip" in case:

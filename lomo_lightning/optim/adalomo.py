@@ -8,7 +8,7 @@ that a parameter that is a shard of a larger tensor (FSDP2) gives exactly the un
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lomo_lightning.optim.base import PerParameterOptimizer, local_tensor
+from lomo_lightning.optim.base import PerParameterOptimizer, finish_update, local_tensor
 
 
 class AdaLomo(PerParameterOptimizer):
@@ -73,6 +73,18 @@ class AdaLomo(PerParameterOptimizer):
         ``grad_is_scratch=True`` lets the update overwrite ``grad`` (the fused engine owns it and frees
         it right after), which saves a temporary the size of the parameter.
         """
+        update = self.begin_step_parameter(param, grad, group, grad_is_scratch=grad_is_scratch)
+        finish_update(update, Shard.of(param).sum_(next(update)))
+
+    def begin_step_parameter(
+        self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False
+    ) -> Generator[Tensor, Tensor, None]:
+        """The update of ``param`` as a coroutine, for an engine that batches the collectives of several.
+
+        ``next(update)`` runs it up to the partial sums it needs completed over the shard group (a 1-D
+        fp32 tensor); :func:`finish_update` sends them back summed over the group and runs it to the end.
+        On a plain tensor the partial sums are already whole. The state's step count advances here.
+        """
         shard = Shard.of(param)
         local_param, local_grad = local_tensor(param), local_tensor(grad)
         state = self.state[param]
@@ -87,10 +99,9 @@ class AdaLomo(PerParameterOptimizer):
             else:
                 state["exp_avg_sq"] = shard.like_rows(torch.zeros_like(local_param, dtype=torch.float32), param)
         state["step"] += 1
-        g = local_grad.to(torch.float32, copy=not grad_is_scratch)
-        adalomo_update(
+        return adalomo_update(
             local_param,
-            g,
+            local_grad.to(torch.float32, copy=not grad_is_scratch),
             {key: local_tensor(value) for key, value in state.items()},
             step=state["step"].item(),
             lr=group["lr"],
@@ -108,9 +119,8 @@ class Shard:
 
     A plain tensor is whole (``group is None``). An FSDP2 parameter is a ``DTensor`` sharded on dim 0:
     its local rows are complete rows, so row statistics stay local. The column statistics are sharded
-    too, by chunks of columns (``torch.chunk``, as ``DTensor`` places ``Shard(0)``): each rank
-    completes the column sums of its own chunk (a reduce-scatter), updates them, and all-gathers
-    the whole column factor for the update. The scalar sums behind a mean or an RMS ride along.
+    too, by chunks of columns (``torch.chunk``, as ``DTensor`` places ``Shard(0)``); the column sums,
+    the chunks and the scalar sums behind a mean or an RMS travel in one all-reduce per tensor.
     """
 
     group: Any = None
@@ -206,20 +216,19 @@ def adalomo_update(
     decay_rate: float,
     weight_decay: float,
     shard: Shard,
-) -> None:
+) -> Generator[Tensor, Tensor, None]:
     """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite.
 
-    The update's sum of squares follows from column sums, without a pass over ``u``:
-    ``sum(u^2) = mean(R) * sum_j (sum_i g_ij^2 / R_i) / C_j``. On a shard, a matrix completes its column
-    sums of ``g^2`` and ``g^2 / R``, the row-state sum and the parameter's sum of squares in one
-    reduce-scatter and returns the column factor in one all-gather (:func:`_sharded_column_step`); a
-    vector needs one all-reduce of two scalars.
+    A coroutine: it yields once, the partial sums that span the whole tensor, and continues when sent
+    them summed over the shard group (see :func:`finish_update`). The update's sum of squares follows
+    from column sums, without a pass over ``u``: ``sum(u^2) = mean(R) * sum_j (sum_i g_ij^2 / R_i) / C_j``.
+    A matrix yields its column sums of ``g^2`` and ``g^2 / R`` (on a shard also its column-state chunk,
+    see :func:`_column_sums`), the row-state sum and the parameter's sum of squares; a vector, two sums.
     """
     eps1, eps2 = eps
     beta = 1.0 - math.pow(step, decay_rate)
     update = grad  # overwritten in place: from here on it holds u
-    work = param if param.dtype == torch.float32 else param.float()
-    param_squares = torch.linalg.vector_norm(work).square_().reshape(1)
+    param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
     if "exp_avg_sq_row" in state:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         g2d = update.view(row.numel(), -1)
@@ -229,28 +238,20 @@ def adalomo_update(
         col_squares = column_sum_of_squares(g2d)
         g2d.mul_(row.rsqrt().unsqueeze(1))  # g / sqrt(R): the row half of u, known before any collective
         scaled_squares = column_sum_of_squares(g2d)
-        cols = g2d.shape[1]
-        if shard.group is None:
-            sums = torch.cat([col_squares, scaled_squares, row.sum().reshape(1), param_squares])
-            col.mul_(beta).add_(sums[:cols].div_(shard.rows).add_(eps1), alpha=1.0 - beta)
-            row_avg, param_squares = sums[-2].div(shard.rows), sums[-1]
-            col_factor = col
-            update_squares = sums[cols : 2 * cols].div_(col).sum().mul_(row_avg)
-        else:
-            col_factor, row_avg, param_squares, update_squares = _sharded_column_step(
-                col, col_squares, scaled_squares, row.sum(), param_squares, beta=beta, eps1=eps1, shard=shard
-            )
+        sums = yield _column_sums(col, col_squares, scaled_squares, row.sum(), param_squares, shard)
+        col_factor, row_avg, param_squares, update_squares = _column_step(col, sums, beta=beta, eps1=eps1, shard=shard)
         # u = g * rsqrt(R / mean(R)) * rsqrt(C)
         g2d.mul_(col_factor.rsqrt().mul_(row_avg.sqrt()).unsqueeze(0))
     else:
         vec = state["exp_avg_sq"]
         vec.mul_(beta).add_(update.square().add_(eps1), alpha=1.0 - beta)
         update.mul_(vec.rsqrt())
-        sums = shard.sum_(torch.cat([torch.linalg.vector_norm(update).square_().reshape(1), param_squares]))
+        sums = yield torch.cat([torch.linalg.vector_norm(update).square_().reshape(1), param_squares])
         update_squares, param_squares = sums[0], sums[1]
     # grouped update normalization: u / max(1, RMS(u) / d)
     normalizer = update_squares.div(shard.numel).sqrt_().div_(clip_threshold).clamp_(min=1.0)
     lr_t = param_squares.div(shard.numel).sqrt_().clamp_(min=eps2).mul_(lr)
+    work = param if param.dtype == torch.float32 else param.float()
     if weight_decay != 0.0:
         work.mul_(1.0 - lr_t * weight_decay)
     # theta - lr_t * u / normalizer, the two scalars folded so that u is read once and never rewritten
@@ -259,41 +260,36 @@ def adalomo_update(
         param.copy_(work)
 
 
-def _sharded_column_step(
-    col: Tensor,
-    col_squares: Tensor,
-    scaled_squares: Tensor,
-    row_sum: Tensor,
-    param_squares: Tensor,
-    *,
-    beta: float,
-    eps1: float,
-    shard: Shard,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Column statistics on shards: update this rank's chunk ``col`` and return the whole column factor.
+def _column_sums(col: Tensor, col_squares: Tensor, scaled_squares: Tensor, row_sum: Tensor, param_squares: Tensor, shard: Shard) -> Tensor:
+    """The partial sums a matrix needs completed: ``[col sums of g^2, col sums of g^2/R, (C,) sum(R), sum(theta^2)]``.
 
-    Two collectives: a reduce-scatter completes the chunk's column sums (the row-state sum and the
-    parameter's sum of squares ride in every chunk, so every rank receives them), and an all-gather
-    returns the updated chunks together with each chunk's share of ``sum(u^2)``. Returns
-    ``(C, mean(R), sum(theta^2), sum(u^2))``.
+    On a shard each rank keeps one chunk of ``C`` and puts it at its place among zeros, so that the
+    same sum that completes the column sums also assembles the whole ``C``: sharded statistics, still
+    one collective (latency-bound: ``3 * cols + 2`` numbers).
     """
-    world = dist.get_world_size(shard.group)
-    cols = col_squares.numel()
-    chunk = math.ceil(cols / world)
-    mine = shard.columns(cols)
-    # rank r's slice of the send buffer: [its chunk of both column sums, row-state sum, parameter sum of squares]
-    send = col_squares.new_zeros(world, 2 * chunk + 2)
-    send[:, :chunk] = torch.nn.functional.pad(col_squares, (0, world * chunk - cols)).view(world, chunk)
-    send[:, chunk : 2 * chunk] = torch.nn.functional.pad(scaled_squares, (0, world * chunk - cols)).view(world, chunk)
-    send[:, -2], send[:, -1] = row_sum, param_squares.reshape(())
-    received = col_squares.new_empty(2 * chunk + 2)
-    dist.reduce_scatter_tensor(received, send.view(-1), group=shard.group)
-    width = mine.stop - mine.start
-    col.mul_(beta).add_(received[:width].div_(shard.rows).add_(eps1), alpha=1.0 - beta)
-    row_avg = received[-2].div(shard.rows)
-    mine_out = col_squares.new_ones(chunk + 1)  # padding columns hold 1, never read
-    mine_out[:width] = col
-    mine_out[-1] = received[chunk : chunk + width].div(col).sum().mul_(row_avg)
-    gathered = col_squares.new_empty(world, chunk + 1)
-    dist.all_gather_into_tensor(gathered.view(-1), mine_out, group=shard.group)
-    return gathered[:, :chunk].reshape(-1)[:cols], row_avg, received[-1], gathered[:, -1].sum()
+    parts = [col_squares, scaled_squares]
+    if shard.group is not None:
+        whole_col = col_squares.new_zeros(col_squares.numel())
+        whole_col[shard.columns(col_squares.numel())] = col
+        parts.append(whole_col)
+    return torch.cat([*parts, row_sum.reshape(1), param_squares])
+
+
+def _column_step(col: Tensor, sums: Tensor, *, beta: float, eps1: float, shard: Shard) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Update the column statistics from the completed :func:`_column_sums`.
+
+    Returns ``(C, mean(R), sum(theta^2), sum(u^2))`` with ``C`` whole; on a shard, ``col`` (this rank's
+    chunk) is updated from it.
+    """
+    cols = (sums.numel() - 2) // (2 if shard.group is None else 3)
+    col_squares, scaled_squares = sums[:cols], sums[cols : 2 * cols]
+    if shard.group is None:
+        whole = col
+    else:
+        whole = sums[2 * cols : 3 * cols]
+    whole.mul_(beta).add_(col_squares.div_(shard.rows).add_(eps1), alpha=1.0 - beta)
+    if shard.group is not None:
+        col.copy_(whole[shard.columns(cols)])
+    row_avg = sums[-2].div(shard.rows)
+    update_squares = scaled_squares.div_(whole).sum().mul_(row_avg)
+    return whole, row_avg, sums[-1], update_squares

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -33,8 +33,34 @@ class PerParameterOptimizer(Optimizer):
         """Update ``param`` alone from ``grad`` with the hyper-parameters of ``group``.
 
         ``grad_is_scratch=True``: the caller owns ``grad`` and frees it right after, so it may be overwritten.
+
+        A rule whose step needs sums over a whole sharded tensor may also offer
+        ``begin_step_parameter(param, grad, group, *, grad_is_scratch)``: the same update as a generator
+        that yields its partial sums once (a 1-D fp32 tensor) and finishes when sent them summed over
+        :func:`shard_group` (:func:`finish_update`). The sharded engine then batches those collectives.
         """
         raise NotImplementedError
+
+
+def shard_group(tensor: Tensor) -> Any:
+    """The process group a ``DTensor`` is sharded over (1-D mesh, ``Shard`` placement); ``None`` when whole or replicated."""
+    placements = getattr(tensor, "placements", None)
+    if placements is None:
+        return None
+    from torch.distributed.tensor import Shard
+
+    if tensor.device_mesh.ndim != 1 or not isinstance(placements[0], Shard):
+        return None
+    return tensor.device_mesh.get_group()
+
+
+def finish_update(update: Generator[Tensor, Tensor, None], sums: Tensor) -> None:
+    """Send a split update (``begin_step_parameter``) its partial sums completed over the shard group."""
+    try:
+        update.send(sums)
+    except StopIteration:
+        return
+    raise RuntimeError("a split update asked for a second collective")
 
 
 def local_tensor(tensor: Tensor) -> Tensor:

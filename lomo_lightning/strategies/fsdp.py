@@ -11,7 +11,7 @@ norm and the skip verdict here.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lomo_lightning.fused import FusedUpdater
+from lomo_lightning.optim.base import finish_update, shard_group
 from lomo_lightning.selection.base import gradient_routes
 from lomo_lightning.strategies.base import FusedStrategyMixin
 
@@ -48,7 +49,63 @@ class ShardedFusedUpdater(FusedUpdater):
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, group: dist.ProcessGroup | None = None, **kwargs: Any):
         self.group = group
+        self._unit_of: dict[Tensor, nn.Module] = {}
+        self._last_of_unit: dict[nn.Module, Tensor] = {}
+        self._pending: list[tuple[Generator[Tensor, Tensor, None], Tensor]] = []
+        self._pending_unit: nn.Module | None = None
+        self._pending_group: dist.ProcessGroup | None = None
         super().__init__(model, optimizer, **kwargs)
+
+    def refresh(self, install_hooks: bool = True) -> None:
+        super().refresh(install_hooks=install_hooks)
+        self._pending = []
+        # Each FSDP unit (a fully_shard-ed module) owns the parameters not owned by a unit inside it; FSDP2
+        # runs their hooks one after another after the unit's reduce-scatter, in registration order.
+        from torch.distributed.fsdp import FSDPModule
+
+        self._unit_of = {}
+        for module in self.model.modules():  # outer units first: inner ones take their parameters over
+            if isinstance(module, FSDPModule):
+                self._unit_of.update({p: module for p in module.parameters() if p in self._targets})
+        self._last_of_unit = {}
+        for param, unit in self._unit_of.items():
+            self._last_of_unit[unit] = param  # dict order is registration order: the last one stays
+
+    def _step(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+        """Batch the collectives of rules that can split their step (AdaLomo) over an FSDP unit.
+
+        A split rule computes its partial sums for each parameter as its hook runs; after the unit's
+        last hook, one all-reduce completes the sums of all of them and every update finishes. One
+        collective per unit instead of one per parameter: on gloo each blocking collective costs
+        milliseconds. The unit's gradients are views of one reduce-scatter buffer, so holding them
+        until the unit's last hook costs no memory.
+        """
+        begin = getattr(self.optimizer, "begin_step_parameter", None)
+        unit = self._unit_of.get(target)
+        group_of_shards = shard_group(target)
+        if begin is None or unit is None or group_of_shards is None:
+            super()._step(target, grad, group)
+            return
+        if self._pending and (unit is not self._pending_unit or group_of_shards is not self._pending_group):
+            self._complete_pending()
+        update = begin(target, grad, group, grad_is_scratch=True)
+        self._pending.append((update, next(update)))
+        self._pending_unit, self._pending_group = unit, group_of_shards
+        if target is self._last_of_unit.get(unit):
+            self._complete_pending()
+
+    @torch.no_grad()
+    def _complete_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        sums = torch.cat([partial for _, partial in pending])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self._pending_group)
+        for (update, _), summed in zip(pending, sums.split([partial.numel() for _, partial in pending])):
+            finish_update(update, summed)
+
+    def _end_of_backward(self) -> None:
+        self._complete_pending()  # a unit whose last parameter got no gradient this step
 
     def reduce_squared_norm(self, squared_norm: Tensor) -> Tensor:
         dist.all_reduce(squared_norm, op=dist.ReduceOp.SUM, group=self.group)
