@@ -13,6 +13,8 @@ Step time: the median over the timed steps of the slowest rank, for
 - ``fsdp_fused_adamw``: the same AdamW, run per shard inside backward by ``ShardedFusedUpdater``
   (isolates the cost of the hooks);
 - ``fsdp_fused_adalomo`` / ``fsdp_fused_lomo``: the fused rules this package is for;
+- ``fsdp_fused_sft_adalomo``: sparse fine-tuning (1% of the block matrices, SM3) with AdaLomo on the
+  active values; its memory counts the route tensors too (indices, base values, values, SM3 statistics);
 - ``ddp_adamw`` / ``ddp_fused_adalomo``: the same under DDP (``gradient_as_bucket_view=True``), where
   every rank holds everything and the gradients live in DDP's buckets.
 
@@ -41,7 +43,16 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORLD = 2
-MODES = ("fsdp_adamw", "fsdp_fused_adamw", "fsdp_fused_adalomo", "fsdp_fused_lomo", "ddp_adamw", "ddp_fused_adalomo")
+MODES = (
+    "fsdp_adamw",
+    "fsdp_fused_adamw",
+    "fsdp_fused_adalomo",
+    "fsdp_fused_lomo",
+    "fsdp_fused_sft_adalomo",
+    "ddp_adamw",
+    "ddp_fused_adalomo",
+)
+SFT_DENSITY = 0.01
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -84,8 +95,19 @@ def local_bytes(tensors: list[torch.Tensor]) -> int:
     return total
 
 
-def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+def state_tensors(optimizer: torch.optim.Optimizer, sft: Any = None) -> list[torch.Tensor]:
+    """The optimizer's state, plus what sparse fine-tuning keeps besides the model: its route tensors."""
+    tensors = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    for route in sft.routes if sft is not None else ():
+        tensors += [route.indices, route.values, route.base_values]
+        tensors += [v for v in route.growth.state_dict().values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def apply_sft(model: torch.nn.Module) -> Any:
+    from lomo_lightning import SparseFineTuning
+
+    return SparseFineTuning(density=SFT_DENSITY, regrowth="sm3").apply(model)
 
 
 def batch(args: argparse.Namespace, rank: int, step: int) -> dict[str, torch.Tensor]:
@@ -114,9 +136,10 @@ def memory_of_one_process(args: argparse.Namespace) -> dict[str, Any]:
     from lomo_lightning import FusedUpdater
 
     out: dict[str, Any] = {}
-    for rule in ("adalomo", "adamw"):
+    for rule in ("adalomo", "adamw", "sft_adalomo"):
         model = build_model(args)
-        optimizer = make_optimizer(f"one_{rule}", list(model.parameters()))
+        sft = apply_sft(model) if rule.startswith("sft") else None
+        optimizer = make_optimizer(f"one_{rule}", sft.parameters() if sft is not None else list(model.parameters()))
         if rule == "adamw":
 
             def step() -> None:
@@ -132,7 +155,7 @@ def memory_of_one_process(args: argparse.Namespace) -> dict[str, Any]:
 
         step()
         peak = tracker_peak(step, model, optimizer)
-        params, state = local_bytes(list(model.parameters())), local_bytes(state_tensors(optimizer))
+        params, state = local_bytes(list(model.parameters())), local_bytes(state_tensors(optimizer, sft))
         out[rule] = {"param_bytes": params, "optimizer_state_bytes": state, "params_plus_state": params + state, "tracker_peak": peak}
     return out
 
@@ -165,16 +188,17 @@ def worker(rank: int, args: argparse.Namespace, rendezvous: str, result_file: st
 
     mesh = init_device_mesh("cpu", (WORLD,))
     steps: dict[str, Any] = {}
-    trained: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
+    trained: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer, Any]] = {}
     for mode in args.modes:
         model = build_model(args)
+        sft = apply_sft(model) if "sft" in mode else None
         wrapped: torch.nn.Module = model
         if mode.startswith("fsdp"):
             shard_transformers(model, mesh)
         else:
             wrapped = DistributedDataParallel(model, gradient_as_bucket_view=True)
-        optimizer = make_optimizer(mode, list(model.parameters()))
-        trained[mode] = (model, optimizer)
+        optimizer = make_optimizer(mode, sft.parameters() if sft is not None else list(model.parameters()))
+        trained[mode] = (model, optimizer, sft)
         if "fused" not in mode:
             steps[mode] = plain_step(wrapped, optimizer, args, rank)
         elif mode.startswith("fsdp"):
@@ -193,9 +217,9 @@ def worker(rank: int, args: argparse.Namespace, rendezvous: str, result_file: st
             if i >= args.warmup:
                 times[mode].append(elapsed.item())
     results: dict[str, Any] = {}
-    for mode, (model, optimizer) in trained.items():
+    for mode, (model, optimizer, sft) in trained.items():
         peak = tracker_peak(lambda: steps[mode](0), model, optimizer)
-        params, state = local_bytes(list(model.parameters())), local_bytes(state_tensors(optimizer))
+        params, state = local_bytes(list(model.parameters())), local_bytes(state_tensors(optimizer, sft))
         grads_left = local_bytes([p.grad for p in model.parameters() if p.grad is not None])
         gathered: list[Any] = [None] * WORLD
         dist.all_gather_object(
@@ -234,7 +258,7 @@ def main() -> None:
     summary: dict[str, Any] = {}
     for mode, run in ranks.items():
         worst = max(r["param_bytes"] + r["optimizer_state_bytes"] for r in run["per_rank"])
-        rule = "adamw" if mode.endswith("adamw") else "adalomo" if mode.endswith("adalomo") else None
+        rule = "adamw" if mode.endswith("adamw") else "sft_adalomo" if "sft" in mode else "adalomo" if mode.endswith("adalomo") else None
         entry = {"median_step_s": round(run["median_step_s"], 4), "per_rank_params_plus_state_bytes": worst}
         reference = f"{mode.split('_')[0]}_adamw"
         if reference in ranks:
