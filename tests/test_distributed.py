@@ -177,6 +177,16 @@ def test_gradients_do_not_pile_up(runs):
     assert ddp["leftover_grad_bytes"] <= trainable and ddp["leftover_grads_zero"]
 
 
+def assert_bit_identical(resumed: dict, uninterrupted: dict) -> None:
+    """A run resumed from its checkpoint at step STEPS ends where the uninterrupted run does, to the bit."""
+    assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS
+    for name, value in uninterrupted["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+    for key, state in uninterrupted["optim"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(resumed["optim"]["state"][key][field], value), (key, field)
+
+
 @pytest.mark.parametrize("kind", ["", "_full"], ids=["sharded_dcp", "full_on_rank0"])
 def test_resume_from_checkpoint_equals_uninterrupted(runs, kind):
     checkpoint = runs / f"fsdp_adalomo_save{kind}-ckpt" / "last.ckpt"
@@ -185,12 +195,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(runs, kind):
     else:
         assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2, "one shard file per rank"
     resumed, uninterrupted = result(runs, f"fsdp_adalomo_resume{kind}"), result(runs, "fsdp_adalomo_long_export")
-    assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS
-    for name, value in uninterrupted["params"].items():
-        assert torch.equal(resumed["params"][name], value), name
-    for name, state in uninterrupted["optim"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(resumed["optim"]["state"][name][key], value), (name, key)
+    assert_bit_identical(resumed, uninterrupted)
     model, _, _, _ = one_process("fsdp_adalomo_long_export")
     assert max_difference(uninterrupted["params"], model) < 1e-5
 
@@ -274,12 +279,7 @@ def test_ddp_refuses_a_trainable_set_that_changes_after_wrapping(tmp_path):
 def test_sparse_fine_tuning_resumes_exactly_under_fsdp(runs):
     case = "fsdp_adalomo_sft_ag_resel_long_export"
     resumed, uninterrupted = result(runs, "fsdp_adalomo_sft_ag_resel_resume"), result(runs, case)
-    assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS
-    for name, value in uninterrupted["params"].items():
-        assert torch.equal(resumed["params"][name], value), name
-    for position, state in uninterrupted["optim"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(resumed["optim"]["state"][position][key], value), (position, key)
+    assert_bit_identical(resumed, uninterrupted)
     for name, route in uninterrupted["sft"]["routes"].items():
         assert torch.equal(resumed["sft"]["routes"][name]["indices"], route["indices"]), name
         assert torch.equal(resumed["sft"]["routes"][name]["base_values"], route["base_values"]), name

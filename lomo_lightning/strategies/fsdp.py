@@ -314,7 +314,7 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         finally:
             self.optimizers = optimizers
         if SPARSE_OPTIMIZER_KEY not in checkpoint:
-            raise KeyError(
+            raise ValueError(
                 f"{checkpoint_path} holds no optimizer state of sparse values: it was not saved by a sparse "
                 "fine-tuning run under strategy='lomo_fsdp'."
             )
