@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from lomo_lightning.loss import check_chunked_loss, chunked_causal_lm_loss
 from lomo_lightning.selection.base import gradient_routes
 from lomo_lightning.strategies import fused_updater_of
 
@@ -87,6 +88,9 @@ class CausalLMModule(LightningModule):
         scheduler: ``scheduler(optimizer=..., num_training_steps=...)`` stepped after every optimizer step, or ``None``.
         trainable: the tensors to optimize, e.g. ``sft.parameters()``; by default all the model's parameters
             (frozen ones included, so that a selection may unfreeze them later).
+        loss_chunk_tokens: compute the LM head and the loss this many tokens at a time
+            (:func:`~lomo_lightning.loss.chunked_causal_lm_loss`), so that the full fp32 logits never
+            exist; ``None`` calls ``model(**batch).loss``.
     """
 
     def __init__(
@@ -95,16 +99,22 @@ class CausalLMModule(LightningModule):
         optimizer: Callable[[Iterable[Tensor]], Optimizer],
         scheduler: Callable[..., Any] | None = None,
         trainable: list[Tensor] | None = None,
+        loss_chunk_tokens: int | None = None,
     ) -> None:
         super().__init__()
+        if loss_chunk_tokens is not None:
+            check_chunked_loss(model, loss_chunk_tokens)
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.trainable = trainable
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.val_loss = MeanMetric()
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.model(**batch).loss
+        if self.loss_chunk_tokens is None:
+            return self.model(**batch).loss
+        return chunked_causal_lm_loss(self.model, chunk_tokens=self.loss_chunk_tokens, **batch)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.compute_loss(batch)

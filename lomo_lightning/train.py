@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lomo_lightning.data import TokenizedDataModule
+from lomo_lightning.loss import check_chunked_loss
 from lomo_lightning.models import ConfigError
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
 from lomo_lightning.selection import SparseFineTuning
@@ -46,12 +47,18 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     if selector is not None:
         selector.apply(model)
         callbacks.append(build(cfg.selection.callback)(selector))
+    if cfg.get("loss_chunk_tokens") is not None:
+        try:
+            check_chunked_loss(model, cfg.loss_chunk_tokens)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"loss_chunk_tokens={cfg.loss_chunk_tokens}: {error}") from None
     module_class = FusedCausalLMModule if cfg.method.fused else CausalLMModule
     module = module_class(
         model,
         optimizer=build(cfg.method.optimizer),
         scheduler=build(cfg.method.scheduler) if cfg.method.scheduler is not None else None,
         trainable=selector.parameters() if isinstance(selector, SparseFineTuning) else None,
+        loss_chunk_tokens=cfg.get("loss_chunk_tokens"),
     )
     if cfg.method.fused:  # Lightning clips only under automatic optimization: the fused strategy clips itself
         strategy, clip = build(cfg.strategy.fused, clip_grad_norm=cfg.method.gradient_clip_val), None
