@@ -7,6 +7,8 @@ peak RSS and allocator state are per method::
     python benchmarks/memory_speed.py --preset small         # ~110M-parameter Llama, as in the LOMO paper
     python benchmarks/memory_speed.py --preset small --methods floor adamw adalomo
     python benchmarks/memory_speed.py --sweep-size           # peak memory vs parameter count, AdamW vs AdaLomo
+    python benchmarks/memory_speed.py --preset long --methods floor adamw adalomo                 # 4096 tokens a step
+    python benchmarks/memory_speed.py --preset long --methods floor adamw adalomo --loss-chunk-tokens 512 --tag chunked
 
 Per method it records the MemTracker peak (``torch.distributed._tools.mem_tracker``, deterministic) split by
 category, the process's peak RSS, the median step time over the timed steps (after warm-up) and tokens/s.
@@ -39,6 +41,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden=64, layers=2, heads=4, intermediate=176, vocab=1024, batch=2, seq=64,
         checkpointing=True, warmup=2, timed=5, lora_rank=1,
+    ),
+    # Many tokens per step for a narrow model: the logits (tokens x vocabulary) outgrow the LM head's
+    # weight (hidden x vocabulary), the case --loss-chunk-tokens is for.
+    "long": dict(
+        hidden=256, layers=4, heads=4, intermediate=688, vocab=32000, batch=4, seq=1024,
+        checkpointing=True, warmup=1, timed=3, lora_rank=8,
     ),
     # The LOMO paper's setting scaled down: Llama architecture, fp32, activation checkpointing.
     "small": dict(
@@ -140,7 +148,12 @@ def build_method(method: str, model, spec: dict[str, Any]):
     extra: dict[str, list] = {}
     track_steps = 1
 
-    def forward(batch):
+    def forward(batch, model=model):
+        if spec.get("loss_chunk_tokens"):  # the LM head and loss a chunk of tokens at a time, for every method
+            from lomo_lightning.loss import chunked_causal_lm_loss
+
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the LM
+            return chunked_causal_lm_loss(base, batch, batch, chunk_tokens=spec["loss_chunk_tokens"])
         return model(input_ids=batch, labels=batch).loss
 
     if method == "floor":
@@ -174,7 +187,7 @@ def build_method(method: str, model, spec: dict[str, Any]):
         opt = torch.optim.AdamW(params, lr=lr)
 
         def step(batch):
-            model(input_ids=batch, labels=batch).loss.backward()
+            forward(batch, model).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -419,8 +432,9 @@ def markdown_table(spec: dict[str, Any], rows: list[dict[str, Any]], checks: lis
     model = (
         f"Llama, hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads, intermediate "
         f"{spec['intermediate']}, vocab {spec['vocab']} (tied embeddings), fp32, batch {spec['batch']} x {spec['seq']} "
-        f"random tokens, activation checkpointing {'on' if spec['checkpointing'] else 'off'}; "
-        f"{spec['warmup']} warm-up + {spec['timed']} timed steps, {spec['threads']} torch thread(s) per process"
+        f"random tokens, activation checkpointing {'on' if spec['checkpointing'] else 'off'}, "
+        + (f"LM head and loss in chunks of {spec['loss_chunk_tokens']} tokens; " if spec.get("loss_chunk_tokens") else "full logits; ")
+        + f"{spec['warmup']} warm-up + {spec['timed']} timed steps, {spec['threads']} torch thread(s) per process"
     )
     return "\n".join([f"Model: {model}.", "", *lines, "", *target_lines, ""])
 
@@ -462,8 +476,8 @@ def plot(spec_name: str, rows: list[dict[str, Any]]) -> None:
 
 
 def run_preset(preset: str, methods: list[str], threads: int, timed_steps: int | None, warmup_steps: int | None,
-               tag: str | None) -> None:
-    spec = dict(PRESETS[preset], threads=threads)
+               tag: str | None, loss_chunk_tokens: int | None = None) -> None:
+    spec = dict(PRESETS[preset], threads=threads, loss_chunk_tokens=loss_chunk_tokens)
     if timed_steps is not None:
         spec["timed"] = timed_steps
     if warmup_steps is not None:
@@ -503,6 +517,8 @@ def run_preset(preset: str, methods: list[str], threads: int, timed_steps: int |
         "lora": f"peft LoRA rank {spec['lora_rank']} on q,k,v,o,gate,up,down; AdamW on the LoRA parameters",
         "lomo_optim": "reference lomo-optim AdaLomo (loss_scale=None); torch.Tensor.cuda mapped to a no-op on CPU",
         "timing": "medians of the timed steps; all methods back to back in one invocation, each in a fresh process",
+        "loss": f"lomo_lightning.loss.chunked_causal_lm_loss, {loss_chunk_tokens} tokens a chunk, for every method"
+        if loss_chunk_tokens else "model(input_ids, labels=...).loss (Hugging Face: the full fp32 logits)",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"preset": preset, "spec": spec, "environment": environment(), "notes": notes,
@@ -574,6 +590,7 @@ def main() -> None:
     parser.add_argument("--timed-steps", type=int, help="override the preset's number of timed steps")
     parser.add_argument("--warmup-steps", type=int, help="override the preset's number of warm-up steps")
     parser.add_argument("--tag", help="write memory_speed_<preset>_<tag>.* instead (e.g. a repeat of the timing)")
+    parser.add_argument("--loss-chunk-tokens", type=int, help="every method computes the LM head and loss this many tokens at a time")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -584,7 +601,7 @@ def main() -> None:
     elif args.sweep_size:
         run_sweep(args.threads)
     else:
-        run_preset(args.preset, args.methods, args.threads, args.timed_steps, args.warmup_steps, args.tag)
+        run_preset(args.preset, args.methods, args.threads, args.timed_steps, args.warmup_steps, args.tag, args.loss_chunk_tokens)
 
 
 if __name__ == "__main__":
