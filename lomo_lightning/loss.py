@@ -8,6 +8,7 @@ checkpointing, forward and backward hold one chunk's logits at a time, and the g
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -38,9 +39,25 @@ def chunked_causal_lm_loss(
 
     Works for models whose logits are ``lm_head(hidden)`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, ...);
     models that scale or cap their logits are refused. ``model_kwargs`` (``attention_mask``, ...) go
-    to the decoder.
+    to the decoder. Under FSDP2 (``model`` the ``fully_shard``-ed root) the loss runs as a registered
+    forward method of the root, so that its parameters are gathered for it and for its recomputation.
     """
-    head = check_chunked_loss(model, chunk_tokens)
+    check_chunked_loss(model, chunk_tokens)
+    if _is_fully_sharded(model):
+        # FSDP2 gathers the root's parameters (embeddings, final norm, LM head) around the root's forward
+        # methods: the loss must be one of them, also for the recomputation of its chunks in backward
+        if not getattr(model, "_lomo_chunked_loss_registered", False):
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            object.__setattr__(model, "lomo_chunked_loss", types.MethodType(_chunked_loss, model))
+            register_fsdp_forward_method(model, "lomo_chunked_loss")
+            object.__setattr__(model, "_lomo_chunked_loss_registered", True)
+        return model.lomo_chunked_loss(input_ids, labels, chunk_tokens, **model_kwargs)
+    return _chunked_loss(model, input_ids, labels, chunk_tokens, **model_kwargs)
+
+
+def _chunked_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: int, **model_kwargs: Any) -> Tensor:
+    head = model.get_output_embeddings()
     hidden = model.base_model(input_ids=input_ids, **model_kwargs)[0]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     # the label of position t is the token at t + 1; the last position of each row predicts nothing
@@ -50,6 +67,12 @@ def chunked_causal_lm_loss(
         for states, chunk_targets in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))
     )
     return total / (targets != IGNORE_INDEX).sum()
+
+
+def _is_fully_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def check_chunked_loss(model: nn.Module, chunk_tokens: int) -> nn.Module:

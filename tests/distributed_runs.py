@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lomo_lightning import AdaLomo, FusedOptimizationMixin, Lomo  # noqa: E402
 from lomo_lightning.callbacks import HFTResampleCallback, SFTReselectionCallback  # noqa: E402
+from lomo_lightning.loss import chunked_causal_lm_loss  # noqa: E402
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
 from lomo_lightning.strategies import LomoFSDPStrategy, save_pretrained_consolidated  # noqa: E402
 
@@ -87,10 +88,13 @@ class TinyLM(LightningModule):
         if self.hft is not None:
             self.hft.apply(self.model)
         self.rule = rule
+        self.loss_chunk_tokens = None
         self.nan_at = nan_at  # (rank, batch index) whose loss becomes NaN
         self.resample = False
 
     def compute_loss(self, batch):
+        if self.loss_chunk_tokens is not None:
+            return chunked_causal_lm_loss(self.model, chunk_tokens=self.loss_chunk_tokens, **batch)
         return self.model(**batch).loss
 
     def training_step(self, batch, batch_idx):
@@ -169,6 +173,8 @@ def run(case: str, out: Path) -> None:
     )
     if "unused" in flags:
         add_unused_parameter(module.model)
+    if "chunked" in flags:
+        module.loss_chunk_tokens = 5
     rank_for_data = int(os.environ.get("LOCAL_RANK", 0))
     data = [rank_slice(b, rank_for_data) for b in global_batches()]
     callbacks = []

@@ -7,7 +7,8 @@ Case names read ``<placement>_<rule>_<flags>``:
 - ``clip``: two-pass global-norm clipping; ``hft``: half frozen (``resample``: a new mask after every step);
   ``sft``: sparse routes (``ag``: accumulated-gradient regrowth, else SM3; ``resel``: prune and regrow every
   2 steps); ``tie``: tied embeddings; ``nan``: rank 1's loss is NaN at step 2; ``odd``: 37 MLP channels
-  (uneven shards); ``unused``: a trainable parameter without gradient, last in its FSDP unit;
+  (uneven shards); ``unused``: a trainable parameter without gradient, last in its FSDP unit; ``chunked``:
+  the loss of ``chunked_causal_lm_loss`` (the one-process reference uses the model's own loss);
 - ``manual``: ``configure_model`` applies ``fully_shard`` itself; ``mixin``: ``FusedOptimizationMixin``;
 - ``save``/``resume``/``long``: distributed checkpoint (``full``: one full checkpoint file from rank 0);
   ``export``: consolidated ``save_pretrained``;
@@ -53,6 +54,8 @@ EXACT = [
     "fsdp_adalomo_sft_ag_resel_save",  # accumulated-gradient regrowth; also the first half of a resume case
     "fsdp_lomo_sft_clip",  # the norm of the active entries' gradients, summed over shards
     "fsdp_adalomo_odd",  # rows and columns that do not split evenly over the ranks
+    "fsdp_adalomo_clip_tie_chunked",  # the chunked loss through FSDP2's root: its parameters gathered, one hook each
+    "ddp_adalomo_chunked",
     "fsdp_adalomo_unused",  # the last parameter of a block gets no gradient: its batched collective still runs
     "fsdp_adalomo_sft_resel_odd",
 ]

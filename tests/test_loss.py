@@ -24,11 +24,27 @@ def padded_batch() -> dict[str, torch.Tensor]:
     return {**batch, "labels": labels, "attention_mask": attention_mask}
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def tiny_gpt2() -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, **no_dropout)
+    return AutoModelForCausalLM.from_config(config)
+
+
+MODELS = {
+    "llama_untied": lambda: tiny_llama(tie=False),
+    "llama_tied": lambda: tiny_llama(tie=True),
+    "gpt2": tiny_gpt2,  # another architecture: tied head, its own final norm
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(MODELS))
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 32, 1000])
-def test_chunked_loss_equals_the_model_loss_and_gradients(tie, chunk_tokens):
+def test_chunked_loss_equals_the_model_loss_and_gradients(architecture, chunk_tokens):
     batch = padded_batch()
-    reference, chunked = tiny_llama(tie=tie), tiny_llama(tie=tie)
+    reference, chunked = MODELS[architecture](), MODELS[architecture]()
     expected = reference(**batch).loss
     got = chunked_causal_lm_loss(chunked, chunk_tokens=chunk_tokens, **batch)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
