@@ -70,6 +70,8 @@ OTHERS = [  # in order: a resume case follows the case that saved its checkpoint
     "fsdp_adalomo_nan",
     "ddp_lomo_nan",
     "fsdp_adalomo_sft_ag_resel_resume",  # resumes mid-window: the candidates' sums come from the checkpoint
+    "fsdp_adalomo_sft_ag_resel_save_full",
+    "fsdp_adalomo_sft_ag_resel_resume_full",
     "fsdp_adalomo_sft_ag_resel_long_export",
 ]
 
@@ -279,9 +281,10 @@ def test_ddp_refuses_a_trainable_set_that_changes_after_wrapping(tmp_path):
         dist.destroy_process_group()
 
 
-def test_sparse_fine_tuning_resumes_exactly_under_fsdp(runs):
+@pytest.mark.parametrize("kind", ["", "_full"], ids=["sharded_dcp", "full_on_rank0"])
+def test_sparse_fine_tuning_resumes_exactly_under_fsdp(runs, kind):
     case = "fsdp_adalomo_sft_ag_resel_long_export"
-    resumed, uninterrupted = result(runs, "fsdp_adalomo_sft_ag_resel_resume"), result(runs, case)
+    resumed, uninterrupted = result(runs, f"fsdp_adalomo_sft_ag_resel_resume{kind}"), result(runs, case)
     assert_bit_identical(resumed, uninterrupted)
     for name, route in uninterrupted["sft"]["routes"].items():
         assert torch.equal(resumed["sft"]["routes"][name]["indices"], route["indices"]), name
