@@ -7,6 +7,7 @@ Runs are independent, so a comparison runs them in a pool of processes (one torc
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -25,6 +26,15 @@ RUNS = HERE / "runs"  # git-ignored: cached base checkpoints
 
 VOCAB = 4096
 MODEL = dict(hidden=128, layers=4, heads=4, intermediate=352)
+
+
+def arguments(doc: str, steps: int, workers: int) -> argparse.ArgumentParser:
+    """The options every quality script takes: ``--steps``, ``--eval-every`` and ``--workers``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=workers)
+    return parser
 
 
 def quiet() -> None:

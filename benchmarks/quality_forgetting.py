@@ -12,7 +12,6 @@ HFT's claim (Hui et al.): much less forgetting at equal stage-2 quality.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -44,10 +43,7 @@ def run(method: str, lr: float, steps: int, eval_every: int, base: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=2)
+    parser = qc.arguments(__doc__, steps=150, workers=2)
     args = parser.parse_args()
 
     base = qc.base_checkpoint(**BASE)

@@ -10,7 +10,6 @@ files. AdaLomo's claim (Lv et al.): on par with AdamW; LOMO (plain SGD) behind.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -40,10 +39,7 @@ def run(method: str, lr: float, steps: int, eval_every: int, base: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=2)
+    parser = qc.arguments(__doc__, steps=300, workers=2)
     parser.add_argument("--add", nargs="+", metavar="METHOD:LR",
                         help="run only these and merge them into the existing results (e.g. extend a grid at its edge)")
     args = parser.parse_args()

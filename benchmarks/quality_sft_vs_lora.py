@@ -10,7 +10,6 @@ budgets are equal. SpIEL's claim (Ansell et al.): SFT at least as good as LoRA a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -47,10 +46,7 @@ def run(method: str, lr: float, steps: int, eval_every: int, base: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=3)
+    parser = qc.arguments(__doc__, steps=150, workers=3)
     args = parser.parse_args()
 
     base = qc.base_checkpoint(**BASE)

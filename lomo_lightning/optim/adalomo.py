@@ -239,7 +239,9 @@ def adalomo_update(
         g2d.mul_(row.rsqrt().unsqueeze(1))  # g / sqrt(R): the row half of u, known before any collective
         scaled_squares = column_sum_of_squares(g2d)
         sums = yield _column_sums(col, col_squares, scaled_squares, row.sum(), param_squares, shard)
-        col_factor, row_avg, param_squares, update_squares = _column_step(col, sums, beta=beta, eps1=eps1, shard=shard)
+        col_factor, row_avg, param_squares, update_squares = _column_step(
+            col, sums, cols=g2d.shape[1], beta=beta, eps1=eps1, shard=shard
+        )
         # u = g * rsqrt(R / mean(R)) * rsqrt(C)
         g2d.mul_(col_factor.rsqrt().mul_(row_avg.sqrt()).unsqueeze(0))
     else:
@@ -275,20 +277,18 @@ def _column_sums(col: Tensor, col_squares: Tensor, scaled_squares: Tensor, row_s
     return torch.cat([*parts, row_sum.reshape(1), param_squares])
 
 
-def _column_step(col: Tensor, sums: Tensor, *, beta: float, eps1: float, shard: Shard) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _column_step(
+    col: Tensor, sums: Tensor, *, cols: int, beta: float, eps1: float, shard: Shard
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Update the column statistics from the completed :func:`_column_sums`.
 
     Returns ``(C, mean(R), sum(theta^2), sum(u^2))`` with ``C`` whole; on a shard, ``col`` (this rank's
     chunk) is updated from it.
     """
-    cols = (sums.numel() - 2) // (2 if shard.group is None else 3)
     col_squares, scaled_squares = sums[:cols], sums[cols : 2 * cols]
-    if shard.group is None:
-        whole = col
-    else:
-        whole = sums[2 * cols : 3 * cols]
+    whole = col if shard.group is None else sums[2 * cols : 3 * cols]
     whole.mul_(beta).add_(col_squares.div_(shard.rows).add_(eps1), alpha=1.0 - beta)
-    if shard.group is not None:
+    if whole is not col:
         col.copy_(whole[shard.columns(cols)])
     row_avg = sums[-2].div(shard.rows)
     update_squares = scaled_squares.div_(whole).sum().mul_(row_avg)

@@ -49,7 +49,8 @@ class ShardedFusedUpdater(FusedUpdater):
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, group: dist.ProcessGroup | None = None, **kwargs: Any):
         self.group = group
-        self._unit_of: dict[Tensor, nn.Module] = {}
+        # parameters whose rule can split its step: their FSDP unit and shard group
+        self._batched: dict[Tensor, tuple[nn.Module, dist.ProcessGroup]] = {}
         self._last_of_unit: dict[nn.Module, Tensor] = {}
         self._pending: list[tuple[Generator[Tensor, Tensor, None], Tensor]] = []
         self._pending_unit: nn.Module | None = None
@@ -63,12 +64,16 @@ class ShardedFusedUpdater(FusedUpdater):
         # runs their hooks one after another after the unit's reduce-scatter, in registration order.
         from torch.distributed.fsdp import FSDPModule
 
-        self._unit_of = {}
+        unit_of: dict[Tensor, nn.Module] = {}
         for module in self.model.modules():  # outer units first: inner ones take their parameters over
             if isinstance(module, FSDPModule):
-                self._unit_of.update({p: module for p in module.parameters() if p in self._targets})
+                unit_of.update({p: module for p in module.parameters() if self._targets.get(p) is p})
+        splits = hasattr(self.optimizer, "begin_step_parameter")
+        self._batched = {
+            p: (unit, shard_group(p)) for p, unit in unit_of.items() if splits and shard_group(p) is not None
+        }
         self._last_of_unit = {}
-        for param, unit in self._unit_of.items():
+        for param, (unit, _) in self._batched.items():
             self._last_of_unit[unit] = param  # dict order is registration order: the last one stays
 
     def _step(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
@@ -80,15 +85,14 @@ class ShardedFusedUpdater(FusedUpdater):
         milliseconds. The unit's gradients are views of one reduce-scatter buffer, so holding them
         until the unit's last hook costs no memory.
         """
-        begin = getattr(self.optimizer, "begin_step_parameter", None)
-        unit = self._unit_of.get(target)
-        group_of_shards = shard_group(target)
-        if begin is None or unit is None or group_of_shards is None:
+        batched = self._batched.get(target)
+        if batched is None:
             super()._step(target, grad, group)
             return
+        unit, group_of_shards = batched
         if self._pending and (unit is not self._pending_unit or group_of_shards is not self._pending_group):
             self._complete_pending()
-        update = begin(target, grad, group, grad_is_scratch=True)
+        update = self.optimizer.begin_step_parameter(target, grad, group, grad_is_scratch=True)  # type: ignore[attr-defined]
         self._pending.append((update, next(update)))
         self._pending_unit, self._pending_group = unit, group_of_shards
         if target is self._last_of_unit.get(unit):
@@ -223,6 +227,7 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         self.mp_policy = mp_policy
         self.layer_classes = list(layer_classes) if layer_classes is not None else None
         self.reshard_after_forward = reshard_after_forward
+        self._sparse_values = False  # whether the optimizer holds SparseFineTuning's values (set at install)
         self._init_fused(clip_grad_norm, clip_grad_value)
 
     def setup_environment(self) -> None:
@@ -272,7 +277,8 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
 
     def _make_fused_updater(self, module: nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
         updater = ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
-        self._optimizes_sparse_values(optimizer)  # a mix the checkpoints cannot hold fails here, not at the first save
+        # a mix the checkpoints cannot hold fails here, not at the first save
+        self._sparse_values = self._optimizes_sparse_values(optimizer)
         return updater
 
     # -- checkpoints of sparse fine-tuning ---------------------------------------------------------
@@ -295,18 +301,18 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         return sparse > 0
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if self._optimizes_sparse_values(optimizer):
+        if self._sparse_values:
             return {}  # saved by save_checkpoint under SPARSE_OPTIMIZER_KEY
         return super().optimizer_state(optimizer)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if any(self._optimizes_sparse_values(optimizer) for optimizer in self.optimizers):
+        if self._sparse_values:
             checkpoint[SPARSE_OPTIMIZER_KEY] = [optimizer.state_dict() for optimizer in self.optimizers]
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         optimizers = self.optimizers
-        if not any(self._optimizes_sparse_values(optimizer) for optimizer in optimizers):
+        if not self._sparse_values:
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self.optimizers = []  # Lightning would look for their state among the distributed tensors
         try:
