@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lomo_lightning.optim.base import PerParameterOptimizer, finish_update, local_tensor
+from lomo_lightning.optim.base import PerParameterOptimizer, finish_update, local_tensor, shard_group
 
 
 class AdaLomo(PerParameterOptimizer):
@@ -129,19 +129,7 @@ class Shard:
 
     @staticmethod
     def of(param: Tensor) -> Shard:
-        placements = getattr(param, "placements", None)
-        if placements is None:
-            return Shard(None, param.shape[0] if param.dim() else 1, param.numel())
-        from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor import Shard as DShard
-
-        mesh = param.device_mesh
-        if mesh.ndim != 1 or not all(isinstance(p, (DShard, Replicate)) for p in placements):
-            raise NotImplementedError(f"AdaLomo supports 1-D meshes with Shard(0) or Replicate placement, got {placements}.")
-        if isinstance(placements[0], DShard) and placements[0].dim != 0:
-            raise NotImplementedError(f"AdaLomo needs parameters sharded on dim 0 (FSDP2's default), got {placements}.")
-        group = mesh.get_group() if isinstance(placements[0], DShard) else None
-        return Shard(group, param.shape[0] if param.dim() else 1, param.numel())
+        return Shard(shard_group(param), param.shape[0] if param.dim() else 1, param.numel())
 
     @staticmethod
     def like_rows(local_state: Tensor, param: Tensor) -> Tensor:

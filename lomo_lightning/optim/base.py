@@ -43,15 +43,24 @@ class PerParameterOptimizer(Optimizer):
 
 
 def shard_group(tensor: Tensor) -> Any:
-    """The process group a ``DTensor`` is sharded over (1-D mesh, ``Shard`` placement); ``None`` when whole or replicated."""
+    """The process group a ``DTensor`` is sharded over on dim 0 (FSDP2); ``None`` when whole or replicated.
+
+    Raises ``NotImplementedError`` for placements the per-shard code here cannot complete exactly
+    (several mesh dimensions, sharding on another dimension).
+    """
     placements = getattr(tensor, "placements", None)
     if placements is None:
         return None
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
 
-    if tensor.device_mesh.ndim != 1 or not isinstance(placements[0], Shard):
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1 or not all(isinstance(p, (Shard, Replicate)) for p in placements):
+        raise NotImplementedError(f"lomo_lightning supports 1-D meshes with Shard(0) or Replicate placement, got {placements}.")
+    if not isinstance(placements[0], Shard):
         return None
-    return tensor.device_mesh.get_group()
+    if placements[0].dim != 0:
+        raise NotImplementedError(f"lomo_lightning needs tensors sharded on dim 0 (FSDP2's default), got {placements}.")
+    return mesh.get_group()
 
 
 def finish_update(update: Generator[Tensor, Tensor, None], sums: Tensor) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lomo_lightning.optim.base import local_tensor
+from lomo_lightning.optim.base import local_tensor, shard_group
 
 
 class WeightLayout:
@@ -23,34 +23,21 @@ class WeightLayout:
 
     def __init__(self, weight: Tensor) -> None:
         self.weight = weight
-        self.group: dist.ProcessGroup | None = None
         self.rows = weight.shape[0] if weight.dim() else 1
         self.row_numel = weight.numel() // max(self.rows, 1)
         self.row_start, self.row_stop = 0, self.rows
-        placements = getattr(weight, "placements", None)
-        if placements is not None:
-            from torch.distributed.tensor import Replicate, Shard
+        self.group = shard_group(weight)
+        if self.group is not None:
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-            mesh = weight.device_mesh
-            if mesh.ndim != 1 or not all(isinstance(p, (Shard, Replicate)) for p in placements):
-                raise NotImplementedError(f"Selections support 1-D meshes with Shard(0) or Replicate, got {placements}.")
-            if isinstance(placements[0], Shard):
-                if placements[0].dim != 0:
-                    raise NotImplementedError(f"Selections need weights sharded on dim 0 (FSDP2's default), got {placements}.")
-                local_shape, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
-                self.group = mesh.get_group()
-                self.row_start = offset[0]
-                self.row_stop = offset[0] + (local_shape[0] if local_shape else 1)
+            local_shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+            self.row_start = offset[0]
+            self.row_stop = offset[0] + (local_shape[0] if local_shape else 1)
         self.start, self.stop = self.row_start * self.row_numel, self.row_stop * self.row_numel
 
     @property
     def sharded(self) -> bool:
         return self.group is not None
-
-    @property
-    def local_numel(self) -> int:
-        return self.stop - self.start
 
     def local_flat(self, tensor: Tensor) -> Tensor:
         """The entries held here, flat (a view): ``tensor`` is the weight, its gradient, or alike."""
