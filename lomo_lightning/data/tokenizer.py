@@ -121,7 +121,8 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     special = repr(sorted(tokenizer.special_tokens_map.items()))
-    return hashlib.sha256(f"{state}\0{special}".encode()).hexdigest()[:16]
+    template = getattr(tokenizer, "chat_template", None) or ""  # decides how prompts are rendered
+    return hashlib.sha256(f"{state}\0{special}\0{template}".encode()).hexdigest()[:16]
 
 
 __all__ = [
