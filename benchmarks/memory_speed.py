@@ -342,13 +342,14 @@ def measure(model, step, batch, tracked: dict[str, list], *, warmup: int, timed:
 # driver: every method in a fresh process, then tables and plots
 
 
-def run_in_subprocess(method: str, spec: dict[str, Any], script: str = __file__) -> dict[str, Any]:
-    """``script --worker method --spec JSON --out FILE`` in a fresh process; its result, or its last error line."""
+def run_in_subprocess(method: str, spec: dict[str, Any], script: str = __file__, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``script --worker method --spec JSON --out FILE`` in a fresh process (environment ``env``, or this one's);
+    its result, or its last error line."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, script, "--worker", method, "--spec", json.dumps(spec), "--out", str(out)]
         start = time.perf_counter()
-        completed = subprocess.run(command, capture_output=True, text=True)
+        completed = subprocess.run(command, capture_output=True, text=True, env=env)
         if completed.returncode != 0:
             print(completed.stderr[-4000:], file=sys.stderr)
             return {"method": method, "error": completed.stderr.strip().splitlines()[-1] if completed.stderr else "failed"}

@@ -22,7 +22,9 @@ pip from replacing torch), used as their own code or documentation uses them:
 - ``torch-optimi``: ``AdamW(gradient_release=True)`` + ``prepare_for_gradient_release``, in fp32, and in bf16
   with Kahan summation (bf16 matmuls are slow on CPUs without bf16 units: few steps, and its own bf16 floor);
 - ``torchtune``: one ``torch.optim.AdamW`` per parameter, stepped in backward by
-  ``torchtune.training.register_optim_in_bwd_hooks`` (its full fine-tuning recipes' ``optimizer_in_bwd``);
+  ``torchtune.training.register_optim_in_bwd_hooks`` (its full fine-tuning recipes' ``optimizer_in_bwd``).
+  torchtune 0.6.1 imports a torchao of at most 0.14, which peft refuses: give it one of its own, used by its
+  worker alone, with ``pip install --no-deps --target DIR torchao==0.14.1`` and ``--torchtune-torchao DIR``;
 - ``galore-torch`` / ``apollo-torch``: layer-wise, as transformers' Trainer sets up ``galore_adamw_layerwise``
   / ``apollo_adamw_layerwise`` (one optimizer per parameter in a post-accumulate-grad hook; low rank on the
   attention and MLP matrices, rank 128); GaLore also as its repository's ``galore_adamw8bit_per_layer``
@@ -46,6 +48,7 @@ import statistics
 import sys
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -398,22 +401,30 @@ def markdown(spec: dict[str, Any], rows: list[dict[str, Any]], checks: list[dict
     return "\n".join([f"Setting: {setting}.", "", *lines, "", *target_lines, ""])
 
 
-def run(methods: list[str], spec: dict[str, Any], name: str) -> None:
-    """Every method in ``methods`` in a fresh process, in order; the results are written after each one, so an
-    interrupted run keeps what it measured. A run of a subset merges into the previous results of ``name``."""
+def run(methods: list[str], spec: dict[str, Any], name: str, torchtune_torchao: str | None = None, jobs: int = 1) -> None:
+    """Every method in ``methods`` in a fresh process, ``jobs`` at a time, in order; the results are written
+    after each one, so an interrupted run keeps what it measured. A run of a subset merges into the previous
+    results of ``name``."""
     path = RESULTS / f"peers_{name}.json"
     previous = json.loads(path.read_text())["results"] if path.exists() and set(methods) != set(METHODS) else []
     measured: dict[str, dict[str, Any]] = {r["method"]: r for r in previous}
-    for method in methods:
-        print(f"[peers] {method} ...", flush=True)
-        row = memory_speed.run_in_subprocess(method, spec, script=__file__)
-        measured[method] = row
-        if "error" in row:
-            print(f"    failed: {row['error']}", flush=True)
-        else:
-            print(f"    peak {mib(row['peak_bytes']):.1f} MiB, step {row.get('step_time_s', math.nan):.2f} s, "
-                  f"changed {row['changed_tensors']}/{row['parameter_tensors']}", flush=True)
-        table = write_results(name, spec, [measured[m] for m in METHODS if m in measured])
+
+    def run_one(method: str) -> dict[str, Any]:
+        env = None
+        if method == "torchtune_adamw" and torchtune_torchao:  # its torchao, first on its worker's path alone
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [torchtune_torchao, os.environ.get("PYTHONPATH")]))}
+        return memory_speed.run_in_subprocess(method, spec, script=__file__, env=env)
+
+    table = ""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for row in pool.map(run_one, methods):
+            measured[row["method"]] = row
+            if "error" in row:
+                print(f"[peers] {row['method']} failed: {row['error']}", flush=True)
+            else:
+                print(f"[peers] {row['method']}: peak {mib(row['peak_bytes']):.1f} MiB, step "
+                      f"{row.get('step_time_s', math.nan):.2f} s, changed {row['changed_tensors']}/{row['parameter_tensors']}", flush=True)
+            table = write_results(name, spec, [measured[m] for m in METHODS if m in measured])
     print(table)
 
 
@@ -439,6 +450,8 @@ def main() -> None:
     parser.add_argument("--timed-steps", type=int, default=3)
     parser.add_argument("--bf16-timed-steps", type=int, default=1, help="bf16 steps are ~20x slower on CPUs without bf16 units")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker (1: steadier on a shared machine)")
+    parser.add_argument("--jobs", type=int, default=1, help="methods measured at once: memory is exact either way, step times only with 1")
+    parser.add_argument("--torchtune-torchao", metavar="DIR", help="a directory holding torchao<=0.14 for torchtune's worker alone")
     parser.add_argument("--tag", default="smollm2", help="results go to benchmarks/results/peers_<tag>.*")
     parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -454,7 +467,7 @@ def main() -> None:
         return
     spec = dict(batch=args.batch, seq=args.seq, warmup=args.warmup_steps, timed=args.timed_steps, threads=args.threads,
                 bf16_steps=dict(warmup=0, timed=args.bf16_timed_steps), lora_rank=8)
-    run(args.methods, spec, args.tag)
+    run(args.methods, spec, args.tag, args.torchtune_torchao, args.jobs)
 
 
 if __name__ == "__main__":
