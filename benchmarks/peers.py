@@ -367,6 +367,10 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
+def number(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(spec: dict[str, Any], rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> str:
     header = ("| method | package | updates per step | peak (MiB) | params | grads | opt state | activations | temps "
               "| other | peak / floor | step (s, median) | step / floor | changed tensors |")
@@ -383,8 +387,8 @@ def markdown(spec: dict[str, Any], rows: list[dict[str, Any]], checks: list[dict
         lines.append(
             f"| {entry.label} | {entry.package} | {updates} | {mib(row['peak_bytes']):.1f} | "
             + " | ".join(f"{mib(c[k]):.1f}" for k in CATEGORIES)
-            + f" | {row.get('peak_over_floor', math.nan):.3f} | {row.get('step_time_s', math.nan):.2f} "
-            f"| {row.get('step_over_floor', math.nan):.2f} | {row['changed_tensors']}/{row['parameter_tensors']} |"
+            + f" | {number(row.get('peak_over_floor'), 3)} | {number(row.get('step_time_s'), 2)} "
+            f"| {number(row.get('step_over_floor'), 2)} | {row['changed_tensors']}/{row['parameter_tensors']} |"
         )
     target_lines = ["| target | measured | bound | result |", "|---|---|---|---|"]
     for c in checks:
