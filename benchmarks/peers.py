@@ -356,7 +356,8 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def check(name: str, value: float | None, bound: float, strict: bool = False) -> None:
         verdict = None if value is None else bool(value < bound if strict else value <= bound)
-        checks.append({"target": name, "value": None if value is None else round(value, 4), "bound": bound, "pass": verdict})
+        checks.append({"target": name, "value": None if value is None else round(value, 4), "bound": bound,
+                       "relation": "<" if strict else "<=", "pass": verdict})
 
     check("AdaLomo peak / floor", ours and ours.get("peak_over_floor"), 1.05)
     check("AdaLomo step time / floor", ours and ours.get("step_over_floor"), 1.10)
@@ -390,11 +391,7 @@ def markdown(spec: dict[str, Any], rows: list[dict[str, Any]], checks: list[dict
             + f" | {number(row.get('peak_over_floor'), 3)} | {number(row.get('step_time_s'), 2)} "
             f"| {number(row.get('step_over_floor'), 2)} | {row['changed_tensors']}/{row['parameter_tensors']} |"
         )
-    target_lines = ["| target | measured | bound | result |", "|---|---|---|---|"]
-    for c in checks:
-        verdict = "n/a" if c["pass"] is None else ("PASS" if c["pass"] else "MISS")
-        value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
-        target_lines.append(f"| {c['target']} | {value} | {'<' if 'peak / ' in c['target'] and 'floor' not in c['target'] else '<='} {c['bound']} | {verdict} |")
+    target_lines = memory_speed.targets_table(checks)
     setting = (
         f"SmolLM2-135M-Instruct (134.5M parameters, tied embeddings), fp32 unless marked bf16, batch {spec['batch']} x "
         f"{spec['seq']} tokens of real text, activation checkpointing on for every method; {spec['warmup']} warm-up + "
