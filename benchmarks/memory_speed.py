@@ -267,7 +267,6 @@ def current_rss_mib() -> float:
 
 def run_worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(spec["threads"])
@@ -276,12 +275,26 @@ def run_worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     model, step, tracked, trainable, track_steps = build_method(method, model, spec)
     generator = torch.Generator().manual_seed(1)
     batch = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), generator=generator)
-    rss_setup = current_rss_mib()
+    measured = measure(model, step, batch, tracked, warmup=spec["warmup"], timed=spec["timed"], track_steps=track_steps)
+    return {"method": method, "parameters": n_params, "trainable": trainable, **measured}
 
-    for _ in range(spec["warmup"]):
+
+def measure(model, step, batch, tracked: dict[str, list], *, warmup: int, timed: int, track_steps: int = 1) -> dict[str, Any]:
+    """Step time and peak memory of ``step(batch)``, which trains ``model`` one step.
+
+    ``warmup`` steps first (so that optimizer state exists), then ``timed`` steps (wall clock each), then
+    ``track_steps`` steps under MemTracker, which splits the peak by category. ``tracked`` names what
+    MemTracker cannot find by itself: ``"optimizer"``, optimizers whose ``state`` it reads (and whose
+    ``step`` it watches); ``"optimizer_state"``, tensors to count as optimizer state; ``"optimizer_state_fn"``,
+    callables returning such tensors once the warm-up has made them.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    rss_setup = current_rss_mib()
+    for _ in range(warmup):
         step(batch)
     times = []
-    for _ in range(spec["timed"]):
+    for _ in range(timed):
         start = time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - start)
@@ -312,9 +325,6 @@ def run_worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         "other": snapshot.get(_MemRefType.OTH, 0) + snapshot.get(_MemRefType.BUFFER, 0),
     }
     result = {
-        "method": method,
-        "parameters": n_params,
-        "trainable": trainable,
         "peak_bytes": sum(by_category.values()),
         "peak_by_category_bytes": by_category,
         "peak_rss_mib": peak_rss,
@@ -324,7 +334,7 @@ def run_worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     }
     if times:
         median = statistics.median(times)
-        result.update(step_time_s=median, tokens_per_s=spec["batch"] * spec["seq"] / median)
+        result.update(step_time_s=median, tokens_per_s=batch.numel() / median)
     return result
 
 
@@ -332,12 +342,14 @@ def run_worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
 # driver: every method in a fresh process, then tables and plots
 
 
-def run_in_subprocess(method: str, spec: dict[str, Any]) -> dict[str, Any]:
+def run_in_subprocess(method: str, spec: dict[str, Any], script: str = __file__, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``script --worker method --spec JSON --out FILE`` in a fresh process (environment ``env``, or this one's);
+    its result, or its last error line."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, "--worker", method, "--spec", json.dumps(spec), "--out", str(out)]
+        command = [sys.executable, script, "--worker", method, "--spec", json.dumps(spec), "--out", str(out)]
         start = time.perf_counter()
-        completed = subprocess.run(command, capture_output=True, text=True)
+        completed = subprocess.run(command, capture_output=True, text=True, env=env)
         if completed.returncode != 0:
             print(completed.stderr[-4000:], file=sys.stderr)
             return {"method": method, "error": completed.stderr.strip().splitlines()[-1] if completed.stderr else "failed"}
@@ -424,11 +436,7 @@ def markdown_table(spec: dict[str, Any], rows: list[dict[str, Any]], checks: lis
             + f" | {rel_floor:.3f} | {rel_adamw:.3f} | {row['peak_rss_mib']:.0f} | {step:.3f} | {step_floor:.2f} "
             f"| {row.get('tokens_per_s', math.nan):.0f} |"
         )
-    target_lines = ["| target | measured | bound | result |", "|---|---|---|---|"]
-    for c in checks:
-        verdict = "n/a" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
-        value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
-        target_lines.append(f"| {c['target']} | {value} | {c['bound']} | {verdict} |")
+    target_lines = targets_table(checks)
     model = (
         f"Llama, hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads, intermediate "
         f"{spec['intermediate']}, vocab {spec['vocab']} (tied embeddings), fp32, batch {spec['batch']} x {spec['seq']} "
@@ -439,14 +447,26 @@ def markdown_table(spec: dict[str, Any], rows: list[dict[str, Any]], checks: lis
     return "\n".join([f"Model: {model}.", "", *lines, "", *target_lines, ""])
 
 
-def plot(spec_name: str, rows: list[dict[str, Any]]) -> None:
+def targets_table(checks: list[dict[str, Any]]) -> list[str]:
+    """The targets as Markdown table lines; a check's optional ``relation`` ("<", "<=") prefixes its bound."""
+    lines = ["| target | measured | bound | result |", "|---|---|---|---|"]
+    for c in checks:
+        verdict = "n/a" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
+        bound = f"{c['relation']} {c['bound']}" if "relation" in c else c["bound"]
+        lines.append(f"| {c['target']} | {value} | {bound} | {verdict} |")
+    return lines
+
+
+def plot(spec_name: str, rows: list[dict[str, Any]], labels: dict[str, str] = LABELS, prefix: str = "memory_speed") -> None:
+    """``<prefix>_<spec_name>_memory.png`` (peak by category) and ``..._time.png`` (median step, min-max)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if "error" not in r]
-    names = [LABELS[r["method"]] for r in rows]
+    names = [labels[r["method"]] for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5))
     left = [0.0] * len(rows)
     for category in CATEGORIES:
@@ -458,12 +478,12 @@ def plot(spec_name: str, rows: list[dict[str, Any]]) -> None:
     ax.set_title(f"Peak memory by category ({spec_name})")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"memory_speed_{spec_name}_memory.png", dpi=120)
+    fig.savefig(RESULTS / f"{prefix}_{spec_name}_memory.png", dpi=120)
     plt.close(fig)
 
     timed = [r for r in rows if "step_time_s" in r]
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(timed) + 1.5))
-    ax.barh([LABELS[r["method"]] for r in timed], [r["step_time_s"] for r in timed], color="tab:orange")
+    ax.barh([labels[r["method"]] for r in timed], [r["step_time_s"] for r in timed], color="tab:orange")
     for i, r in enumerate(timed):
         lo, hi = min(r["step_times_s"]), max(r["step_times_s"])
         ax.plot([lo, hi], [i, i], color="black", lw=1)
@@ -471,7 +491,7 @@ def plot(spec_name: str, rows: list[dict[str, Any]]) -> None:
     ax.set_xlabel("step time, s (bar: median; line: min-max of timed steps)")
     ax.set_title(f"Step time ({spec_name})")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"memory_speed_{spec_name}_time.png", dpi=120)
+    fig.savefig(RESULTS / f"{prefix}_{spec_name}_time.png", dpi=120)
     plt.close(fig)
 
 
