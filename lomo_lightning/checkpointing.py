@@ -133,9 +133,9 @@ class PeriodicCheckpoint(ModelCheckpoint):
     newest. A checkpoint is only ever taken between steps: with fused updates, parameters are changed
     one by one inside backward, so the middle of a step is no state to resume from. On the first SIGINT
     or SIGTERM the step in flight finishes, is checkpointed and logged, and :class:`Preempted` stops
-    training before the next batch or validation; a second Ctrl-C stops at once, without a checkpoint. With several processes every decision is agreed
-    by all of them (one tiny all-reduce per step), so a signal that reaches one rank stops all of them
-    at the same step.
+    training before the next batch or validation; a second Ctrl-C stops at once, without a checkpoint.
+    With several processes every decision is agreed by all of them (one tiny all-reduce per step), so a
+    signal that reaches one rank stops all of them at the same step.
 
     Args:
         dirpath: the directory of the checkpoints.

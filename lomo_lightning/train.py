@@ -297,13 +297,13 @@ def task(cfg: DictConfig) -> float | None:
     (output_dir / FAILED_MARKER).unlink(missing_ok=True)
     value = metrics.get(cfg.optimized_metric)
     if value is None or not math.isfinite(value):
-        log.error("lomo-train: the run ended with %s = %s (diverged, or validation disabled?)", cfg.optimized_metric, value)
+        log.error("lomo-train: the run ended with %s=%s (diverged, or no validation?)", cfg.optimized_metric, value)
         return None
     return value
 
 
 def continue_run(cfg: DictConfig, hydra_cfg: Any) -> DictConfig:
-    """The run's own config when ``resume``/``ckpt_path`` continue one (the overrides typed with it applied, the changes logged)."""
+    """The run's own config when ``resume`` or ``ckpt_path`` continue one: the typed overrides applied, the changes logged."""
     if hydra_cfg.mode == RunMode.MULTIRUN and (cfg.get("resume") or cfg.get("ckpt_path")):
         raise ConfigError("resume/ckpt_path continue one run: drop -m (multirun)")
     continued, changes = continued_config(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices.keys())

@@ -1,4 +1,5 @@
-"""lomo-train: every configuration composes, runs offline, saves a loadable model, continues exactly, and bad input fails clearly."""
+"""lomo-train: every configuration composes, runs offline, saves a loadable model, continues exactly, and bad input
+fails clearly."""
 
 from __future__ import annotations
 
@@ -212,7 +213,9 @@ BAD_INPUTS = {
     "no-model-path": (["model=hf"], "model.name_or_path is required: pass model.name_or_path="),
     "no-model-there": (["model=hf", "model.name_or_path={tmp}/nothing"], "model.name_or_path=.*/nothing: no model there"),
     "wandb-no-login": (["logger=wandb"], "logger.wandb: no W&B login here: .* logger.wandb.offline=true"),
-    "accumulate-fused": (["trainer.accumulate_grad_batches=4"], "accumulate_grad_batches=4 cannot work with a fused .* raise data.batch_size"),
+    "accumulate-fused": (
+        ["trainer.accumulate_grad_batches=4"], "accumulate_grad_batches=4 cannot work with a fused .* raise data.batch_size"
+    ),
 }
 
 
@@ -224,6 +227,8 @@ def test_each_bad_input_is_one_line_exit_code_2_and_leaves_no_run_directory(
     monkeypatch.delenv("WANDB_MODE")  # and no W&B login: an empty home, no key
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if "wandb" in sys.modules:  # a W&B session of an earlier test would keep its offline mode, as in a new process
+        sys.modules["wandb"].teardown()
     monkeypatch.chdir(tmp_path)  # the run directory is Hydra's default: outputs/<date>/<time>
     arguments = tiny(f"data.cache_dir={cache_dir}", *(o.format(tmp=tmp_path) for o in overrides))
     monkeypatch.setattr(sys, "argv", ["lomo-train", *arguments])
@@ -401,8 +406,8 @@ def test_gradient_checkpointing_of_model_hf_saves_fewer_activations(tmp_path, ca
     tokens = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
     saved = {}
     for checkpointing in (False, True):
-        overrides = [f"model.name_or_path={saved_tiny_model}", "model.dtype=float32", f"model.gradient_checkpointing={checkpointing}"]
-        cfg = config(tmp_path, cache_dir, "model=hf", *overrides)
+        model_path = f"model.name_or_path={saved_tiny_model}"
+        cfg = config(tmp_path, cache_dir, "model=hf", model_path, "model.dtype=float32", f"model.gradient_checkpointing={checkpointing}")
         model = instantiate(cfg.model, tokenizer=instantiate(cfg.data).tokenizer, seq_len=cfg.data.seq_len)
         saved[checkpointing] = saved_activation_bytes(model, tokens)
     assert saved[True] < 0.5 * saved[False], saved
