@@ -146,7 +146,9 @@ def prepare_data(node: DictConfig) -> TokenizedDataModule:
     except ConfigError:
         raise
     except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"data: {one_line(error)}") from None
+        message = one_line(error)
+        files = (f"data.{name}" for name in ("train_file", "val_file") if node.get(name) and str(node[name]) in message)
+        raise ConfigError(f"{next(files, 'data')}: {message}") from None
     except OSError as error:  # from_pretrained found no tokenizer (offline, or a wrong name)
         raise ConfigError(f"data.tokenizer={node.tokenizer}: {one_line(error)}") from None
     return datamodule

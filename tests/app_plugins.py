@@ -30,6 +30,17 @@ class SignalAtStep(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class FailAtStep(pl.Callback):
+    """Raises ``RuntimeError`` once training has finished ``step``: a crash in the middle of a run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
 class BlockingCheckpointIO(AtomicCheckpointIO):
     """Writes checkpoints as ``AtomicCheckpointIO`` does, but the ``block_at``-th one only half, then waits forever.
 

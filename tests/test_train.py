@@ -208,7 +208,10 @@ BAD_INPUTS = {
     "negative-lr": (["method.optimizer.lr=-1e-3"], "method.optimizer.lr=-0.001: AdaLomo: lr must be >= 0"),
     "unknown-argument": (["+method.optimizer.lrr=1e-3"], "method.optimizer.lrr is not an argument of lomo_lightning.AdaLomo"),
     "unknown-key": (["method.optimizer.learning_rate=1"], "Could not override 'method.optimizer.learning_rate'"),
-    "malformed-json": (["data=jsonl", "data.train_file={tmp}/malformed.jsonl"], "malformed.jsonl cannot be read as json: line 2"),
+    "malformed-json": (
+        ["data=jsonl", "data.train_file={tmp}/malformed.jsonl"],
+        "data.train_file: .*malformed.jsonl cannot be read as json: line 2",
+    ),
     "no-train-file": (["data=jsonl"], "data.train_file is required: pass data.train_file="),
     "no-model-path": (["model=hf"], "model.name_or_path is required: pass model.name_or_path="),
     "no-model-there": (["model=hf", "model.name_or_path={tmp}/nothing"], "model.name_or_path=.*/nothing: no model there"),
@@ -316,6 +319,22 @@ def test_killing_the_process_during_a_checkpoint_write_leaves_the_previous_check
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
     assert not (checkpoints / "step-000004.ckpt").exists()
     assert list(checkpoints.glob(".step-000004.ckpt.*.partial"))  # what the kill cut short stays out of the way
+
+
+def test_a_run_that_crashes_is_marked_failed_and_continues_from_its_last_checkpoint(tmp_path, cache_dir, monkeypatch):
+    run_dir = tmp_path / "run"
+    crash = ["+callbacks.crash._target_=app_plugins.FailAtStep", "+callbacks.crash.step=3"]
+    arguments = tiny("trainer.max_steps=4", "callbacks.checkpoint.every_n_steps=2", f"data.cache_dir={cache_dir}", *crash)
+    monkeypatch.setattr(sys, "argv", ["lomo-train", f"hydra.run.dir={run_dir}", *arguments])
+    with pytest.raises(RuntimeError, match="crash at step 3"):
+        main()
+    assert (run_dir / "FAILED").read_text() == "RuntimeError: crash at step 3\n"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    monkeypatch.setattr(sys, "argv", ["lomo-train", f"resume={run_dir}", "++callbacks.crash=null"])
+    main()
+    assert not (run_dir / "FAILED").exists() and (run_dir / "model" / "config.json").is_file()
+    assert OmegaConf.load(run_dir / "config.yaml").callbacks.crash is None
 
 
 def test_a_continued_run_restores_its_config_and_applies_only_the_values_typed_with_it(tmp_path, cache_dir):
