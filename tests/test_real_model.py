@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_module
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app_plugins import RecordModesAtFirstStep
 from lomo_lightning.data import IGNORE_INDEX
 from lomo_lightning.models import SMOLLM2_GGUF, smollm2_gguf_directory
 from lomo_lightning.train import run
@@ -53,10 +54,13 @@ def test_lomo_train_fine_tunes_smollm2_on_chat_formatted_instructions(tmp_path: 
         "trainer.val_check_interval=2",
         "callbacks.progress_bar=null",
         "trainer.enable_model_summary=false",
+        "+callbacks.modes._target_=app_plugins.RecordModesAtFirstStep",
     ]
     with initialize_config_module("lomo_lightning.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     metrics, module = run(cfg)
+    (modes,) = (callback for callback in module.trainer.callbacks if isinstance(callback, RecordModesAtFirstStep))
+    assert modes.in_eval_mode == []  # from_pretrained returns eval mode: the app trains in train mode
     assert metrics["val/loss"] < metrics["val/loss_before"] + 0.5 and metrics["val/loss_before"] < 5.0, (
         "a pretrained instruct model starts far below a random one's loss (ln 49152 = 10.8)"
     )

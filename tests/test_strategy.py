@@ -167,9 +167,10 @@ def test_bf16_mixed_equals_the_plain_loop_under_autocast():
     assert_same_parameters(module.model, expected)
 
 
-def test_gradient_accumulation_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="nothing is left to accumulate"):
-        trainer(max_steps=1, accumulate_grad_batches=2).fit(TinyLM(tiny_llama()), loader(batches(2)))
+@pytest.mark.parametrize("module_cls", [TinyLM, TinyFusedLM], ids=["automatic", "manual"])
+def test_gradient_accumulation_is_refused_with_the_reason(module_cls):
+    with pytest.raises(ValueError, match="nothing is left to accumulate"):  # not Lightning's manual-optimization error
+        trainer(max_steps=1, accumulate_grad_batches=2).fit(module_cls(tiny_llama()), loader(batches(2)))
 
 
 def test_two_devices_on_the_single_device_strategy_is_refused():

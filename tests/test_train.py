@@ -1,12 +1,17 @@
-"""lomo-train: every configuration composes, runs offline, saves a loadable model, and bad input fails clearly."""
+"""lomo-train: every configuration composes, runs offline, saves a loadable model, continues exactly, and bad input
+fails clearly."""
 
 from __future__ import annotations
 
+import csv
 import itertools
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,10 +21,15 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from app_plugins import RecordModesAtFirstStep
 from lomo_lightning.models import ConfigError
-from lomo_lightning.train import run
+from lomo_lightning.resume import continued_config
+from lomo_lightning.train import main, run
+
+TESTS = Path(__file__).parent
 
 METHODS = ["adalomo", "lomo", "adamw"]
 SELECTIONS = ["full", "hft", "sft_ag", "sft_sm3"]
@@ -66,7 +76,37 @@ def config(output_dir: Path, cache_dir: Path, *overrides: str) -> DictConfig:
 
 
 def subprocess_env(cache_dir: Path) -> dict[str, str]:
-    return {**os.environ, "LOMO_LIGHTNING_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    """The environment of a lomo-train subprocess: offline, sharing the cache, able to import tests/app_plugins.py."""
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    return {
+        **os.environ,
+        "LOMO_LIGHTNING_CACHE": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": path,
+    }
+
+
+def lomo_train(cache_dir: Path, *arguments: str) -> subprocess.Popen:
+    """Start ``lomo-train *arguments`` (the console script's code) in a subprocess, its output into a file."""
+    command = [sys.executable, "-m", "lomo_lightning.train", *arguments]
+    output = tempfile.TemporaryFile(mode="w+")  # not a pipe: runs in parallel would block on a full one
+    process = subprocess.Popen(command, env=subprocess_env(cache_dir), stdout=output, stderr=subprocess.STDOUT, text=True)
+    process.output = output
+    return process
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    """Wait for ``process``; its exit code and its output."""
+    process.wait(timeout=timeout)
+    process.output.seek(0)
+    return process.returncode, process.output.read()
+
+
+def logged_rows(run_dir: Path) -> list[dict[str, str]]:
+    """``metrics.csv`` without the timing and memory columns, which differ between any two runs."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in csv.DictReader(file)]
 
 
 def test_default_run_saves_a_model_that_reloads_with_the_same_logits(tmp_path, cache_dir):
@@ -102,33 +142,6 @@ def test_a_fused_and_an_unfused_method_train_with_a_selection(tmp_path, cache_di
     assert (tmp_path / "model" / "sparse_delta.safetensors").is_file() == selection.startswith("sft")
 
 
-class InterruptAtStep(pl.Callback):
-    """Presses Ctrl-C when training reaches ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
-
-
-def test_an_interrupted_run_leaves_a_loadable_checkpoint_to_resume_from(tmp_path, cache_dir):
-    interrupt = [f"+callbacks.interrupt._target_={__name__}.InterruptAtStep", "+callbacks.interrupt.step=3"]
-    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C while it shuts down
-    try:
-        with pytest.raises(SystemExit):
-            run(config(tmp_path, cache_dir, "trainer.max_steps=4", *interrupt))
-    finally:
-        signal.signal(signal.SIGINT, sigint)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 2
-    assert not (tmp_path / "model").exists()
-
-    _, module = run(config(tmp_path, cache_dir, "trainer.max_steps=4", f"ckpt_path={last}"))
-    assert module.trainer.global_step == 4
-
-
 def test_wandb_offline_run_records_the_config_and_metrics(tmp_path, cache_dir):
     run(config(tmp_path, cache_dir, "logger=wandb", "logger.wandb.offline=true"))
     (records,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
@@ -142,14 +155,19 @@ def test_wandb_offline_run_records_the_config_and_metrics(tmp_path, cache_dir):
         assert key in logged
 
 
-def test_multirun_leaves_one_result_directory_per_job(tmp_path, cache_dir):
+def test_multirun_leaves_one_result_directory_per_job_and_goes_on_past_a_failed_one(tmp_path, cache_dir):
     sweep = tmp_path / "multirun"
-    command = [sys.executable, "-m", "lomo_lightning.train", "-m", "method=lomo,adalomo", f"hydra.sweep.dir={sweep}"]
-    subprocess.run(command + tiny(), check=True, env=subprocess_env(cache_dir), capture_output=True, timeout=300)
-    for job in ("0", "1"):
+    grid = ["-m", "method=lomo,adalomo", "method.optimizer.lr=0.01,-1", f"hydra.sweep.dir={sweep}"]
+    code, output = finish(lomo_train(cache_dir, *grid, *tiny()))
+    assert code == 0, output[-3000:]
+    for job in ("0", "2"):  # lr=0.01
         assert (sweep / job / "model" / "config.json").is_file()
         assert (sweep / job / "csv" / "metrics.csv").is_file()
-    assert OmegaConf.load(sweep / "1" / "config.yaml").method.optimizer._target_ == "lomo_lightning.AdaLomo"
+        assert not (sweep / job / "FAILED").exists()
+    assert OmegaConf.load(sweep / "2" / "config.yaml").method.optimizer._target_ == "lomo_lightning.AdaLomo"
+    for job in ("1", "3"):  # lr=-1: failed before training, said why
+        assert "lr must be >= 0" in (sweep / job / "FAILED").read_text()
+        assert not (sweep / job / "model").exists()
 
 
 @pytest.mark.parametrize(
@@ -186,19 +204,232 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, cache
         run(config(tmp_path / "run", cache_dir, *overrides))
 
 
-def test_the_console_script_reports_errors_in_one_line_and_exits_with_1(tmp_path, cache_dir):
-    env = subprocess_env(cache_dir)
-    base = [sys.executable, "-m", "lomo_lightning.train", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    missing_file = ["data=jsonl", f"data.train_file={tmp_path / 'nope.jsonl'}"]
-    missing = subprocess.run(base + tiny(*missing_file), env=env, capture_output=True, text=True)
-    assert missing.returncode == 1
-    assert "lomo-train: data: instruction file not found" in missing.stderr + missing.stdout
-    assert "Traceback" not in missing.stderr
+BAD_INPUTS = {
+    "negative-lr": (["method.optimizer.lr=-1e-3"], "method.optimizer.lr=-0.001: AdaLomo: lr must be >= 0"),
+    "unknown-argument": (["+method.optimizer.lrr=1e-3"], "method.optimizer.lrr is not an argument of lomo_lightning.AdaLomo"),
+    "unknown-key": (["method.optimizer.learning_rate=1"], "Could not override 'method.optimizer.learning_rate'"),
+    "malformed-json": (
+        ["data=jsonl", "data.train_file={tmp}/malformed.jsonl"],
+        "data.train_file: .*malformed.jsonl cannot be read as json: line 2",
+    ),
+    "no-train-file": (["data=jsonl"], "data.train_file is required: pass data.train_file="),
+    "no-model-path": (["model=hf"], "model.name_or_path is required: pass model.name_or_path="),
+    "no-model-there": (["model=hf", "model.name_or_path={tmp}/nothing"], "model.name_or_path=.*/nothing: no model there"),
+    "wandb-no-login": (["logger=wandb"], "logger.wandb: no W&B login here: .* logger.wandb.offline=true"),
+    "accumulate-fused": (
+        ["trainer.accumulate_grad_batches=4"], "accumulate_grad_batches=4 cannot work with a fused .* raise data.batch_size"
+    ),
+}
 
-    unknown = subprocess.run(base + tiny("method.optimizer.learning_rate=1"), env=env, capture_output=True, text=True)
-    assert unknown.returncode == 1
-    assert "Could not override 'method.optimizer.learning_rate'" in unknown.stderr
-    assert "Traceback" not in unknown.stderr
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_each_bad_input_is_one_line_exit_code_2_and_leaves_no_run_directory(
+    tmp_path, cache_dir, monkeypatch, capsys, overrides, message
+):
+    (tmp_path / "malformed.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    monkeypatch.delenv("WANDB_MODE")  # and no W&B login: an empty home, no key
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if "wandb" in sys.modules:  # a W&B session of an earlier test would keep its offline mode, as in a new process
+        sys.modules["wandb"].teardown()
+    monkeypatch.chdir(tmp_path)  # the run directory is Hydra's default: outputs/<date>/<time>
+    arguments = tiny(f"data.cache_dir={cache_dir}", *(o.format(tmp=tmp_path) for o in overrides))
+    monkeypatch.setattr(sys, "argv", ["lomo-train", *arguments])
+
+    with pytest.raises(SystemExit) as exit:
+        main()
+
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lomo-train:")]
+    assert exit.value.code == 2
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_the_console_script_exits_with_2_and_one_line_from_a_real_process(tmp_path, cache_dir):
+    run_dir = tmp_path / "hydra"
+    code, output = finish(lomo_train(cache_dir, f"hydra.run.dir={run_dir}", *tiny("method.optimizer.lr=-1")))
+    assert code == 2
+    assert "lomo-train: method.optimizer.lr=-1: AdaLomo: lr must be >= 0" in output and "Traceback" not in output
+    assert not run_dir.exists()
+
+
+def test_a_run_ends_with_a_validation_of_its_last_step(tmp_path, cache_dir):
+    metrics, module = run(config(tmp_path, cache_dir, "trainer.max_steps=7", "trainer.val_check_interval=5"))
+
+    rows = logged_rows(tmp_path)
+    validated = [row for row in rows if row["val/loss"]]
+    assert len(validated) == 3 and rows[-1] is validated[-1]  # before training, at step 5, after step 7
+    assert float(validated[-1]["val/loss"]) == metrics["val/loss"]
+    assert module.trainer.global_step == 7
+
+
+# -- continuing a run ------------------------------------------------------------------------------
+
+CONTINUED = ["trainer.max_steps=6", "trainer.val_check_interval=4", "callbacks.checkpoint.every_n_steps=2"]
+
+
+def assert_stopped_then_resumed_equals_uninterrupted(tmp_path: Path, cache_dir: Path, *overrides: str) -> None:
+    """Ctrl-C (SIGINT) at step 3 of 6, ``lomo-train resume=<run dir>``: the same model, logs and final val/loss."""
+    uninterrupted, stopped = tmp_path / "uninterrupted", tmp_path / "stopped"
+    interrupt = ["+callbacks.interrupt._target_=app_plugins.SignalAtStep", "+callbacks.interrupt.step=3"]
+    runs = [
+        lomo_train(cache_dir, f"hydra.run.dir={uninterrupted}", *tiny(*CONTINUED, *overrides)),
+        lomo_train(cache_dir, f"hydra.run.dir={stopped}", *tiny(*CONTINUED, *overrides, *interrupt)),
+    ]
+    (code, output), (stop_code, stop_output) = (finish(process) for process in runs)
+    assert code == 0, output[-3000:]
+    assert stop_code == 128 + signal.SIGINT, stop_output[-3000:]
+    assert f"Continue with: lomo-train resume={stopped}" in stop_output
+    assert not (stopped / "model").exists()
+
+    code, output = finish(lomo_train(cache_dir, f"resume={stopped}"))  # nothing else: the run's config is restored
+    assert code == 0, output[-3000:]
+    assert f"Continuing the run in {stopped} from {stopped / 'checkpoints' / 'last.ckpt'}" in output
+
+    expected, resumed = (load_file(d / "model" / "model.safetensors") for d in (uninterrupted, stopped))
+    assert expected.keys() == resumed.keys()
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), name
+    assert logged_rows(stopped) == logged_rows(uninterrupted)  # every step's loss, every validation, once
+
+
+def test_ctrl_c_then_resume_through_lomo_train_equals_an_uninterrupted_run(tmp_path, cache_dir):
+    assert_stopped_then_resumed_equals_uninterrupted(tmp_path, cache_dir)
+
+
+@pytest.mark.distributed
+def test_ctrl_c_then_resume_on_two_fsdp_ranks_equals_an_uninterrupted_run(tmp_path, cache_dir):
+    """The signal reaches rank 0 only (``kill -INT``): both ranks save the step and stop together."""
+    assert_stopped_then_resumed_equals_uninterrupted(tmp_path, cache_dir, "strategy=fsdp", "trainer.devices=2")
+
+
+def test_killing_the_process_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path, cache_dir):
+    ready = tmp_path / "writing"
+    blocking = f"trainer.plugins=[{{_target_:app_plugins.BlockingCheckpointIO,block_at:2,ready_file:{ready}}}]"
+    steps = ["trainer.max_steps=6", "callbacks.checkpoint.every_n_steps=2", "callbacks.best_checkpoint=null"]
+    process = lomo_train(cache_dir, f"hydra.run.dir={tmp_path}", *tiny(*steps, blocking))
+    deadline = time.monotonic() + 300
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.exists(), finish(process)[1][-3000:]
+    process.kill()  # SIGKILL, half-way through writing the step-4 checkpoint
+    process.communicate()
+
+    checkpoints = tmp_path / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert not (checkpoints / "step-000004.ckpt").exists()
+    assert list(checkpoints.glob(".step-000004.ckpt.*.partial"))  # what the kill cut short stays out of the way
+
+
+def test_a_run_that_crashes_is_marked_failed_and_continues_from_its_last_checkpoint(tmp_path, cache_dir, monkeypatch):
+    run_dir = tmp_path / "run"
+    crash = ["+callbacks.crash._target_=app_plugins.FailAtStep", "+callbacks.crash.step=3"]
+    arguments = tiny("trainer.max_steps=4", "callbacks.checkpoint.every_n_steps=2", f"data.cache_dir={cache_dir}", *crash)
+    monkeypatch.setattr(sys, "argv", ["lomo-train", f"hydra.run.dir={run_dir}", *arguments])
+    with pytest.raises(RuntimeError, match="crash at step 3"):
+        main()
+    assert (run_dir / "FAILED").read_text() == "RuntimeError: crash at step 3\n"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    monkeypatch.setattr(sys, "argv", ["lomo-train", f"resume={run_dir}", "++callbacks.crash=null"])
+    main()
+    assert not (run_dir / "FAILED").exists() and (run_dir / "model" / "config.json").is_file()
+    assert OmegaConf.load(run_dir / "config.yaml").callbacks.crash is None
+
+
+def test_a_continued_run_restores_its_config_and_applies_only_the_values_typed_with_it(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    saved = config(run_dir, cache_dir, "method.optimizer.lr=0.01", "trainer.max_steps=5")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    OmegaConf.save(OmegaConf.to_container(saved, resolve=True), run_dir / "config.yaml")
+
+    for resume in (f"resume={run_dir}", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"):
+        typed = [resume, "trainer.max_steps=9", "+trainer.min_steps=2"]
+        with initialize_config_module("lomo_lightning.conf", version_base="1.3"):
+            composed = compose("config", overrides=typed, return_hydra_config=True)
+            groups = composed.hydra.runtime.choices.keys()
+        assert composed.hydra.run.dir == str(run_dir)  # a continued run writes into its own directory
+        continued, changes = continued_config(composed, typed, groups)
+
+        assert continued.method.optimizer.lr == 0.01  # the run's value, not conf/'s 3e-2
+        assert continued.trainer.max_steps == 9 and continued.trainer.min_steps == 2
+        assert continued.ckpt_path == str(run_dir / "checkpoints" / "last.ckpt")
+        assert changes == ["trainer.max_steps: 5 -> 9", "trainer.min_steps: (absent) -> 2"]
+
+    with initialize_config_module("lomo_lightning.conf", version_base="1.3"):
+        composed = compose("config", overrides=[f"resume={run_dir}", "method=lomo"], return_hydra_config=True)
+    with pytest.raises(ConfigError, match="method=lomo: a continued run keeps the config groups it started with"):
+        continued_config(composed, [f"resume={run_dir}", "method=lomo"], composed.hydra.runtime.choices.keys())
+
+
+def test_an_optuna_sweep_of_short_trials_gets_a_number_from_every_trial(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    arguments = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
+    # 3 steps, validation every 2: without a validation at the end the trials would have no val/loss to return
+    code, output = finish(lomo_train(cache_dir, *arguments, *tiny("trainer.max_steps=3")))
+    assert code == 0, output[-3000:]
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert math.isfinite(results.best_value)
+
+
+# -- every model group trains in train mode ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_model(tmp_path_factory, cache_dir) -> Path:
+    """A tiny Llama and the stdlib tokenizer, saved as ``from_pretrained`` reads them (``model=hf``'s input)."""
+    directory = tmp_path_factory.mktemp("saved_model")
+    cfg = config(directory, cache_dir)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    instantiate(cfg.model, tokenizer=datamodule.tokenizer, seq_len=cfg.data.seq_len).save_pretrained(directory)
+    datamodule.tokenizer.save_pretrained(directory)
+    return directory
+
+
+MODEL_GROUPS = {
+    "tiny": [],
+    "small": ["model=small", "model.llama.num_hidden_layers=1"],  # the preset, one block of it
+    "hf": ["model=hf", "model.name_or_path={saved}", "model.dtype=float32"],
+}
+
+
+@pytest.mark.parametrize("overrides", MODEL_GROUPS.values(), ids=MODEL_GROUPS.keys())
+def test_every_model_group_trains_in_train_mode(tmp_path, cache_dir, saved_tiny_model, overrides):
+    """No module in eval mode at the first step (model=smollm2: tests/test_real_model.py), checkpointing as configured."""
+    probe = "+callbacks.modes._target_=app_plugins.RecordModesAtFirstStep"
+    overrides = [override.format(saved=saved_tiny_model) for override in overrides]
+    _, module = run(config(tmp_path, cache_dir, "trainer.max_steps=1", "validate_before_training=false", probe, *overrides))
+
+    (modes,) = (callback for callback in module.trainer.callbacks if isinstance(callback, RecordModesAtFirstStep))
+    assert modes.in_eval_mode == []
+    assert modes.checkpointing == ("model=hf" in overrides)  # model=hf checkpoints by default, the presets do not
+
+
+def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward (parameters aside), distinct storages counted once."""
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for pointer, size in storages.items() if pointer not in parameters)
+
+
+def test_gradient_checkpointing_of_model_hf_saves_fewer_activations(tmp_path, cache_dir, saved_tiny_model):
+    tokens = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    saved = {}
+    for checkpointing in (False, True):
+        model_path = f"model.name_or_path={saved_tiny_model}"
+        cfg = config(tmp_path, cache_dir, "model=hf", model_path, "model.dtype=float32", f"model.gradient_checkpointing={checkpointing}")
+        model = instantiate(cfg.model, tokenizer=instantiate(cfg.data).tokenizer, seq_len=cfg.data.seq_len)
+        saved[checkpointing] = saved_activation_bytes(model, tokens)
+    assert saved[True] < 0.5 * saved[False], saved
 
 
 def test_trust_remote_code_is_off_unless_asked_for(tmp_path):

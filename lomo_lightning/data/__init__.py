@@ -14,6 +14,7 @@ from lomo_lightning.data.instructions import (
     render_prompt,
 )
 from lomo_lightning.data.python_stdlib import PythonStdlibDataModule
+from lomo_lightning.data.resumable import ResumableDataLoader
 from lomo_lightning.data.stdlib import split_files, split_halves, stdlib_source_files
 from lomo_lightning.data.tokenizer import default_cache_dir, load_tokenizer
 
@@ -25,6 +26,7 @@ __all__ = [
     "JsonInstructionDataModule",
     "PyInstructDataModule",
     "PythonStdlibDataModule",
+    "ResumableDataLoader",
     "TokenizedDataModule",
     "default_cache_dir",
     "format_example",

@@ -10,14 +10,15 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import torch
 from datasets import Dataset
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lomo_lightning.data.resumable import ResumableDataLoader
 from lomo_lightning.data.tokenizer import resolve_cache_dir, resolve_tokenizer
 
 MIN_SEQ_LEN = 8
@@ -76,25 +77,32 @@ class TokenizedDataModule(LightningDataModule, ABC):
         It must not hold the data module (which references the trainer), so spawned workers stay cheap.
         """
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled with a generator seeded by ``seed``, so the example order is reproducible."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self._require("train_dataset"), shuffle=True, generator=generator)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled in an order fixed by ``seed`` and the epoch, this process's share of it, resumable mid-epoch.
+
+        Under a Trainer with several processes each takes its own share (Lightning's distributed sampler
+        arguments); Lightning then leaves the loader's ``DistributedSampler`` as it is.
+        """
+        sharding = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        return ResumableDataLoader(
+            self._require("train_dataset"),
+            seed=self.seed,
+            num_replicas=sharding.get("num_replicas", 1),
+            rank=sharding.get("rank", 0),
+            **self._loader_arguments(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         """In dataset order, so every validation pass sees the same batches."""
-        return self._loader(self._require("val_dataset"), shuffle=False)
+        return DataLoader(self._require("val_dataset"), shuffle=False, **self._loader_arguments())
 
-    def _loader(self, dataset: Dataset, *, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collator(),
-        )
+    def _loader_arguments(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": self.collator(),
+        }
 
     def _require(self, name: str) -> Dataset:
         dataset = getattr(self, name)

@@ -11,6 +11,7 @@ the boundary between them is exact.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
@@ -307,9 +309,30 @@ def read_records(path: str | os.PathLike, cache_dir: Path) -> Dataset:
     if not path.read_bytes().strip():
         raise ValueError(f"instruction file {path} is empty: it must hold instruction/input/output records")
     builder = "parquet" if path.suffix == ".parquet" else "json"
-    with quiet_progress_bars():
-        records = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir / "hf"))
+    try:
+        with quiet_progress_bars():
+            records = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir / "hf"))
+    except DatasetGenerationError:
+        raise ValueError(f"{path} cannot be read as {builder}{json_error(path) if builder == 'json' else ''}") from None
     return check_records(records, str(path))
+
+
+def json_error(path: Path) -> str:
+    """Where ``path`` (a JSON document or JSON lines) stops being valid JSON, as ``": line N: message"``."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            return f": line {error.lineno}: {error.msg}: fix or remove that record"
+        return ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f": line {number}: {error.msg}: fix or remove that record"
+    return ""
 
 
 class JsonInstructionDataModule(InstructionDataModule):

@@ -33,16 +33,17 @@ class FusedStrategyMixin:
         self.fused_updater = None
         self._restored_engine_state: dict[str, Any] | None = None
 
+    def connect(self, model: LightningModule) -> None:
+        # before Lightning's own check, whose message for manual optimization does not say why
+        if model._trainer is not None:
+            _refuse_accumulation(model._trainer)
+        super().connect(model)  # type: ignore[misc]
+
     def _install_fused_updater(self, trainer: Trainer) -> None:
         """Validate the trainer configuration and install the engine on the set-up model."""
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        if trainer.accumulate_grad_batches > 1:
-            raise ValueError(
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches} cannot work with fused updates: each "
-                "gradient is applied inside backward and freed at once, so nothing is left to accumulate. Use a "
-                "larger batch instead (gradient checkpointing makes room for it), and set accumulate_grad_batches=1."
-            )
+        _refuse_accumulation(trainer)
         if len(self.optimizers) != 1:  # type: ignore[attr-defined]
             raise ValueError(
                 f"Fused updates need exactly one optimizer from configure_optimizers, got {len(self.optimizers)}. "  # type: ignore[attr-defined]
@@ -130,6 +131,15 @@ class FusedStrategyMixin:
             self.fused_updater.remove()
             self.fused_updater = None
         super().teardown()  # type: ignore[misc]
+
+
+def _refuse_accumulation(trainer: Trainer) -> None:
+    if trainer.accumulate_grad_batches > 1:
+        raise ValueError(
+            f"accumulate_grad_batches={trainer.accumulate_grad_batches} cannot work with fused updates: each "
+            "gradient is applied inside backward and freed at once, so nothing is left to accumulate. Use a "
+            "larger batch instead (gradient checkpointing makes room for it), and set accumulate_grad_batches=1."
+        )
 
 
 def fused_updater_of(module: LightningModule) -> FusedUpdater:

@@ -11,8 +11,10 @@ norm and the skip verdict here.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Generator, Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lomo_lightning.checkpointing import publish_directory, staging_path
 from lomo_lightning.fused import FusedUpdater
 from lomo_lightning.optim.base import finish_update, shard_group
 from lomo_lightning.selection.base import gradient_routes
@@ -306,9 +309,28 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         return super().optimizer_state(optimizer)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Save as Lightning does; a distributed checkpoint is written beside ``filepath``, then renamed into place.
+
+        Every rank writes its shard file into the staging directory; once all are written, rank zero
+        renames the directory, so a kill at any moment leaves the previous checkpoint whole. (A full
+        checkpoint is one file: the ``CheckpointIO``, e.g. :class:`~lomo_lightning.checkpointing.AtomicCheckpointIO`,
+        writes it.)
+        """
         if self._sparse_values:
             checkpoint[SPARSE_OPTIMIZER_KEY] = [optimizer.state_dict() for optimizer in self.optimizers]
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            return
+        path = Path(self.broadcast(str(filepath)))
+        staging = staging_path(path)
+        if self.is_global_zero:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a process killed while writing it
+        self.barrier()
+        super().save_checkpoint(checkpoint, staging, storage_options=storage_options)
+        self.barrier()
+        if self.is_global_zero:
+            publish_directory(staging, path)
+        self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         optimizers = self.optimizers
