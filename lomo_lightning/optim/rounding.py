@@ -141,15 +141,20 @@ def stochastic_round_(param: Tensor, work: Tensor, *, key: tuple[int, ...], offs
 
 
 def _block_bits(key: tuple[int, ...], block_start: int, size: int, random_bits: int, device: torch.device) -> Tensor:
-    """``size`` uniform integers in ``[0, 2^random_bits)``: the bits of one block, a function of ``key`` and the block.
+    """``size`` uniform int32 in ``[0, 2^random_bits)``: the bits of one block, a function of ``key`` and the block.
 
+    Drawn as 64-bit words, each split into 16-bit lanes (bf16 needs 16 bits) or 32-bit lanes (fp16
+    needs 24): a generator call per word, not per element, halves to quarters the cost of the draw.
     The whole block is drawn even when only part of it is needed, so the bits of an element do not
     depend on which part of the tensor the caller holds.
     """
     seed = int.from_bytes(hashlib.blake2b(repr((*key, block_start)).encode(), digest_size=8).digest(), "little")
     generator = _generator(device)
     generator.manual_seed(seed)
-    return torch.empty(size, dtype=torch.int32, device=device).random_(0, 2**random_bits, generator=generator)
+    lane = torch.int16 if random_bits <= 16 else torch.int32
+    per_word = 64 // torch.iinfo(lane).bits
+    words = torch.empty(-(-size // per_word), dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    return words.view(lane)[:size].to(torch.int32).bitwise_and_(2**random_bits - 1)
 
 
 @functools.cache
@@ -170,7 +175,7 @@ def _round_to_bf16(x: Tensor, bits: Tensor) -> Tensor:
     """
     pattern = x.view(torch.int32)
     in_range = pattern.bitwise_and(_MAGNITUDE_BITS).le_(_BF16_MAX_BITS)  # 1 where |x| <= bf16's max, else 0
-    pattern.add_(bits.mul_(in_range)).bitwise_and_(_LOW_16_BITS_CLEARED)
+    pattern.addcmul_(bits, in_range).bitwise_and_(_LOW_16_BITS_CLEARED)
     return x
 
 
