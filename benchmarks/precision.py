@@ -6,7 +6,7 @@ updates (``FusedUpdater``)::
 
     python benchmarks/precision.py                           # everything: hours on 2 shared CPU cores
     python benchmarks/precision.py --parts memory timing     # a subset; merged into the previous results
-    python benchmarks/precision.py --parts quality --runs adalomo_fp32 adalomo_bf16_stochastic --workers 2
+    python benchmarks/precision.py --parts quality --only adalomo_fp32 adalomo_bf16_stochastic --workers 2
 
 Parts, each run in a fresh process:
 
@@ -436,7 +436,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--runs", nargs="+", choices=list(QUALITY_RUNS), default=list(QUALITY_RUNS), help="quality runs to do")
+    parser.add_argument("--only", nargs="+", help="run only these of the parts' runs (e.g. adalomo_fp32, bfloat16+checkpointing)")
     parser.add_argument("--steps", type=int, default=SETTINGS["steps"])
     parser.add_argument("--timed-steps", type=int, default=SETTINGS["timed_steps"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: steadier on a shared machine)")
@@ -470,7 +470,8 @@ def main() -> None:
         return results
 
     for part in [p for p in PARTS if p in args.parts]:
-        names = {"quality": args.runs, "memory": MEMORY_RUNS, "timing": ["float32", "bfloat16"]}[part]
+        names = {"quality": list(QUALITY_RUNS), "memory": MEMORY_RUNS, "timing": ["float32", "bfloat16"]}[part]
+        names = [name for name in names if args.only is None or name in args.only]
         workers = args.workers if part == "quality" else 1  # memory is exact anyway; timing runs alone
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = {pool.submit(run_in_subprocess, part, name, settings, args.threads): name for name in names}
