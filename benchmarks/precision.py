@@ -326,7 +326,10 @@ def environment() -> dict[str, Any]:
     import torch
 
     root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    # LOMO_BENCH_LIBRARY_COMMIT: the commit of a snapshot the benchmark runs from (see benchmarks/README.md)
+    commit = os.environ.get("LOMO_BENCH_LIBRARY_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
