@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lomo_lightning.optim.base import PerParameterOptimizer, flat_offset, keep_state_dtypes, local_tensor, needs_write_back
-from lomo_lightning.optim.rounding import WriteBack, check_rounding
+from lomo_lightning.optim.base import PerParameterOptimizer, keep_state_dtypes, local_tensor, needs_write_back, write_back_of
+from lomo_lightning.optim.rounding import check_rounding
 from lomo_lightning.selection.base import GradientRoute, gradient_routes
 
 
@@ -297,7 +297,11 @@ class FusedUpdater:
         target.data = low_precision.float()
         try:
             self._step_narrowed(target, grad, group)
-            self._write_back(target, low_precision, group)(local_tensor(low_precision), local_tensor(target.data))
+            # after the rule's step: a stock rule creates its state when it finds none. Stock rules keep no
+            # common step count, so stochastic rounding keys its bits on the engine's.
+            state = self.optimizer.state[target]
+            write_back = write_back_of(target, group, state, step=self.steps, position=self._position[target], like=low_precision)
+            write_back(local_tensor(low_precision), local_tensor(target.data))
         finally:
             target.data = low_precision
 
@@ -314,21 +318,6 @@ class FusedUpdater:
                 g["params"] = params
             target.grad = None
 
-    def _write_back(self, target: Tensor, low_precision: Tensor, group: dict[str, Any]) -> WriteBack:
-        """How a stock rule's result reaches ``target`` (whose 16-bit data is ``low_precision``).
-
-        Stochastic rounding keys its bits on the engine's step count (stock rules keep no common one).
-        """
-        rounding = group["rounding"]
-        if rounding == "stochastic":
-            key = (group["seed"], self.steps, self._position[target])
-            return WriteBack(rounding, key=key, offset=flat_offset(target), numel=target.numel())
-        if rounding == "kahan":
-            state = self.optimizer.state[target]
-            if "kahan_comp" not in state:  # after the rule's first step: it creates its state when it finds none
-                state["kahan_comp"] = torch.zeros_like(low_precision)
-            return WriteBack(rounding, compensation=local_tensor(state["kahan_comp"]))
-        return WriteBack(rounding)
 
     # -- checkpointing -----------------------------------------------------------------------------
 

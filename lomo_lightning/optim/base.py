@@ -63,26 +63,35 @@ class PerParameterOptimizer(Optimizer):
         raise NotImplementedError
 
     def write_back(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> WriteBack:
-        """How the fp32 result for ``param`` (bf16/fp16) is written back; creates the state it needs.
-
-        Stochastic rounding keys its bits on ``state["step"]``, which the rule has advanced for this
-        update; Kahan summation keeps ``state["kahan_comp"]``, shaped and placed like the parameter.
-        """
-        rounding = group["rounding"]
-        if rounding == "stochastic":
-            offset, numel = flat_offset(param), param.numel()
-            return WriteBack(rounding, key=(group["seed"], int(state["step"]), self.position(param)), offset=offset, numel=numel)
-        if rounding == "kahan":
-            if "kahan_comp" not in state:
-                state["kahan_comp"] = torch.zeros_like(param)
-            return WriteBack(rounding, compensation=local_tensor(state["kahan_comp"]))
-        return WriteBack(rounding)
+        """How the fp32 result for ``param`` (bf16/fp16) is written back; stochastic rounding keys its
+        bits on ``state["step"]``, which the rule has advanced for this update."""
+        step = int(state["step"]) if group["rounding"] == "stochastic" else 0
+        return write_back_of(param, group, state, step=step, position=self.position(param))
 
     def position(self, param: Tensor) -> int:
         """The index of ``param`` among all parameters of all param groups, in order."""
         if param not in self._positions:
             self._positions = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
         return self._positions[param]
+
+
+def write_back_of(
+    param: Tensor, group: dict[str, Any], state: dict[str, Any], *, step: int, position: int, like: Tensor | None = None
+) -> WriteBack:
+    """The write-back of ``param``'s update under ``group["rounding"]``; creates the state it needs.
+
+    Stochastic rounding draws its bits from ``(group["seed"], step, position)`` and the elements'
+    positions in the whole tensor; Kahan summation keeps ``state["kahan_comp"]``, shaped and placed like
+    ``like`` (default: the parameter).
+    """
+    rounding = group["rounding"]
+    if rounding == "stochastic":
+        return WriteBack(rounding, key=(group["seed"], step, position), offset=flat_offset(param), numel=param.numel())
+    if rounding == "kahan":
+        if "kahan_comp" not in state:
+            state["kahan_comp"] = torch.zeros_like(param if like is None else like)
+        return WriteBack(rounding, compensation=local_tensor(state["kahan_comp"]))
+    return WriteBack(rounding)
 
 
 def needs_write_back(param: Tensor) -> bool:
