@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lomo_lightning.optim.base import local_tensor
+from lomo_lightning.optim.base import PerParameterOptimizer, keep_state_dtypes, local_tensor, needs_write_back, write_back_of
+from lomo_lightning.optim.rounding import check_rounding
 from lomo_lightning.selection.base import GradientRoute, gradient_routes
 
 
@@ -62,8 +63,14 @@ class FusedUpdater:
       the norm of the unclipped gradients, then the fused pass scales each gradient by the clip coefficient;
     - value clipping, in the hook, before norm scaling;
     - fp16 loss scaling (``loss_scaler``): the first pass also detects overflow, and an overflowing step
-      changes no parameter;
+      changes no parameter. With fp16 trainable parameters (pure fp16, as LOMO trains) the engine
+      scales the loss by itself when no ``loss_scaler`` is given;
     - a step whose loss is not finite is skipped before any parameter changes.
+
+    A stock rule (AdamW, SGD, Adafactor, ...) on a bf16/fp16 parameter runs on an fp32 working copy of
+    that one parameter, so its state is fp32, and the result is written back with ``rounding``
+    (:mod:`lomo_lightning.optim.rounding`): one parameter in fp32 at a time. ``Lomo`` and ``AdaLomo``
+    do this themselves, with their own ``rounding``.
 
     Example::
 
@@ -76,7 +83,13 @@ class FusedUpdater:
         optimizer: the update rule; every parameter of ``model`` that requires grad must be in it.
         clip_grad_norm: clip the global gradient norm to this value (two backward passes).
         clip_grad_value: clamp every gradient entry to ``[-clip_grad_value, clip_grad_value]``.
-        loss_scaler: dynamic loss scaling for fp16 training.
+        loss_scaler: dynamic loss scaling for fp16 training; by default one is made when a trainable
+            parameter is fp16.
+        rounding: how a stock rule's fp32 result reaches a bf16/fp16 parameter: ``"stochastic"``,
+            ``"kahan"`` or ``"nearest"``; stored in every param group that has no ``rounding`` of its own
+            (so it is checkpointed, and a group may choose its own).
+        seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``); stored likewise.
+            The bits of a write also depend on the engine's step count and the parameter's position.
         install_hooks: ``False`` leaves hook installation to a placement that knows better when a
             gradient is final (DDP calls :meth:`apply_gradient` from its communication hook).
     """
@@ -88,11 +101,24 @@ class FusedUpdater:
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         loss_scaler: DynamicLossScaler | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
         install_hooks: bool = True,
     ):
         for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
             if value is not None and not value > 0:
                 raise ValueError(f"FusedUpdater: {name} must be positive or None, got {value}.")
+        self._fast_step: Callable[..., None] | None = getattr(optimizer, "step_parameter", None)
+        if isinstance(optimizer, PerParameterOptimizer):
+            if rounding is not None or seed is not None:
+                raise ValueError(
+                    f"FusedUpdater: {type(optimizer).__name__} writes its 16-bit parameters back itself: "
+                    f"pass rounding= and seed= to {type(optimizer).__name__}, not to the engine."
+                )
+        else:
+            for group in optimizer.param_groups:
+                check_rounding(group.setdefault("rounding", rounding or "stochastic"), "FusedUpdater")
+                group.setdefault("seed", torch.initial_seed() if seed is None else seed)
         self.model = model
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
@@ -110,8 +136,12 @@ class FusedUpdater:
         self._targets: dict[Tensor, Tensor] = {}
         self._routes: dict[Tensor, GradientRoute] = {}
         self._group_index: dict[Tensor, int] = {}
-        self._fast_step: Callable[..., None] | None = getattr(optimizer, "step_parameter", None)
+        self._position: dict[Tensor, int] = {}
         self.refresh(install_hooks=install_hooks)
+        if self.loss_scaler is None and any(local_tensor(p).dtype == torch.float16 for p in self._targets.values()):
+            self.loss_scaler = DynamicLossScaler()  # fp16 gradients of an unscaled loss underflow
+        if self._fast_step is None and any(needs_write_back(p) for p in self._targets.values()):
+            keep_state_dtypes(optimizer)  # the fp32 state of 16-bit parameters must load as fp32
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -119,6 +149,7 @@ class FusedUpdater:
         """(Re-)discover the trainable parameters and their hooks, e.g. after a selection changed them."""
         self.remove()
         self._group_index = {p: i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
+        self._position = {p: i for i, p in enumerate(self._group_index)}
         routes = gradient_routes(self.model)
         self._routes, self._targets = {}, {}
         missing = []
@@ -254,10 +285,30 @@ class FusedUpdater:
         """Complete what the hooks left pending (nothing here; a sharded placement batches collectives)."""
 
     def _step_alone(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
-        """Run a stock optimizer's ``step()`` on one parameter by narrowing its param groups for the call."""
+        """Run a stock optimizer's ``step()`` on one parameter by narrowing its param groups for the call.
+
+        A 16-bit parameter lends the rule an fp32 working copy of itself for the call (its state is made
+        alongside, in fp32), and gets the result back through the group's rounding.
+        """
+        if not needs_write_back(target):
+            self._step_narrowed(target, grad.to(target.dtype), group)
+            return
+        low_precision = target.data
+        target.data = low_precision.float()
+        try:
+            self._step_narrowed(target, grad, group)
+            # after the rule's step: a stock rule creates its state when it finds none. Stock rules keep no
+            # common step count, so stochastic rounding keys its bits on the engine's.
+            state = self.optimizer.state[target]
+            write_back = write_back_of(target, group, state, step=self.steps, position=self._position[target], like=low_precision)
+            write_back(local_tensor(low_precision), local_tensor(target.data))
+        finally:
+            target.data = low_precision
+
+    def _step_narrowed(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         groups = self.optimizer.param_groups
         saved = [g["params"] for g in groups]
-        target.grad = grad.to(target.dtype)
+        target.grad = grad
         try:
             for g in groups:
                 g["params"] = [target] if g is group else []
@@ -266,6 +317,7 @@ class FusedUpdater:
             for g, params in zip(groups, saved):
                 g["params"] = params
             target.grad = None
+
 
     # -- checkpointing -----------------------------------------------------------------------------
 

@@ -201,7 +201,7 @@ def test_16_mixed_scales_the_loss_in_the_engine_equals_the_plain_loop_and_checkp
     fp16 = MixedPrecision("16-mixed", "cpu")
     fit = trainer(tmp_path, max_steps=3, plugins=[fp16], enable_checkpointing=True, callbacks=[checkpoint])
     fit.fit(module, loader(data))
-    assert fit.precision_plugin.scaler is None, "Lightning's scaler must not scale the loss a second time"
+    assert fit.precision_plugin.scaler is not None, "Lightning's scaler, set aside during fit, is back for the next"
 
     optimizer = AdaLomo(expected.parameters(), lr=1e-2, weight_decay=0.01)
     updater = FusedUpdater(expected, optimizer, loss_scaler=DynamicLossScaler(scale=2.0**16))

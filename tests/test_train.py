@@ -142,6 +142,22 @@ def test_a_fused_and_an_unfused_method_train_with_a_selection(tmp_path, cache_di
     assert (tmp_path / "model" / "sparse_delta.safetensors").is_file() == selection.startswith("sft")
 
 
+@pytest.mark.parametrize("rounding", [None, "kahan"])
+def test_bf16_true_trains_bf16_weights_with_the_chosen_rounding(tmp_path, cache_dir, rounding):
+    choice = [f"method.optimizer.rounding={rounding}"] if rounding else []
+    _, module = run(config(tmp_path, cache_dir, "trainer.precision=bf16-true", "seed=7", *choice))
+    group = module.trainer.optimizers[0].param_groups[0]
+    assert group["rounding"] == (rounding or "stochastic") and group["seed"] == 7, "stochastic by default, seeded by the run"
+    assert all(p.dtype == torch.bfloat16 for p in module.model.parameters())
+
+
+def test_the_gpu_experiment_trains_bf16_weights_with_stochastic_rounding(tmp_path):
+    with initialize_config_module("lomo_lightning.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"output_dir={tmp_path}", "experiment=llama2_7b_gpu"])
+    assert cfg.trainer.precision == "bf16-true" and cfg.model.dtype == "bfloat16"
+    assert cfg.method.optimizer.rounding == "stochastic"
+
+
 def test_wandb_offline_run_records_the_config_and_metrics(tmp_path, cache_dir):
     run(config(tmp_path, cache_dir, "logger=wandb", "logger.wandb.offline=true"))
     (records,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads

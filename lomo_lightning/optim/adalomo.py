@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lomo_lightning.optim.base import PerParameterOptimizer, finish_update, local_tensor, shard_group
+from lomo_lightning.optim.base import PerParameterOptimizer, finish_update, local_tensor, needs_write_back, shard_group
+from lomo_lightning.optim.rounding import WriteBack
 
 
 class AdaLomo(PerParameterOptimizer):
@@ -35,7 +36,8 @@ class AdaLomo(PerParameterOptimizer):
       :math:`\theta \leftarrow \theta (1 - \eta_t \lambda) - \eta_t u`.
 
     State is fp32 and O(rows + cols) per matrix: ``exp_avg_sq_row``/``exp_avg_sq_col`` (2-D) or
-    ``exp_avg_sq`` (1-D), plus ``step``. Parameters in bf16/fp16 are updated in fp32 and written back.
+    ``exp_avg_sq`` (1-D), plus ``step``. Parameters in bf16/fp16 are updated in fp32 and written back
+    with ``rounding`` (Kahan summation adds ``kahan_comp``, 2 bytes a parameter).
 
     Args:
         params: parameters or parameter groups.
@@ -44,6 +46,9 @@ class AdaLomo(PerParameterOptimizer):
         clip_threshold: :math:`d`, the largest RMS an update may have.
         decay_rate: :math:`c` in :math:`\beta_t = 1 - t^c`.
         weight_decay: decoupled weight decay :math:`\lambda`.
+        rounding: how a 16-bit parameter receives its fp32 result: ``"stochastic"`` (unbiased),
+            ``"kahan"`` (compensated) or ``"nearest"`` (loses small updates, as lomo-optim does).
+        seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``); kept in the param groups.
     """
 
     def __init__(
@@ -54,6 +59,8 @@ class AdaLomo(PerParameterOptimizer):
         clip_threshold: float = 1.0,
         decay_rate: float = -0.8,
         weight_decay: float = 0.0,
+        rounding: str = "stochastic",
+        seed: int | None = None,
     ):
         if lr < 0.0:
             raise ValueError(f"AdaLomo: lr must be >= 0, got {lr}.")
@@ -63,7 +70,15 @@ class AdaLomo(PerParameterOptimizer):
             raise ValueError(f"AdaLomo: clip_threshold must be > 0, got {clip_threshold}.")
         if weight_decay < 0.0:
             raise ValueError(f"AdaLomo: weight_decay must be >= 0, got {weight_decay}.")
-        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate, weight_decay=weight_decay)
+        defaults = dict(
+            lr=lr,
+            eps=tuple(eps),
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            weight_decay=weight_decay,
+            rounding=rounding,
+            seed=seed,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -110,6 +125,7 @@ class AdaLomo(PerParameterOptimizer):
             decay_rate=group["decay_rate"],
             weight_decay=group["weight_decay"],
             shard=shard,
+            write_back=self.write_back(param, group, state) if needs_write_back(param) else None,
         )
 
 
@@ -204,8 +220,12 @@ def adalomo_update(
     decay_rate: float,
     weight_decay: float,
     shard: Shard,
+    write_back: WriteBack | None = None,
 ) -> Generator[Tensor, Tensor, None]:
     """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite.
+
+    A 16-bit ``param`` is updated on an fp32 working copy, written back by ``write_back`` (default:
+    round to nearest).
 
     A coroutine: it yields once, the partial sums that span the whole tensor, and continues when sent
     them summed over the shard group (see :func:`finish_update`). The update's sum of squares follows
@@ -247,7 +267,7 @@ def adalomo_update(
     # theta - lr_t * u / normalizer, the two scalars folded so that u is read once and never rewritten
     work.addcmul_(update, lr_t.div_(normalizer), value=-1.0)
     if work is not param:
-        param.copy_(work)
+        (write_back or WriteBack())(param, work)
 
 
 def _column_sums(col: Tensor, col_squares: Tensor, scaled_squares: Tensor, row_sum: Tensor, param_squares: Tensor, shard: Shard) -> Tensor:

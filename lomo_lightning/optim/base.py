@@ -1,13 +1,17 @@
-"""What every rule here shares: ``step()`` is a loop over parameters calling ``step_parameter``."""
+"""What every rule here shares: ``step()`` is a loop over parameters calling ``step_parameter``,
+and 16-bit parameters are written back with the rounding of their param group."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+import math
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lomo_lightning.optim.rounding import WriteBack, check_rounding, is_low_precision
 
 
 class PerParameterOptimizer(Optimizer):
@@ -15,7 +19,24 @@ class PerParameterOptimizer(Optimizer):
 
     ``step()`` works unfused (``loss.backward(); optimizer.step()``); the fused engine calls
     :meth:`step_parameter` for one parameter at a time, inside backward, and lets it overwrite the gradient.
+
+    A bf16/fp16 parameter is updated on an fp32 working copy, written back with the group's
+    ``rounding`` (:mod:`lomo_lightning.optim.rounding`; ``"stochastic"`` draws its bits from the group's
+    ``seed``, the parameter's step and its position in the param groups). The state stays in the dtype it
+    was made in, also when loaded from a checkpoint.
     """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]):
+        check_rounding(defaults["rounding"], type(self).__name__)
+        if defaults["seed"] is None:
+            defaults["seed"] = torch.initial_seed()
+        super().__init__(params, defaults)
+        keep_state_dtypes(self)
+        self._positions: dict[Tensor, int] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        check_rounding(param_group.get("rounding", self.defaults["rounding"]), type(self).__name__)
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -40,6 +61,82 @@ class PerParameterOptimizer(Optimizer):
         :func:`shard_group` (:func:`finish_update`). The sharded engine then batches those collectives.
         """
         raise NotImplementedError
+
+    def write_back(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> WriteBack:
+        """How the fp32 result for ``param`` (bf16/fp16) is written back; stochastic rounding keys its
+        bits on ``state["step"]``, which the rule has advanced for this update."""
+        step = int(state["step"]) if group["rounding"] == "stochastic" else 0
+        return write_back_of(param, group, state, step=step, position=self.position(param))
+
+    def position(self, param: Tensor) -> int:
+        """The index of ``param`` among all parameters of all param groups, in order."""
+        if param not in self._positions:
+            self._positions = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        return self._positions[param]
+
+
+def write_back_of(
+    param: Tensor, group: dict[str, Any], state: dict[str, Any], *, step: int, position: int, like: Tensor | None = None
+) -> WriteBack:
+    """The write-back of ``param``'s update under ``group["rounding"]``; creates the state it needs.
+
+    Stochastic rounding draws its bits from ``(group["seed"], step, position)`` and the elements'
+    positions in the whole tensor; Kahan summation keeps ``state["kahan_comp"]``, shaped and placed like
+    ``like`` (default: the parameter).
+    """
+    rounding = group["rounding"]
+    if rounding == "stochastic":
+        return WriteBack(rounding, key=(group["seed"], step, position), offset=flat_offset(param), numel=param.numel())
+    if rounding == "kahan":
+        if "kahan_comp" not in state:
+            state["kahan_comp"] = torch.zeros_like(param if like is None else like)
+        return WriteBack(rounding, compensation=local_tensor(state["kahan_comp"]))
+    return WriteBack(rounding)
+
+
+def needs_write_back(param: Tensor) -> bool:
+    """Whether ``param``'s update is computed on an fp32 working copy and written back (bf16/fp16)."""
+    return is_low_precision(local_tensor(param))
+
+
+def keep_state_dtypes(optimizer: Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` keep each state tensor's saved dtype.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to its parameter's
+    dtype: fp32 statistics of a bf16 parameter would come back in bf16, and a resumed run would differ
+    from an uninterrupted one. A pre-hook remembers the saved tensors, a post-hook puts back those
+    whose dtype was changed (on the device the load chose).
+    """
+    saved: dict[str, Any] = {}
+
+    def remember(_: Optimizer, state_dict: dict[str, Any]) -> None:
+        saved["state"] = state_dict["state"]
+
+    def restore(opt: Optimizer) -> None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for index, values in saved.pop("state", {}).items():
+            if not isinstance(index, int) or index >= len(params):
+                continue
+            state = opt.state[params[index]]
+            for key, value in values.items():
+                loaded = state.get(key)
+                if isinstance(value, Tensor) and isinstance(loaded, Tensor) and loaded.dtype != value.dtype:
+                    state[key] = value.to(device=loaded.device)
+
+    optimizer.register_load_state_dict_pre_hook(remember)
+    optimizer.register_load_state_dict_post_hook(restore)
+
+
+def flat_offset(tensor: Tensor) -> int:
+    """The position of a ``DTensor`` shard's first element in the flattened whole tensor (0 when whole)."""
+    placements = getattr(tensor, "placements", None)
+    if placements is None:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)
+    strides = [math.prod(tensor.shape[d + 1 :]) for d in range(tensor.dim())]
+    return sum(o * s for o, s in zip(offsets, strides))
 
 
 def shard_group(tensor: Tensor) -> Any:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lomo_lightning.optim.base import PerParameterOptimizer, local_tensor
+from lomo_lightning.optim.base import PerParameterOptimizer, local_tensor, needs_write_back
+from lomo_lightning.optim.rounding import WriteBack
 
 
 class Lomo(PerParameterOptimizer):
@@ -19,33 +20,54 @@ class Lomo(PerParameterOptimizer):
 
     Gradient clipping (by value, then by the global norm measured in a first backward pass) is not
     part of the rule: :class:`~lomo_lightning.FusedUpdater` applies it before the rule sees ``g``.
-    The rule keeps no state. Parameters in bf16/fp16 are updated in fp32 and written back.
+    Parameters in bf16/fp16 are updated in fp32 and written back with ``rounding``. The rule keeps no
+    state, except a step count for each 16-bit parameter under stochastic rounding (which keys its
+    random bits) and the compensation buffer under Kahan summation.
 
     Args:
         params: parameters or parameter groups.
         lr: learning rate :math:`\eta`.
         weight_decay: decoupled weight decay :math:`\lambda`.
+        rounding: how a 16-bit parameter receives its fp32 result: ``"stochastic"`` (unbiased),
+            ``"kahan"`` (compensated, 2 bytes a parameter) or ``"nearest"`` (loses small updates).
+        seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``); kept in the param groups.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        rounding: str = "stochastic",
+        seed: int | None = None,
+    ):
         if lr < 0.0:
             raise ValueError(f"Lomo: lr must be >= 0, got {lr}.")
         if weight_decay < 0.0:
             raise ValueError(f"Lomo: weight_decay must be >= 0, got {weight_decay}.")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, rounding=rounding, seed=seed))
 
     @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
         """Update ``param`` alone from ``grad`` with the hyper-parameters of ``group``."""
+        write_back = None
+        if needs_write_back(param):
+            state = self.state[param]
+            if group["rounding"] == "stochastic":
+                state.setdefault("step", torch.tensor(0.0))
+                state["step"] += 1
+            write_back = self.write_back(param, group, state)
         # elementwise: a shard (FSDP2 DTensor) is updated through its local tensor, without DTensor dispatch
-        lomo_update(local_tensor(param), local_tensor(grad), lr=group["lr"], weight_decay=group["weight_decay"])
+        lomo_update(
+            local_tensor(param), local_tensor(grad), lr=group["lr"], weight_decay=group["weight_decay"], write_back=write_back
+        )
 
 
-def lomo_update(param: Tensor, grad: Tensor, *, lr: float, weight_decay: float) -> None:
-    """``param <- param * (1 - lr * weight_decay) - lr * grad``, computed in fp32."""
+def lomo_update(param: Tensor, grad: Tensor, *, lr: float, weight_decay: float, write_back: WriteBack | None = None) -> None:
+    """``param <- param * (1 - lr * weight_decay) - lr * grad``, computed in fp32 (a 16-bit ``param`` via ``write_back``)."""
     work = param if param.dtype == torch.float32 else param.float()
     if weight_decay != 0.0:
         work.mul_(1.0 - lr * weight_decay)
     work.add_(grad.to(torch.float32), alpha=-lr)
     if work is not param:
-        param.copy_(work)
+        (write_back or WriteBack())(param, work)

@@ -32,6 +32,7 @@ class FusedStrategyMixin:
         self.clip_grad_value = clip_grad_value
         self.fused_updater = None
         self._restored_engine_state: dict[str, Any] | None = None
+        self._lightning_scaler: Any = None  # Lightning's fp16 scaler, set aside while the engine scales
 
     def connect(self, model: LightningModule) -> None:
         # before Lightning's own check, whose message for manual optimization does not say why
@@ -78,7 +79,12 @@ class FusedStrategyMixin:
         return clip_norm, clip_value
 
     def _take_over_loss_scaling(self) -> DynamicLossScaler | None:
-        """With ``16-mixed``, the engine scales the loss itself: overflow is detected before any update."""
+        """With ``16-mixed``, the engine scales the loss itself: overflow is detected before any update.
+
+        Lightning's scaler is set aside for the run and put back at teardown, so that the next ``fit()``
+        of the same Trainer (HFT's stages) takes it over again. With ``16-true`` (fp16 parameters) there
+        is no Lightning scaler: the engine makes its own.
+        """
         precision = self.precision_plugin  # type: ignore[attr-defined]
         if not isinstance(precision, MixedPrecision) or precision.scaler is None:
             return None
@@ -89,7 +95,7 @@ class FusedStrategyMixin:
             backoff_factor=scaler.get_backoff_factor(),
             growth_interval=scaler.get_growth_interval(),
         )
-        precision.scaler = None  # Lightning's scaler would otherwise scale the loss a second time
+        self._lightning_scaler, precision.scaler = scaler, None  # it would scale the loss a second time
         return loss_scaler
 
     # -- the training step -------------------------------------------------------------------------
@@ -130,6 +136,8 @@ class FusedStrategyMixin:
         if self.fused_updater is not None:
             self.fused_updater.remove()
             self.fused_updater = None
+        if self._lightning_scaler is not None:
+            self.precision_plugin.scaler, self._lightning_scaler = self._lightning_scaler, None  # type: ignore[attr-defined]
         super().teardown()  # type: ignore[misc]
 
 
