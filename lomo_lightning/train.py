@@ -29,6 +29,7 @@ from lomo_lightning.data import TokenizedDataModule
 from lomo_lightning.loss import check_chunked_loss
 from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
+from lomo_lightning.optim import SM3
 from lomo_lightning.selection import SparseFineTuning
 from lomo_lightning.strategies import save_pretrained_consolidated
 
@@ -46,10 +47,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     use_converted_gguf(cfg)
     datamodule = prepare_data(cfg.data)
     model: PreTrainedModel = build(cfg.model, tokenizer=datamodule.tokenizer, seq_len=cfg.data.seq_len)
-    selector = build(cfg.selection.selector) if cfg.selection.selector is not None else None
+    optimizer = build(cfg.method.optimizer)
+    selector = apply_selection(cfg.selection.selector, model, optimizer) if cfg.selection.selector is not None else None
     callbacks = [build(callback) for callback in cfg.callbacks.values() if callback is not None]
     if selector is not None:
-        selector.apply(model)
         callbacks.append(build(cfg.selection.callback)(selector))
     if cfg.get("loss_chunk_tokens") is not None:
         try:
@@ -59,9 +60,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     module_class = FusedCausalLMModule if cfg.method.fused else CausalLMModule
     module = module_class(
         model,
-        optimizer=build(cfg.method.optimizer),
+        optimizer=optimizer,
         scheduler=build(cfg.method.scheduler) if cfg.method.scheduler is not None else None,
-        trainable=selector.parameters() if isinstance(selector, SparseFineTuning) else None,
         loss_chunk_tokens=cfg.get("loss_chunk_tokens"),
     )
     if cfg.method.fused:  # Lightning clips only under automatic optimization: the fused strategy clips itself
@@ -107,6 +107,26 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(error.__cause__, ConfigError):
             raise error.__cause__ from None
         raise
+
+
+def apply_selection(node: DictConfig, model: PreTrainedModel, optimizer: Any) -> Any:
+    """Build the selection and apply it to ``model``; a setting that cannot work is a ``ConfigError``."""
+    try:
+        selector = build(node)
+        selector.apply(model)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, TypeError, ImportError)):
+            raise ConfigError(f"selection: {error.__cause__}") from None
+        raise
+    except (ValueError, ImportError) as error:
+        raise ConfigError(f"selection: {error}") from None
+    rule = getattr(optimizer, "func", optimizer)
+    if isinstance(selector, SparseFineTuning) and selector.config.regrowth == "sm3" and not (isinstance(rule, type) and issubclass(rule, SM3)):
+        raise ConfigError(
+            f"selection: regrowth=sm3 (SpIEL-MA) scores growth with the SM3 rule's accumulators, but the method's rule "
+            f"is {getattr(rule, '__name__', rule)}: use method=sm3, or selection=sft_ag"
+        )
+    return selector
 
 
 def use_converted_gguf(cfg: DictConfig) -> None:
