@@ -262,6 +262,24 @@ def _sft_state(sft) -> list:
     return tensors
 
 
+def track_sparse_compressed_tensors() -> None:
+    """Let MemTracker count sparse CSR tensors (SFT's backward samples ``G^T X`` through one) by their parts.
+
+    torch 2.13's MemTracker asks every tensor an operation returns for its storage, which a sparse
+    compressed tensor does not have: it is made of a row-offset, a column-index and a values tensor.
+    """
+    import torch
+    from torch.distributed._tools import common_utils, mem_tracker
+
+    def storages(tensor):
+        if getattr(tensor, "layout", None) == torch.sparse_csr:
+            parts = (tensor.crow_indices(), tensor.col_indices(), tensor.values())
+            return set().union(*(common_utils.get_untyped_storages(part) for part in parts))
+        return common_utils.get_untyped_storages(tensor)
+
+    mem_tracker.get_untyped_storages = storages
+
+
 def current_rss_mib() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
@@ -290,6 +308,7 @@ def run_worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
+    track_sparse_compressed_tensors()
     tracker = MemTracker()
     for param in model.parameters():
         if not param.requires_grad:

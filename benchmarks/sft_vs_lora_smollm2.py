@@ -24,6 +24,7 @@ import statistics
 import time
 
 import quality_common as qc
+from memory_speed import lora_parameter_count
 
 SEQ_LEN, BATCH = 128, 2
 LORA_RANK = 8
@@ -42,18 +43,6 @@ def load_model():
     return model
 
 
-def lora_budget(model) -> int:
-    """LoRA's trainable count: r * (in + out) for every targeted linear layer."""
-    import torch
-
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    return sum(
-        LORA_RANK * (m.in_features + m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    )
-
-
 def instruct_data(max_val_examples: int):
     from lomo_lightning.data import PyInstructDataModule
     from lomo_lightning.models import smollm2_directory
@@ -68,7 +57,7 @@ def instruct_data(max_val_examples: int):
 
 def trainer_for(method: str, lr: float, steps: int) -> qc.Trainer:
     model = load_model()
-    return qc.Trainer(model, method, lr=lr, total_steps=steps, sft_budget=lora_budget(model), lora_rank=LORA_RANK)
+    return qc.Trainer(model, method, lr=lr, total_steps=steps, sft_budget=lora_parameter_count(model, LORA_RANK), lora_rank=LORA_RANK)
 
 
 def run(method: str, lr: float, steps: int, max_val_examples: int) -> dict:

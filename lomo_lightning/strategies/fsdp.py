@@ -61,7 +61,9 @@ class ShardedFusedUpdater(FusedUpdater):
 
     def refresh(self, install_hooks: bool = True) -> None:
         super().refresh(install_hooks=install_hooks)
-        sharded_values = [name for name, m in self.model.named_modules() if isinstance(m, SparseDeltaLinear) and hasattr(m.values, "placements")]
+        sharded_values = [
+            name for name, m in self.model.named_modules() if isinstance(m, SparseDeltaLinear) and hasattr(m.values, "placements")
+        ]
         if sharded_values:
             raise ValueError(
                 f"The sparse values of {sharded_values[0]} were sharded by fully_shard: keep them replicated, "
