@@ -118,9 +118,13 @@ def batch(args: argparse.Namespace, rank: int, step: int) -> dict[str, torch.Ten
 def tracker_peak(step_fn, *tracked) -> dict[str, int] | str:
     """MemTracker's peak of one step, by category; the error text if it cannot track this setup."""
     try:
+        from memory_speed import skip_frozen_parameters, track_sparse_compressed_tensors
         from torch.distributed._tools.mem_tracker import MemTracker
 
+        track_sparse_compressed_tensors()  # SFT's backward samples its gradients through a sparse CSR tensor
         tracker = MemTracker()
+        for module in (t for t in tracked if isinstance(t, torch.nn.Module)):
+            skip_frozen_parameters(tracker, module)  # SFT's frozen base
         tracker.track_external(*tracked)
         with tracker:
             step_fn()

@@ -249,6 +249,13 @@ class _NoHandle:
         pass
 
 
+def skip_frozen_parameters(tracker, model) -> None:
+    """MemTracker would register a gradient hook on every parameter, which a frozen one refuses."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
+
+
 def _drop_grad(param) -> None:
     param.grad = None
 
@@ -310,10 +317,7 @@ def run_worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
 
     track_sparse_compressed_tensors()
     tracker = MemTracker()
-    for param in model.parameters():
-        if not param.requires_grad:
-            # MemTracker would register a gradient hook on every parameter, which a frozen one refuses
-            tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
+    skip_frozen_parameters(tracker, model)
     tracker.track_external(model, batch, *tracked.get("optimizer", []))
     state = tracked.get("optimizer_state", []) + [t for fn in tracked.get("optimizer_state_fn", []) for t in fn()]
     for tensor in state:
