@@ -13,8 +13,9 @@ Step time: the median over the timed steps of the slowest rank, for
 - ``fsdp_fused_adamw``: the same AdamW, run per shard inside backward by ``ShardedFusedUpdater``
   (isolates the cost of the hooks);
 - ``fsdp_fused_adalomo`` / ``fsdp_fused_lomo``: the fused rules this package is for;
-- ``fsdp_fused_sft_adalomo``: sparse fine-tuning (1% of the block matrices, SM3) with AdaLomo on the
-  active values; its memory counts the route tensors too (indices, base values, values, SM3 statistics);
+- ``fsdp_fused_sft_adalomo``: sparse fine-tuning (1% of the parameters) with AdaLomo on the values,
+  which stay replicated (out of ``fully_shard``); its memory counts the values (parameters) and their
+  indices (buffers) too;
 - ``ddp_adamw`` / ``ddp_fused_adalomo``: the same under DDP (``gradient_as_bucket_view=True``), where
   every rank holds everything and the gradients live in DDP's buckets.
 
@@ -96,17 +97,15 @@ def local_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, sft: Any = None) -> list[torch.Tensor]:
-    """The optimizer's state, plus what sparse fine-tuning keeps besides the model: its route tensors."""
+    """The optimizer's state, plus what sparse fine-tuning keeps besides the parameters: the indices of its values."""
     tensors = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    for route in sft.routes if sft is not None else ():
-        tensors += [route.indices, route.values, route.base_values]
-        tensors += [v for v in route.growth.state_dict().values() if isinstance(v, torch.Tensor)]
-    return tensors
+    return tensors + [layer.indices for layer in sft.layers.values()] if sft is not None else tensors
 
 
 def apply_sft(model: torch.nn.Module) -> Any:
     from lomo_lightning import SparseFineTuning
 
+    # no reselection while timing: the regrowth rule only decides that no accumulated-gradient window is open
     return SparseFineTuning(density=SFT_DENSITY, regrowth="sm3").apply(model)
 
 
@@ -119,9 +118,13 @@ def batch(args: argparse.Namespace, rank: int, step: int) -> dict[str, torch.Ten
 def tracker_peak(step_fn, *tracked) -> dict[str, int] | str:
     """MemTracker's peak of one step, by category; the error text if it cannot track this setup."""
     try:
+        from memory_speed import skip_frozen_parameters, track_sparse_compressed_tensors
         from torch.distributed._tools.mem_tracker import MemTracker
 
+        track_sparse_compressed_tensors()  # SFT's backward samples its gradients through a sparse CSR tensor
         tracker = MemTracker()
+        for module in (t for t in tracked if isinstance(t, torch.nn.Module)):
+            skip_frozen_parameters(tracker, module)  # SFT's frozen base
         tracker.track_external(*tracked)
         with tracker:
             step_fn()

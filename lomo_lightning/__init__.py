@@ -2,7 +2,7 @@
 
 from lomo_lightning.fused import DynamicLossScaler, FusedUpdater
 from lomo_lightning.module import FusedOptimizationMixin
-from lomo_lightning.optim import AdaLomo, Lomo
+from lomo_lightning.optim import SM3, AdaLomo, Lomo, SftAdamW
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning, apply_sparse_delta
 from lomo_lightning.strategies import LomoDDPStrategy, LomoFSDPStrategy, LomoStrategy
 
@@ -16,6 +16,8 @@ __all__ = [
     "LomoDDPStrategy",
     "LomoFSDPStrategy",
     "LomoStrategy",
+    "SM3",
+    "SftAdamW",
     "SparseFineTuning",
     "apply_sparse_delta",
 ]

@@ -65,9 +65,11 @@ class HFTResampleCallback(Callback):
 class SFTReselectionCallback(Callback):
     """Run :meth:`SparseFineTuning.step` after every optimizer step, with the trainer's first optimizer.
 
-    Sets ``sft.total_steps`` from ``trainer.estimated_stepping_batches`` when it was not given, so the
-    prune schedule decays to 0 at the end of training. Saves the active sets in checkpoints: Lightning
-    restores them after the model weights and before the optimizer, which is the order they need.
+    Sets ``sft.config.total_steps`` from ``trainer.estimated_stepping_batches`` when it was not given, so
+    that the schedule ends with training, and tells it the trainer's gradient accumulation. Logs
+    ``sft/replaced``, the entries a reselection replaced. The values and indices are parameters and
+    buffers of the model, so checkpoints hold them; this callback's state adds the step count and an
+    open accumulated-gradient window, so that a run resumed mid-window continues exactly.
     """
 
     def __init__(self, sft: SparseFineTuning) -> None:
@@ -75,15 +77,18 @@ class SFTReselectionCallback(Callback):
         self._last_step = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.sft.total_steps is None:
-            self.sft.total_steps = int(trainer.estimated_stepping_batches)
+        if self.sft.config.total_steps is None:
+            self.sft.config.total_steps = int(trainer.estimated_stepping_batches)
+        self.sft.accumulation_steps = trainer.accumulate_grad_batches
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         # With gradient accumulation, count optimizer steps, not batches.
         while self._last_step < trainer.global_step:
             self._last_step += 1
-            self.sft.step(trainer.optimizers[0])
+            replaced = self.sft.step(trainer.optimizers[0])
+            if replaced:
+                pl_module.log("sft/replaced", float(replaced), on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sft.state_dict()

@@ -13,7 +13,6 @@ from torch.utils.hooks import RemovableHandle
 
 from lomo_lightning.optim.base import PerParameterOptimizer, keep_state_dtypes, local_tensor, needs_write_back, write_back_of
 from lomo_lightning.optim.rounding import check_rounding
-from lomo_lightning.selection.base import GradientRoute, gradient_routes
 
 
 @dataclass
@@ -133,14 +132,13 @@ class FusedUpdater:
         self._inv_scale = 1.0
         self._clip_coef: Tensor | None = None
         self._handles: list[RemovableHandle] = []
-        self._targets: dict[Tensor, Tensor] = {}
-        self._routes: dict[Tensor, GradientRoute] = {}
+        self._trainable: dict[Tensor, None] = {}  # an ordered set: the parameters whose gradients are consumed
         self._group_index: dict[Tensor, int] = {}
         self._position: dict[Tensor, int] = {}
         self.refresh(install_hooks=install_hooks)
-        if self.loss_scaler is None and any(local_tensor(p).dtype == torch.float16 for p in self._targets.values()):
+        if self.loss_scaler is None and any(local_tensor(p).dtype == torch.float16 for p in self._trainable):
             self.loss_scaler = DynamicLossScaler()  # fp16 gradients of an unscaled loss underflow
-        if self._fast_step is None and any(needs_write_back(p) for p in self._targets.values()):
+        if self._fast_step is None and any(needs_write_back(p) for p in self._trainable):
             keep_state_dtypes(optimizer)  # the fp32 state of 16-bit parameters must load as fp32
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -150,20 +148,15 @@ class FusedUpdater:
         self.remove()
         self._group_index = {p: i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
         self._position = {p: i for i, p in enumerate(self._group_index)}
-        routes = gradient_routes(self.model)
-        self._routes, self._targets = {}, {}
+        self._trainable = {}
         missing = []
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            route = routes.get(param)
-            target = route.target if route is not None else param
-            if target not in self._group_index:
+            if param not in self._group_index:
                 missing.append(name)
                 continue
-            self._targets[param] = target
-            if route is not None:
-                self._routes[param] = route
+            self._trainable[param] = None
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(
@@ -171,7 +164,7 @@ class FusedUpdater:
                 "Their gradients would pile up unused: add them to the optimizer or set requires_grad=False."
             )
         if install_hooks:
-            self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient_ready) for p in self._targets]
+            self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient_ready) for p in self._trainable]
 
     def remove(self) -> None:
         """Remove the hooks; the model and optimizer are left as ordinary, unfused objects."""
@@ -182,7 +175,7 @@ class FusedUpdater:
     @property
     def parameters(self) -> list[Tensor]:
         """The model parameters whose gradients the engine consumes."""
-        return list(self._targets)
+        return list(self._trainable)
 
     # -- one training step -------------------------------------------------------------------------
 
@@ -252,9 +245,7 @@ class FusedUpdater:
         ``grad`` is owned by the engine from here on and may be overwritten.
         """
         if self._measuring:
-            route = self._routes.get(param)
-            seen = route.peek(grad) if route is not None else local_tensor(grad)  # the norm of what the rule will see
-            self._norms.append(torch.linalg.vector_norm(seen, dtype=torch.float32))
+            self._norms.append(torch.linalg.vector_norm(local_tensor(grad), dtype=torch.float32))
             return
         if grad.dtype != torch.float32:
             grad = grad.float()
@@ -265,14 +256,8 @@ class FusedUpdater:
             values.clamp_(-self.clip_grad_value, self.clip_grad_value)
         if self._clip_coef is not None:
             values.mul_(self._clip_coef)
-        route = self._routes.get(param)
-        target = self._targets[param]
-        if route is not None:
-            grad = route.gather(grad)
-        group = self.optimizer.param_groups[self._group_index[target]]
-        self._step(target, grad, group)
-        if route is not None:
-            route.scatter()
+        group = self.optimizer.param_groups[self._group_index[param]]
+        self._step(param, grad, group)
 
     def _step(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         """Run the rule on one tensor (a placement may defer it; :meth:`_end_of_backward` completes it)."""

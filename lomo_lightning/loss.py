@@ -11,7 +11,6 @@ from __future__ import annotations
 import types
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint

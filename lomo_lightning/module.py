@@ -12,7 +12,6 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lomo_lightning.loss import check_chunked_loss, chunked_causal_lm_loss
-from lomo_lightning.selection.base import gradient_routes
 from lomo_lightning.strategies import fused_updater_of
 
 IGNORE_INDEX = -100
@@ -79,14 +78,13 @@ class CausalLMModule(LightningModule):
 
     Validation logs ``val/loss``, the mean loss per predicted token over the whole validation set (every
     batch weighted by its number of labelled tokens), and ``val/ppl = exp(val/loss)``. Selections work
-    unchanged: frozen tensors get no gradient, and sparse routes (SFT) hand each dense gradient to the
-    tensor the optimizer owns after backward and write it back after the step, as the fused engine does.
+    unchanged: frozen tensors get no gradient and no optimizer state (SFT's values are parameters of the model).
 
     Args:
         model: a causal LM computing ``model(**batch).loss``.
         optimizer: ``optimizer(params) -> Optimizer``, e.g. ``functools.partial(torch.optim.AdamW, lr=1e-4)``.
         scheduler: ``scheduler(optimizer=..., num_training_steps=...)`` stepped after every optimizer step, or ``None``.
-        trainable: the tensors to optimize, e.g. ``sft.parameters()``; by default all the model's parameters
+        trainable: the tensors to optimize; by default all the model's parameters
             (frozen ones included, so that a selection may unfreeze them later).
         loss_chunk_tokens: compute the LM head and the loss this many tokens at a time
             (:func:`~lomo_lightning.loss.chunked_causal_lm_loss`), so that the full fp32 logits never
@@ -144,19 +142,6 @@ class CausalLMModule(LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_after_backward(self) -> None:
-        if not self.automatic_optimization:
-            return  # the fused engine routed every gradient inside backward already
-        for route in gradient_routes(self.model).values():
-            if route.source.grad is not None:
-                route.target.grad = route.gather(route.source.grad)
-                route.source.grad = None
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        for route in gradient_routes(self.model).values():
-            route.scatter()
 
 
 class FusedCausalLMModule(FusedOptimizationMixin, CausalLMModule):

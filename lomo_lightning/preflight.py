@@ -60,9 +60,14 @@ def argument_error(node: DictConfig, error: BaseException) -> str:
         return f"{key}.{name} is not an argument of {node._target_} (it takes {accepted}): remove it or correct its name"
     if isinstance(error, OSError) and node.get("name_or_path"):  # from_pretrained found nothing there
         return f"{key}.name_or_path={node.name_or_path}: {message}"
+    named = {}  # the key the message names first
     for name in node:
-        if not str(name).startswith("_") and re.search(rf"\b{re.escape(str(name))}\b", message):
-            return f"{key}.{name}={node[name]}: {message}"
+        found = None if str(name).startswith("_") else re.search(rf"\b{re.escape(str(name))}\b", message)
+        if found:
+            named[found.start()] = name
+    if named:
+        name = named[min(named)]
+        return f"{key}.{name}={node[name]}: {message}"
     return f"{key}: {message}"
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -39,6 +39,7 @@ from lomo_lightning.data import TokenizedDataModule
 from lomo_lightning.loss import check_chunked_loss
 from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
+from lomo_lightning.optim import SM3
 from lomo_lightning.preflight import (
     build,
     check_fused_accumulation,
@@ -79,10 +80,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     optimizer, scheduler = checked_method(cfg.method, cfg.trainer.max_steps)
     datamodule = prepare_data(cfg.data)
     model: PreTrainedModel = build(cfg.model, tokenizer=datamodule.tokenizer, seq_len=cfg.data.seq_len)
-    selector = build(cfg.selection.selector) if cfg.selection.selector is not None else None
+    selector = apply_selection(cfg.selection.selector, model, optimizer) if cfg.selection.selector is not None else None
     callbacks = [build(callback) for callback in cfg.callbacks.values() if callback is not None]
     if selector is not None:
-        selector.apply(model)
         callbacks.append(build(cfg.selection.callback)(selector))
     if cfg.get("loss_chunk_tokens") is not None:
         try:
@@ -94,7 +94,6 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
         model,
         optimizer=optimizer,
         scheduler=scheduler,
-        trainable=selector.parameters() if isinstance(selector, SparseFineTuning) else None,
         loss_chunk_tokens=cfg.get("loss_chunk_tokens"),
     )
     if cfg.method.fused:  # Lightning clips only under automatic optimization: the fused strategy clips itself
@@ -125,6 +124,26 @@ def check_config(cfg: DictConfig) -> None:
     check_model_source(cfg.model)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).exists():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint")
+
+
+def apply_selection(node: DictConfig, model: PreTrainedModel, optimizer: Any) -> Any:
+    """Build the selection and apply it to ``model``; a setting that cannot work is a ``ConfigError``."""
+    try:
+        selector = build(node)
+        selector.apply(model)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, TypeError, ImportError)):
+            raise ConfigError(f"selection: {error.__cause__}") from None
+        raise
+    except (ValueError, ImportError) as error:
+        raise ConfigError(f"selection: {error}") from None
+    rule = getattr(optimizer, "func", optimizer)
+    if isinstance(selector, SparseFineTuning) and selector.config.regrowth == "sm3" and not (isinstance(rule, type) and issubclass(rule, SM3)):
+        raise ConfigError(
+            f"selection: regrowth=sm3 (SpIEL-MA) scores growth with the SM3 rule's accumulators, but the method's rule "
+            f"is {getattr(rule, '__name__', rule)}: use method=sm3, or selection=sft_ag"
+        )
+    return selector
 
 
 def use_converted_gguf(cfg: DictConfig) -> None:

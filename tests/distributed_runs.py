@@ -22,7 +22,7 @@ from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from lomo_lightning import AdaLomo, FusedOptimizationMixin, Lomo  # noqa: E402
+from lomo_lightning import SM3, AdaLomo, FusedOptimizationMixin, Lomo, SftAdamW  # noqa: E402
 from lomo_lightning.callbacks import HFTResampleCallback, SFTReselectionCallback  # noqa: E402
 from lomo_lightning.loss import chunked_causal_lm_loss  # noqa: E402
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
@@ -33,6 +33,8 @@ STEPS = 3
 RULES = {
     "adalomo": lambda params: AdaLomo(params, lr=1e-2, weight_decay=0.01),
     "lomo": lambda params: Lomo(params, lr=0.05, weight_decay=0.01),
+    "sftadamw": lambda params: SftAdamW(params, lr=1e-2, weight_decay=0.01),
+    "sm3": lambda params: SM3(params, lr=1e-2, weight_decay=0.01),
 }
 CLIP = 0.05
 SFT_DENSITY = 0.05
@@ -49,14 +51,18 @@ def add_unused_parameter(model: torch.nn.Module) -> None:
 
 
 def make_sft(flags: set[str]) -> SparseFineTuning | None:
-    """``sft``: sparse routes; ``ag``: accumulated-gradient regrowth (else SM3); ``resel``: reselect every 2 steps."""
+    """``sft``: sparse deltas; ``ag``: accumulated-gradient regrowth (else SM3's); ``resel``: reselect after steps 1 and 4.
+
+    With ``resel`` the AG windows are step 1 and steps 3..4: a 3-step run ends inside the second.
+    """
     if "sft" not in flags:
         return None
+    resel = "resel" in flags
     return SparseFineTuning(
         density=SFT_DENSITY,
         regrowth="accumulated_gradients" if "ag" in flags else "sm3",
-        reselection_steps=2 if "resel" in flags else 10**6,
-        selection_accumulation_steps=2,
+        reselection_steps=3 if resel else 10**6,
+        selection_accumulation_steps=1 if resel else 10**5,
         total_steps=10,  # fixed, so that the prune schedule of a 3-step run is that of a 6-step one
     )
 
@@ -144,11 +150,16 @@ def full_state(strategy: str, module: TinyLM, optimizer) -> tuple[dict, dict]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     params = get_model_state_dict(module.model, options=options)
-    if strategy == "lomo_fsdp" and module.sft is None:
-        optim = get_optimizer_state_dict(module.model, optimizer, options=options)
-    else:  # replicas; the sparse values of SFT are the same on every rank
-        optim = optimizer.state_dict()
+    if strategy == "lomo_fsdp":
+        optim = get_optimizer_state_dict(module.model, optimizer, options=options).get("state")  # on rank 0
+    else:
+        optim = named_state(module.model, optimizer)
     return params, optim
+
+
+def named_state(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's state keyed by parameter name (as distributed checkpointing keys it)."""
+    return {name: optimizer.state[p] for name, p in model.named_parameters() if p in optimizer.state}
 
 
 def local_state_bytes(optimizer) -> int:

@@ -5,8 +5,8 @@ the tests compare its files against single-process runs of the plain ``FusedUpda
 Case names read ``<placement>_<rule>_<flags>``:
 
 - ``clip``: two-pass global-norm clipping; ``hft``: half frozen (``resample``: a new mask after every step);
-  ``sft``: sparse routes (``ag``: accumulated-gradient regrowth, else SM3; ``resel``: prune and regrow every
-  2 steps); ``tie``: tied embeddings; ``nan``: rank 1's loss is NaN at step 2; ``odd``: 37 MLP channels
+  ``sft``: sparse deltas, replicated (``ag``: accumulated-gradient regrowth, else SM3's, with the ``sm3`` rule;
+  ``resel``: prune and regrow after steps 1 and 4); ``tie``: tied embeddings; ``nan``: rank 1's loss is NaN at step 2; ``odd``: 37 MLP channels
   (uneven shards); ``unused``: a trainable parameter without gradient, last in its FSDP unit; ``chunked``:
   the loss of ``chunked_causal_lm_loss`` (the one-process reference uses the model's own loss);
 - ``manual``: ``configure_model`` applies ``fully_shard`` itself; ``mixin``: ``FusedOptimizationMixin``;
@@ -27,12 +27,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import tiny_llama
-from distributed_runs import CLIP, RULES, STEPS, add_unused_parameter, global_batches, intermediate_size, make_sft, parse
-from lightning.pytorch import LightningModule
+from distributed_runs import CLIP, RULES, STEPS, add_unused_parameter, global_batches, intermediate_size, make_sft, named_state, parse
 from torch.nn.parallel import DistributedDataParallel
 
-from lomo_lightning import AdaLomo, FusedUpdater, HalfFineTuning, SparseFineTuning, apply_sparse_delta
-from lomo_lightning.strategies import LomoDDPStrategy, LomoFSDPStrategy, ReplicatedFusedUpdater
+from lomo_lightning import SM3, AdaLomo, FusedUpdater, HalfFineTuning, SparseFineTuning, apply_sparse_delta
+from lomo_lightning.selection.sft import merge_sparse_deltas
+from lomo_lightning.strategies import LomoDDPStrategy, ReplicatedFusedUpdater, ShardedFusedUpdater
 
 pytestmark = pytest.mark.distributed
 
@@ -49,15 +49,16 @@ EXACT = [
     "ddp_adalomo_clip",
     "ddp_lomo_clip_tie",
     "ddp_adalomo_hft",
-    "ddp_adalomo_sft_ag_resel",  # sparse routes gather from the averaged gradient, identically on every rank
-    "fsdp_adalomo_sft_resel",  # SM3 regrowth: statistics completed over the shards, global top-k
-    "fsdp_adalomo_sft_ag_resel_save",  # accumulated-gradient regrowth; also the first half of a resume case
-    "fsdp_lomo_sft_clip",  # the norm of the active entries' gradients, summed over shards
+    "ddp_sftadamw_sft_ag_resel",  # the values are DDP parameters; AG's statistics averaged over the ranks
+    "ddp_sm3_sft_resel",  # SpIEL-MA: SM3's accumulators from the averaged gradients of the values
+    "fsdp_sm3_sft_resel",  # replicated values, their gradients averaged by the engine; W0 sharded
+    "fsdp_sftadamw_sft_ag_resel_save",  # accumulated-gradient regrowth; also the first half of a resume case
+    "fsdp_lomo_sft_ag_clip",  # the norm of the replicated values' gradients counted once
     "fsdp_adalomo_odd",  # rows and columns that do not split evenly over the ranks
     "fsdp_adalomo_clip_tie_chunked",  # the chunked loss through FSDP2's root: its parameters gathered, one hook each
     "ddp_adalomo_chunked",
     "fsdp_adalomo_unused",  # the last parameter of a block gets no gradient: its batched collective still runs
-    "fsdp_adalomo_sft_resel_odd",
+    "fsdp_sm3_sft_resel_odd",
 ]
 OTHERS = [  # in order: a resume case follows the case that saved its checkpoint
     "fsdp_adalomo_hft_resample",
@@ -69,10 +70,10 @@ OTHERS = [  # in order: a resume case follows the case that saved its checkpoint
     "fsdp_adalomo_bf16true",
     "fsdp_adalomo_nan",
     "ddp_lomo_nan",
-    "fsdp_adalomo_sft_ag_resel_resume",  # resumes mid-window: the candidates' sums come from the checkpoint
-    "fsdp_adalomo_sft_ag_resel_save_full",
-    "fsdp_adalomo_sft_ag_resel_resume_full",
-    "fsdp_adalomo_sft_ag_resel_long_export",
+    "fsdp_sftadamw_sft_ag_resel_resume",  # resumes mid-window: the candidates' sums come from the checkpoint
+    "fsdp_sftadamw_sft_ag_resel_save_full",
+    "fsdp_sftadamw_sft_ag_resel_resume_full",
+    "fsdp_sftadamw_sft_ag_resel_long_export",
 ]
 
 
@@ -133,38 +134,41 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, case):
     untrained = tiny_llama(tie="tie" in case, intermediate=intermediate_size(parse(case)["flags"]))
     if "unused" in case:
         add_unused_parameter(untrained)
+    if sft is not None:
+        make_sft(parse(case)["flags"]).apply(untrained)
     assert max_difference(got["params"], untrained) > 5e-4, "training must move the parameters"
     assert max_difference(got["params"], model) < 1e-5
     if "clip" in case:
         assert updater.last_grad_norm > CLIP, "the case must exercise clipping"
     if sft is not None:
-        assert_same_sparse_state(got, case, sft, optimizer)
+        assert_same_sparse_state(got, case, model, sft, optimizer)
 
 
-def assert_same_sparse_state(got: dict, case: str, sft: SparseFineTuning, optimizer) -> None:
-    """The active sets, W0 there, the growth statistics and the values' optimizer state equal one process's."""
+def assert_same_sparse_state(got: dict, case: str, model: torch.nn.Module, sft: SparseFineTuning, optimizer) -> None:
+    """The active entries, an open window's statistics and the values' optimizer state equal one process's."""
     flags = parse(case)["flags"]
     untrained = tiny_llama(intermediate=intermediate_size(flags))
-    initial = {route.name: route.indices for route in make_sft(flags).apply(untrained).routes}
+    initial = {name: layer.indices.clone() for name, layer in make_sft(flags).apply(untrained).layers.items()}
     moved = 0
-    for name, expected in sft.state_dict()["routes"].items():
-        saved = got["sft"]["routes"][name]
-        assert torch.equal(saved["indices"], expected["indices"]), f"{name}: another active set"
-        torch.testing.assert_close(saved["base_values"], expected["base_values"], rtol=0, atol=0)
-        for key, value in expected["growth"].items():
-            if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(saved["growth"][key], value, rtol=1e-5, atol=1e-10, msg=lambda m: f"{name}.{key}: {m}")
-        moved += not torch.equal(saved["indices"], initial[name])
-    if sft.reselection_steps <= STEPS:
-        assert moved == len(initial), "every weight must have pruned and regrown entries"
-    for position, state in optimizer.state_dict()["state"].items():
+    for name, layer in sft.layers.items():
+        indices = got["params"][f"{name}.indices"]
+        assert torch.equal(indices, layer.indices), f"{name}: another active set"
+        moved += not torch.equal(indices, initial[name])
+    assert got["sft"]["windows"].keys() == sft.windows.keys()
+    for name, window in sft.windows.items():
+        saved = got["sft"]["windows"][name]
+        assert torch.equal(saved["candidates"], window.candidates) and saved["samples"] == window.samples, name
+        torch.testing.assert_close(saved["grad_sum"], window.grad_sum, rtol=1e-5, atol=1e-10)
+    if sft.config.reselection_steps <= STEPS:
+        assert moved == len(initial), "every layer must have pruned and regrown entries"
+    for name, state in named_state(model, optimizer).items():
         for key, value in state.items():
-            torch.testing.assert_close(got["optim"]["state"][position][key], value, rtol=1e-5, atol=1e-10)
+            torch.testing.assert_close(got["optim"][name][key], value, rtol=1e-4, atol=1e-9, msg=lambda m: f"{name}.{key}: {m}")
 
 
 @pytest.mark.parametrize("case", ["fsdp_adalomo_save", "fsdp_adalomo_odd"])
 def test_fsdp_adalomo_state_is_exactly_the_unsharded_state(runs, case):
-    got = result(runs, case)["optim"]["state"]
+    got = result(runs, case)["optim"]
     model, optimizer, _, _ = one_process(case)
     names = {param: name for name, param in model.named_parameters()}
     assert len(got) == len(optimizer.state)
@@ -187,9 +191,9 @@ def assert_bit_identical(resumed: dict, uninterrupted: dict) -> None:
     assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS
     for name, value in uninterrupted["params"].items():
         assert torch.equal(resumed["params"][name], value), name
-    for key, state in uninterrupted["optim"]["state"].items():
+    for key, state in uninterrupted["optim"].items():
         for field, value in state.items():
-            assert torch.equal(resumed["optim"]["state"][key][field], value), (key, field)
+            assert torch.equal(resumed["optim"][key][field], value), (key, field)
 
 
 @pytest.mark.parametrize("kind", ["", "_full"], ids=["sharded_dcp", "full_on_rank0"])
@@ -283,36 +287,43 @@ def test_ddp_refuses_a_trainable_set_that_changes_after_wrapping(tmp_path):
 
 @pytest.mark.parametrize("kind", ["", "_full"], ids=["sharded_dcp", "full_on_rank0"])
 def test_sparse_fine_tuning_resumes_exactly_under_fsdp(runs, kind):
-    case = "fsdp_adalomo_sft_ag_resel_long_export"
-    resumed, uninterrupted = result(runs, f"fsdp_adalomo_sft_ag_resel_resume{kind}"), result(runs, case)
-    assert_bit_identical(resumed, uninterrupted)
-    for name, route in uninterrupted["sft"]["routes"].items():
-        assert torch.equal(resumed["sft"]["routes"][name]["indices"], route["indices"]), name
-        assert torch.equal(resumed["sft"]["routes"][name]["base_values"], route["base_values"]), name
+    case = "fsdp_sftadamw_sft_ag_resel_long_export"
+    resumed, uninterrupted = result(runs, f"fsdp_sftadamw_sft_ag_resel_resume{kind}"), result(runs, case)
+    assert_bit_identical(resumed, uninterrupted)  # the values, the indices and their optimizer state
+    assert resumed["sft"]["completed_steps"] == uninterrupted["sft"]["completed_steps"] == 2 * STEPS
     model, optimizer, _, sft = one_process(case)
     assert max_difference(uninterrupted["params"], model) < 1e-5
-    assert_same_sparse_state(uninterrupted, case, sft, optimizer)
+    assert_same_sparse_state(uninterrupted, case, model, sft, optimizer)
 
 
-def test_sparse_delta_exported_from_shards_rebuilds_the_trained_model(runs):
-    case = "fsdp_adalomo_sft_ag_resel_long_export"
+def test_sparse_delta_and_consolidated_export_from_shards_rebuild_the_trained_model(runs):
+    from transformers import AutoModelForCausalLM
+
+    case = "fsdp_sftadamw_sft_ag_resel_long_export"
+    trained = tiny_llama()
+    make_sft(parse(case)["flags"]).apply(trained)
+    trained.load_state_dict(result(runs, case)["params"])
+    expected = merge_sparse_deltas(trained, trained.state_dict())  # the plain model it computes as
     model = tiny_llama()
     apply_sparse_delta(model, runs / f"{case}-delta.safetensors")
-    trained = result(runs, case)["params"]
-    assert max_difference(trained, tiny_llama()) > 5e-4
-    assert max_difference(trained, model) < 1e-6  # W0 + (W - W0): rounding only
+    assert max_difference(expected, tiny_llama()) > 5e-4
+    assert max_difference(expected, model) == 0  # W0 + delta, added the same way
+    exported = AutoModelForCausalLM.from_pretrained(runs / f"{case}-hf")
+    assert max_difference(expected, exported) == 0
 
 
-def test_fsdp_refuses_an_optimizer_mixing_sparse_values_and_model_parameters():
-    module = LightningModule()
-    module.model = tiny_llama()
-    sft = SparseFineTuning(density=0.01).apply(module.model)
-    strategy = LomoFSDPStrategy()
-    strategy._lightning_module = module
-    assert strategy._optimizes_sparse_values(AdaLomo(sft.parameters()))
-    assert not strategy._optimizes_sparse_values(AdaLomo(module.model.parameters()))
-    with pytest.raises(ValueError, match="either the sparse values"):
-        strategy._optimizes_sparse_values(AdaLomo([*sft.parameters(), module.model.model.norm.weight]))
+def test_fsdp_refuses_sparse_values_sharded_by_fully_shard(tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        SparseFineTuning(density=0.01).apply(model)
+        fully_shard(model)  # without ignored_params=replicated_parameters(model)
+        with pytest.raises(ValueError, match="ignored_params"):
+            ShardedFusedUpdater(model, SM3(model.parameters()))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_ddp_refuses_gradients_outside_its_buckets():

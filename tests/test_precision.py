@@ -4,7 +4,6 @@ bf16 training tracks fp32 training, and pure fp16 scales its loss."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

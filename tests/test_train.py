@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -194,8 +193,10 @@ def test_multirun_leaves_one_result_directory_per_job_and_goes_on_past_a_failed_
         (["data=jsonl", "data.train_file={tmp}/no_output.jsonl"], "has no 'output' field"),
         (["data.seq_len=64", "model.llama.max_position_embeddings=32"], "data.seq_len=64 is longer than the 32"),
         (["loss_chunk_tokens=0"], "loss_chunk_tokens=0: chunk_tokens must be >= 1"),
+        (["selection=sft_sm3", "method=adalomo"], "selection: regrowth=sm3 .* rule is AdaLomo: use method=sm3"),
+        (["selection=sft_ag", "selection.selector.selection_accumulation_steps=19"], "selection: selection.selector.selection_accumulation_steps=19: selection_accumulation_steps must be in"),
     ],
-    ids=["missing-file", "empty-file", "missing-field", "seq-len", "loss-chunk"],
+    ids=["missing-file", "empty-file", "missing-field", "seq-len", "loss-chunk", "sft-ma-rule", "sft-window"],
 )
 def test_bad_input_is_a_config_error_naming_the_problem(tmp_path, cache_dir, overrides, message):
     (tmp_path / "empty.jsonl").write_text("")
@@ -459,7 +460,13 @@ def test_sparse_fine_tuning_on_two_fsdp_ranks_saves_a_model_its_delta_rebuilds(t
     from lomo_lightning.data import load_tokenizer
     from lomo_lightning.selection import apply_sparse_delta
 
-    overrides = ["selection=sft_sm3", "selection.selector.reselection_steps=1", "strategy=fsdp", "trainer.devices=2"]
+    overrides = [  # SpIEL-MA with SM3; every entry replaced after step 1
+        "selection=sft_sm3",
+        "selection.selector.reselection_steps=3",
+        "selection.selector.selection_accumulation_steps=1",
+        "strategy=fsdp",
+        "trainer.devices=2",
+    ]
     command = [sys.executable, "-m", "lomo_lightning.train", f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"]
     done = subprocess.run(command + tiny(*overrides), env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

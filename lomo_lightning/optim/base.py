@@ -27,6 +27,8 @@ class PerParameterOptimizer(Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]):
+        defaults.setdefault("rounding", "stochastic")
+        defaults.setdefault("seed", None)
         check_rounding(defaults["rounding"], type(self).__name__)
         if defaults["seed"] is None:
             defaults["seed"] = torch.initial_seed()

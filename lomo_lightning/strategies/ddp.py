@@ -50,7 +50,7 @@ class ReplicatedFusedUpdater(FusedUpdater):
     def refresh(self, install_hooks: bool = False) -> None:
         """Follow the trainable set; under DDP it cannot change, because DDP's buckets cannot."""
         super().refresh(install_hooks=False)  # the communication hook, not autograd hooks, feeds the engine
-        if set(self._targets) != self._reduced:
+        if set(self._trainable) != self._reduced:
             raise NotImplementedError(
                 "The trainable parameters changed after DistributedDataParallel wrapped the model (HFT resampling "
                 "mid-training?). DDP only all-reduces the set it was built with. Apply the selection before fit, or "
@@ -82,7 +82,7 @@ def _allreduce_then_update(updater, bucket):  # type: ignore[no-untyped-def]
     def update(future):  # type: ignore[no-untyped-def]
         averaged = future.value()[0]
         for param, grad in zip(bucket.parameters(), bucket.gradients()):
-            if param in updater._targets:
+            if param in updater._trainable:
                 updater.apply_gradient(param, grad)
         return averaged.zero_()
 

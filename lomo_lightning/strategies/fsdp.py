@@ -4,8 +4,11 @@ FSDP2 reduce-scatters each block's gradients in its post-backward and then runs 
 ``register_post_accumulate_grad_hook`` hooks of the *sharded* parameters (``DTensor`` on ``Shard(0)``),
 so the engine's ordinary hook sees the final, averaged gradient of the local shard and nothing else.
 The update rule acts on that shard; statistics spanning a whole tensor are completed inside the rule
-(:class:`~lomo_lightning.optim.adalomo.Shard`), sparse fine-tuning's through its routes, and the global gradient
-norm and the skip verdict here.
+(:class:`~lomo_lightning.optim.adalomo.Shard`), and the global gradient norm and the skip verdict here.
+
+Sparse fine-tuning's values are small and stay out of ``fully_shard`` (``ignored_params``): replicated,
+whole on every rank. FSDP2 does not reduce their gradients, so the engine averages them over the ranks
+before the rule runs, and every rank takes the same step.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -33,10 +35,9 @@ from torch.optim import Optimizer
 from lomo_lightning.checkpointing import publish_directory, staging_path
 from lomo_lightning.fused import FusedUpdater
 from lomo_lightning.optim.base import finish_update, shard_group
-from lomo_lightning.selection.base import gradient_routes
+from lomo_lightning.selection.sft import SparseDeltaLinear, merge_sparse_deltas
+from lomo_lightning.selection.sft.quantize import is_quantized
 from lomo_lightning.strategies.base import FusedStrategyMixin
-
-SPARSE_OPTIMIZER_KEY = "lomo_lightning_sparse_optimizer"
 
 
 class ShardedFusedUpdater(FusedUpdater):
@@ -45,9 +46,9 @@ class ShardedFusedUpdater(FusedUpdater):
     Usable without Lightning: ``fully_shard`` the model first, then
     ``ShardedFusedUpdater(model, AdaLomo(model.parameters()), group=mesh.get_group())``.
 
-    Sparse fine-tuning works too: its routes follow the sharded weights, read the active entries'
-    gradients from the local rows (one all-reduce of ``k`` values per weight) and write back only the
-    entries held here; the ``k`` values and their optimizer state are the same on every rank.
+    Parameters left out of ``fully_shard`` (sparse fine-tuning's values, see :func:`replicated_parameters`)
+    are whole on every rank: their gradients are averaged over the group (one all-reduce each) before
+    the rule runs, and their norm counts once in the global norm.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, group: dist.ProcessGroup | None = None, **kwargs: Any):
@@ -58,10 +59,20 @@ class ShardedFusedUpdater(FusedUpdater):
         self._pending: list[tuple[Generator[Tensor, Tensor, None], Tensor]] = []
         self._pending_unit: nn.Module | None = None
         self._pending_group: dist.ProcessGroup | None = None
+        self._replicated: set[Tensor] = set()
         super().__init__(model, optimizer, **kwargs)
 
     def refresh(self, install_hooks: bool = True) -> None:
         super().refresh(install_hooks=install_hooks)
+        sharded_values = [
+            name for name, m in self.model.named_modules() if isinstance(m, SparseDeltaLinear) and hasattr(m.values, "placements")
+        ]
+        if sharded_values:
+            raise ValueError(
+                f"The sparse values of {sharded_values[0]} were sharded by fully_shard: keep them replicated, "
+                "fully_shard(module, ..., ignored_params=replicated_parameters(model))."
+            )
+        self._replicated = {p for p in self._trainable if not hasattr(p, "placements")}
         self._pending = []
         # Each FSDP unit (a fully_shard-ed module) owns the parameters not owned by a unit inside it; FSDP2
         # runs their hooks one after another after the unit's reduce-scatter, in registration order.
@@ -70,7 +81,7 @@ class ShardedFusedUpdater(FusedUpdater):
         unit_of: dict[Tensor, nn.Module] = {}
         for module in self.model.modules():  # outer units first: inner ones take their parameters over
             if isinstance(module, FSDPModule):
-                unit_of.update({p: module for p in module.parameters() if self._targets.get(p) is p})
+                unit_of.update({p: module for p in module.parameters() if p in self._trainable})
         splits = hasattr(self.optimizer, "begin_step_parameter")
         self._batched = {
             p: (unit, shard_group(p)) for p, unit in unit_of.items() if splits and shard_group(p) is not None
@@ -78,6 +89,16 @@ class ShardedFusedUpdater(FusedUpdater):
         self._last_of_unit = {}
         for param, (unit, _) in self._batched.items():
             self._last_of_unit[unit] = param  # dict order is registration order: the last one stays
+
+    @torch.no_grad()
+    def apply_gradient(self, param: Tensor, grad: Tensor) -> None:
+        """Average a replicated parameter's gradient over the ranks first; shards arrive reduced already."""
+        if param in self._replicated:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group)
+            grad.div_(dist.get_world_size(self.group))
+            if self._measuring and dist.get_rank(self.group) != 0:
+                return  # the norms are summed over ranks: a replica's counts once
+        super().apply_gradient(param, grad)
 
     def _step(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         """Batch the collectives of rules that can split their step (AdaLomo) over an FSDP unit.
@@ -157,13 +178,16 @@ def shard_transformers(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    quantized = [name for name, p in module.named_parameters() if is_quantized(p)]
+    if quantized:
+        raise ValueError(f"strategy='lomo_fsdp' cannot shard quantized weights ({quantized[0]}): train a quantized base on one process")
     roots = transformer_roots(module)
     if not roots:
         raise TypeError(
             f"strategy='lomo_fsdp' shards Hugging Face models by itself, but found none in {type(module).__name__}. "
             "Override configure_model() and apply fully_shard there (per block, then the root)."
         )
-    kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
+    kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), ignored_params=replicated_parameters(module))
     for root in roots:
         names = set(layer_classes or getattr(root, "_no_split_modules", None) or ())
         blocks = [m for m in root.modules() if type(m).__name__ in names]
@@ -183,6 +207,11 @@ def shard_transformers(
             f"{outside[:5]}. Shard them yourself in configure_model()."
         )
     return roots
+
+
+def replicated_parameters(module: nn.Module) -> set[nn.Parameter]:
+    """The parameters to leave out of ``fully_shard``: sparse fine-tuning's values (small, whole on every rank)."""
+    return {m.values for m in module.modules() if isinstance(m, SparseDeltaLinear)}
 
 
 def is_fully_sharded(module: nn.Module) -> bool:
@@ -230,7 +259,6 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         self.mp_policy = mp_policy
         self.layer_classes = list(layer_classes) if layer_classes is not None else None
         self.reshard_after_forward = reshard_after_forward
-        self._sparse_values = False  # whether the optimizer holds SparseFineTuning's values (set at install)
         self._init_fused(clip_grad_norm, clip_grad_value)
 
     def setup_environment(self) -> None:
@@ -279,34 +307,7 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         return MixedPrecisionPolicy()
 
     def _make_fused_updater(self, module: nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
-        updater = ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
-        # a mix the checkpoints cannot hold fails here, not at the first save
-        self._sparse_values = self._optimizes_sparse_values(optimizer)
-        return updater
-
-    # -- checkpoints of sparse fine-tuning ---------------------------------------------------------
-    # The optimizer of SparseFineTuning owns its active values, tensors outside the model: distributed
-    # checkpointing keys optimizer state by parameter name and cannot place them. Their state is small
-    # (O(k)) and the same on every rank, so it travels in the checkpoint's metadata instead.
-
-    def _optimizes_sparse_values(self, optimizer: Optimizer) -> bool:
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        targets = {id(route.target) for route in gradient_routes(self.lightning_module).values()}
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        sparse = sum(id(p) in targets for p in params)
-        if 0 < sparse < len(params):
-            raise ValueError(
-                "Under strategy='lomo_fsdp' the optimizer must hold either the sparse values of SparseFineTuning "
-                f"(sft.parameters()) or model parameters, not both ({sparse} of {len(params)} are sparse values): "
-                "their checkpoints are kept apart."
-            )
-        return sparse > 0
-
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        if self._sparse_values:
-            return {}  # saved by save_checkpoint under SPARSE_OPTIMIZER_KEY
-        return super().optimizer_state(optimizer)
+        return ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Save as Lightning does; a distributed checkpoint is written beside ``filepath``, then renamed into place.
@@ -316,8 +317,6 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         checkpoint is one file: the ``CheckpointIO``, e.g. :class:`~lomo_lightning.checkpointing.AtomicCheckpointIO`,
         writes it.)
         """
-        if self._sparse_values:
-            checkpoint[SPARSE_OPTIMIZER_KEY] = [optimizer.state_dict() for optimizer in self.optimizers]
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
@@ -331,24 +330,6 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         if self.is_global_zero:
             publish_directory(staging, path)
         self.barrier()
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        optimizers = self.optimizers
-        if not self._sparse_values:
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self.optimizers = []  # Lightning would look for their state among the distributed tensors
-        try:
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        finally:
-            self.optimizers = optimizers
-        if SPARSE_OPTIMIZER_KEY not in checkpoint:
-            raise ValueError(
-                f"{checkpoint_path} holds no optimizer state of sparse values: it was not saved by a sparse "
-                "fine-tuning run under strategy='lomo_fsdp'."
-            )
-        for optimizer, state in zip(optimizers, checkpoint.pop(SPARSE_OPTIMIZER_KEY)):
-            optimizer.load_state_dict(state)
-        return checkpoint
 
 
 def save_pretrained_consolidated(trainer_or_module: Trainer | LightningModule | nn.Module, directory: str | os.PathLike) -> None:
@@ -367,6 +348,7 @@ def save_pretrained_consolidated(trainer_or_module: Trainer | LightningModule | 
     distributed = dist.is_available() and dist.is_initialized()
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not distributed or dist.get_rank() == 0:
+        state = merge_sparse_deltas(model, state)  # a plain Hugging Face model: W0 + delta in each weight
         model.save_pretrained(directory, state_dict=state)
     if distributed:
         dist.barrier()

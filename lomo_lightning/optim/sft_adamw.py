@@ -1,0 +1,95 @@
+"""AdamW whose bias correction counts steps per entry (an ``age``), as SpIEL-AG needs for regrown entries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lomo_lightning.optim.base import PerParameterOptimizer, local_tensor
+
+
+class SftAdamW(PerParameterOptimizer):
+    r"""AdamW with a per-entry step count, the update rule of SpIEL's reference (``SftAdamW``).
+
+    Each entry keeps an ``age`` :math:`a` (the number of steps its moments have seen, 1 at its first
+    step). For the gradient :math:`g`:
+
+    .. math::
+        m \leftarrow \beta_1 m + (1 - \beta_1) g, \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2, \\
+        \theta \leftarrow \theta - \eta\, \frac{m}{\sqrt{v} + \epsilon} \cdot \frac{\sqrt{1 - \beta_2^{a}}}{1 - \beta_1^{a}},
+        \qquad \theta \leftarrow \theta - \eta \lambda \theta, \qquad a \leftarrow a + 1
+
+    (:math:`\epsilon` before the bias correction and weight decay after the update, on the updated
+    value, as in the reference). While every entry has the same age this is AdamW with Hugging Face's
+    :math:`\epsilon` placement. Sparse fine-tuning's accumulated-gradient regrowth seeds a regrown entry's
+    moments from gradients gathered over a few steps and sets its ``age`` to their number, so that its
+    first update is bias-corrected for what its moments have seen, not for the global step.
+
+    State is fp32 (``age``, ``exp_avg``, ``exp_avg_sq``, all shaped like the parameter); parameters in
+    bf16/fp16 are updated in fp32 and written back. Elementwise, so it runs on FSDP2 shards as they are.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`.
+        eps: :math:`\epsilon`.
+        weight_decay: decoupled weight decay :math:`\lambda`.
+        rounding: how a 16-bit parameter receives its fp32 result (:class:`~lomo_lightning.optim.Lomo`);
+            sparse fine-tuning's values are fp32, so it matters only for 16-bit parameters.
+        seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rounding: str = "stochastic",
+        seed: int | None = None,
+    ):
+        if lr < 0.0:
+            raise ValueError(f"SftAdamW: lr must be >= 0, got {lr}.")
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"SftAdamW: betas must be in [0, 1), got {betas}.")
+        if eps < 0.0:
+            raise ValueError(f"SftAdamW: eps must be >= 0, got {eps}.")
+        if weight_decay < 0.0:
+            raise ValueError(f"SftAdamW: weight_decay must be >= 0, got {weight_decay}.")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rounding=rounding, seed=seed))
+
+    @torch.no_grad()
+    def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
+        """Update ``param`` alone from ``grad`` with the hyper-parameters of ``group``."""
+        local_param = local_tensor(param)
+        state = self.state[param]
+        if not state:
+            state["age"] = torch.ones_like(param, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+        age, exp_avg, exp_avg_sq = (local_tensor(state[key]) for key in ("age", "exp_avg", "exp_avg_sq"))
+        beta1, beta2 = group["betas"]
+        grad = local_tensor(grad).to(torch.float32)
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        # the denominator, bias-corrected entry by entry: (sqrt(v) + eps) * (1 - beta1^a) / sqrt(1 - beta2^a)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        denom.mul_(torch.pow(beta1, age).neg_().add_(1.0))
+        denom.div_(torch.pow(beta2, age).neg_().add_(1.0).sqrt_())
+        work = local_param if local_param.dtype == torch.float32 else local_param.float()
+        work.addcdiv_(exp_avg, denom, value=-group["lr"])
+        if group["weight_decay"] > 0.0:
+            work.mul_(1.0 - group["lr"] * group["weight_decay"])
+        if work is not local_param:
+            if group["rounding"] == "stochastic":
+                state.setdefault("step", torch.tensor(0.0))
+                state["step"] += 1
+            self.write_back(param, group, state)(local_param, work)
+        age.add_(1.0)
+
+
+__all__ = ["SftAdamW"]
