@@ -14,10 +14,12 @@ On a tiny model the fake figure equals the real-tensor one byte for byte (``test
 
 Depth: the blocks of a transformer are identical, so past a few blocks the peak grows by the same bytes per
 block, as long as it happens at the same point of the step. Every size and method is measured at a few depths
-(2, 3 and 4 blocks; FSDP2 4, 6 and 8) and the line through the two deepest is evaluated at the real depth; the
-distance of the other depths from that line is reported, and full-depth runs (``--full-depth``,
-``--fsdp-full-depth``) check the extrapolation itself. A deep model's step is slow mostly because MemTracker
-also keeps a peak per module, walking all modules on every operation; only the global peak is kept here.
+(1, 2 and 4 blocks; HFT, whose frozen matrices differ from block to block, 4, 6 and 8; under FSDP2 2, 4 and 6)
+and the line through the two deepest is evaluated at the real depth. The distance of the shallowest depth from
+that line is reported: where it is not zero, the peak of a shallow model falls elsewhere in the step. Full-depth
+runs (``--full-depth``, ``--fsdp-full-depth``) check the extrapolation itself. A deep model's step is slow
+mostly because MemTracker also keeps a peak per module, walking all modules on every operation; only the
+global peak is kept here.
 
 What a MemTracker figure is, and is not: the bytes of the live tensors at the worst instant of one step (after
 a warm-up step, so optimizer state exists). It leaves out what a GPU adds on top: the CUDA context, the
@@ -119,6 +121,13 @@ CATEGORIES = ["parameters", "gradients", "optimizer_state", "activations", "temp
 # on all seven projections of every block; AdamW on the adapters (peft keeps them in fp32).
 LORA_RANK = 8
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Blocks measured per size and method. HFT's trainable matrices differ from block to block at random, so the
+# block whose backward holds the peak, and what it holds there, keep changing over the first blocks: its line
+# starts deeper (on 65B: -1.9% from 2 and 4 blocks, +0.0% from 6 and 8, against all 80).
+DEPTHS = [1, 2, 4]
+HFT_DEPTHS = [4, 6, 8]
+FSDP_DEPTHS = [2, 4, 6]
 
 # AdaLomo sums the squares of each matrix's columns a block of rows at a time (1 MiB of fp32 a block, fast on a
 # CPU); a fake-tensor step pays per operation, so the blocks are 64x larger here. That can raise the peak by at
@@ -527,13 +536,13 @@ def extrapolate(rows: list[dict[str, Any]], layers: int) -> dict[str, Any]:
     }
 
 
-def sweep(sizes: list[str], methods: list[str], depths: list[int], setting: Setting, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every size x method: measured at ``depths``, extrapolated to the real depth."""
+def sweep(sizes: list[str], depths: dict[str, list[int]], setting: Setting, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every size x method (the keys of ``depths``): measured at its depths, extrapolated to the real depth."""
     estimates = []
     for size in sizes:
-        for method in methods:
+        for method, method_depths in depths.items():
             measured = []
-            for layers in depths:
+            for layers in sorted(method_depths):
                 try:
                     measured.append(measure_llama(size, method, layers, setting))
                 except Exception as error:  # noqa: BLE001 - a method that cannot run is a result, with its reason
@@ -605,6 +614,12 @@ def _category_cells(categories: dict[str, float], names: list[str]) -> str:
     return " | ".join(f"{gib(categories.get(name, 0.0)):.2f}" for name in names)
 
 
+def _depth_text(depths: dict[str, list[int]]) -> str:
+    common = max((d for d in depths.values()), key=list(depths.values()).count)
+    others = [f"{LABELS[m].split(' (')[0]}: {', '.join(map(str, d))}" for m, d in depths.items() if d != common]
+    return ", ".join(map(str, common)) + (f" blocks ({'; '.join(others)})" if others else " blocks")
+
+
 def markdown(report: dict[str, Any]) -> str:
     setting = Setting(**report["setting"])
     estimates = [e for e in report["estimates"] if "error" not in e]
@@ -614,7 +629,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"`python benchmarks/memory_scale.py{report['command_suffix']}`: MemTracker peak of one training step (after a "
         f"warm-up step) under `FakeTensorMode`, LLaMA-1 shapes, vocabulary {VOCAB}; {setting.describe()}. Each figure is "
-        f"extrapolated from the depths {report['depths']} (the line through the two deepest); GiB.",
+        f"extrapolated from the depths {_depth_text(report['depths'])}: the line through the two deepest; GiB.",
         "",
     ]
     if "7b" in report["sizes"]:
@@ -653,7 +668,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## Per rank under `lomo_fsdp` on {world_setting.world} ranks (FSDP2, fake process group)",
             "",
-            f"{world_setting.describe()}; extrapolated from the depths {fsdp['depths']}.",
+            f"{world_setting.describe()}; extrapolated from the depths {', '.join(map(str, fsdp['depths']))} blocks.",
             "",
             "| model | method | FSDP2 unit | per rank | sharded parameters | gathered parameters | gradients | optimizer state | activations | temporaries | under 24 GiB |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -749,7 +764,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=list(LLAMA1), default=list(LLAMA1))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
-    parser.add_argument("--depths", nargs="+", type=int, default=[2, 3, 4], help="blocks measured per size and method")
+    parser.add_argument("--depths", nargs="+", type=int,
+                        help=f"blocks measured per size and method (default {DEPTHS}, HFT {HFT_DEPTHS})")
     parser.add_argument("--batch", type=int, default=LOMO_TABLE.batch)
     parser.add_argument("--seq", type=int, default=LOMO_TABLE.seq)
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=LOMO_TABLE.dtype)
@@ -758,7 +774,7 @@ def main() -> None:
                         help="also run these at their real depth and compare with the extrapolation")
     parser.add_argument("--fsdp-sizes", nargs="*", choices=list(LLAMA1), default=["65b"], help="per-rank estimates under FSDP2")
     parser.add_argument("--fsdp-methods", nargs="+", choices=["lomo", "adalomo", "adamw"], default=["lomo", "adalomo", "adamw"])
-    parser.add_argument("--fsdp-depths", nargs="+", type=int, default=[4, 6, 8])
+    parser.add_argument("--fsdp-depths", nargs="+", type=int, default=FSDP_DEPTHS)
     parser.add_argument("--fsdp-units", nargs="+", choices=list(FSDP_UNITS), default=list(FSDP_UNITS),
                         help="what an FSDP2 unit gathers: a block (lomo_fsdp's default) or a projection")
     parser.add_argument("--fsdp-full-depth", action="store_true",
@@ -766,7 +782,7 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=LOMO_65B_ON_8.world)
     parser.add_argument("--tag", help="write memory_scale_<tag>.* (required when the setting differs from the LOMO table's)")
     args = parser.parse_args()
-    if len(set(args.depths)) < 2 or len(set(args.fsdp_depths)) < 2:
+    if len(set(args.depths or DEPTHS)) < 2 or len(set(args.fsdp_depths)) < 2:
         raise SystemExit("memory_scale: a line needs at least two different --depths / --fsdp-depths")
     setting = Setting(batch=args.batch, seq=args.seq, dtype=args.dtype, checkpointing=not args.no_checkpointing)
     if setting != LOMO_TABLE and not args.tag:
@@ -779,7 +795,8 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
     log(f"one device, {setting.describe()}")
-    estimates = sweep(args.sizes, args.methods, sorted(args.depths), setting, log)
+    depths = {method: args.depths or (HFT_DEPTHS if method == "hft" else DEPTHS) for method in args.methods}
+    estimates = sweep(args.sizes, depths, setting, log)
     checks = []
     pairs = parse_pairs(args.full_depth)
     if pairs:
@@ -796,7 +813,8 @@ def main() -> None:
         for units in args.fsdp_units:
             world_setting = replace(LOMO_65B_ON_8, dtype=args.dtype, world=args.world, fsdp_units=units)
             log(f"FSDP2, {world_setting.describe()}")
-            for estimate in sweep(args.fsdp_sizes, args.fsdp_methods, sorted(args.fsdp_depths), world_setting, log):
+            fsdp_depths = {method: args.fsdp_depths for method in args.fsdp_methods}
+            for estimate in sweep(args.fsdp_sizes, fsdp_depths, world_setting, log):
                 fsdp["estimates"].append(dict(estimate, fsdp_units=units))
         if args.fsdp_full_depth:
             world_setting = replace(LOMO_65B_ON_8, dtype=args.dtype, world=args.world, fsdp_units=args.fsdp_units[0])
@@ -808,7 +826,7 @@ def main() -> None:
         "setting": asdict(setting),
         "sizes": args.sizes,
         "methods": args.methods,
-        "depths": sorted(args.depths),
+        "depths": depths,
         "estimates": estimates,
         "full_depth_checks": checks,
         "adalomo_block_check": block_check,
