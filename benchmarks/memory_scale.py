@@ -614,6 +614,10 @@ def _category_cells(categories: dict[str, float], names: list[str]) -> str:
     return " | ".join(f"{gib(categories.get(name, 0.0)):.2f}" for name in names)
 
 
+def _blocks(count: int) -> str:
+    return f"{count} block" + ("s" if count != 1 else "")
+
+
 def _depth_text(depths: dict[str, list[int]]) -> str:
     common = max((d for d in depths.values()), key=list(depths.values()).count)
     others = [f"{LABELS[m].split(' (')[0]}: {', '.join(map(str, d))}" for m, d in depths.items() if d != common]
@@ -694,8 +698,9 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{blocks['difference_bytes'] / 2**20:+.1f} MiB |")
     off_line = [e for e in estimates + (report.get("fsdp") or {}).get("estimates", []) if "error" not in e and e["max_residual_bytes"] > 2**20]
     if off_line:
-        lines += ["", "Shallow depths off the line (the peak of a shallow model falls elsewhere in the step): "
-                  + "; ".join(f"{e['size']} {e['method']} {e['max_residual_bytes'] / 2**20:.0f} MiB" for e in off_line)]
+        lines += ["", "The shallowest depth off the line (the peak of a shallow model falls elsewhere in the step): " + "; ".join(
+            f"{e['size']} {e['method']}" + (f" (FSDP2, unit per {e['fsdp_units']})" if "fsdp_units" in e else "")
+            + f" {e['max_residual_bytes'] / 2**20:.0f} MiB at {_blocks(e['measured_depths'][0])}" for e in off_line)]
     return "\n".join(lines) + "\n"
 
 
@@ -721,20 +726,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.scatter([seven], [paper["total"]], marker="x", color="black", zorder=5)
             ax.annotate(f"paper {method} {paper['total']:.1f}", (seven, paper["total"]), textcoords="offset points",
                         xytext=(6, -4), fontsize=7)
-    ax.axhline(gib(GPU_24GB), color="grey", linestyle="--", linewidth=1)
+    ax.axhline(gib(GPU_24GB), color="grey", linestyle="--", linewidth=1, label="24 GiB (one RTX 3090)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.minorticks_off()
     ax.set_xticks(billions, [s.upper() for s in sizes])
     ax.set_xlabel("LLaMA-1 model")
     ax.set_ylabel("estimated peak (GiB, one device)")
-    ax.set_title(f"One device: {Setting(**report['setting']).describe()}", fontsize=9)
+    setting = Setting(**report["setting"])
+    ax.set_title(f"One device: {setting.dtype}, batch {setting.batch} x {setting.seq}"
+                 + (", activation checkpointing" if setting.checkpointing else ""), fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     if fsdp:
         ax = axes[0][1]
         names = ["parameters", "gathered_parameters", "gradients", "optimizer_state", "activations", "temporaries"]
         rows = [e for e in fsdp["estimates"] if "error" not in e]
-        labels = [f"{e['size'].upper()} {LABELS[e['method']]}, unit: {e['fsdp_units']}" for e in rows]
+        labels = [f"{e['size'].upper()} {LABELS[e['method']].split(',')[0]},\nFSDP2 unit: {e['fsdp_units']}" for e in rows]
         left = [0.0] * len(rows)
         for name in names:
             values = [max(gib(e["peak_by_category_bytes"].get(name, 0.0)), 0.0) for e in rows]
@@ -743,7 +751,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.axvline(gib(GPU_24GB), color="black", linestyle="--", linewidth=1, label="24 GiB (RTX 3090)")
         ax.invert_yaxis()
         ax.set_xlabel("estimated peak per rank (GiB)")
-        ax.set_title(f"lomo_fsdp: {Setting(**fsdp['setting']).describe().replace(', a unit per block', '')}", fontsize=9)
+        world = Setting(**fsdp["setting"])
+        ax.set_title(f"Per rank, lomo_fsdp on {world.world} ranks: {world.dtype}, batch {world.batch} x {world.seq} a rank",
+                     fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -770,7 +780,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=LOMO_TABLE.seq)
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=LOMO_TABLE.dtype)
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
-    parser.add_argument("--full-depth", nargs="*", default=["7b:lomo", "7b:adamw"], metavar="SIZE:METHOD",
+    parser.add_argument("--full-depth", nargs="*", default=["7b:lomo"], metavar="SIZE:METHOD",
                         help="also run these at their real depth and compare with the extrapolation")
     parser.add_argument("--fsdp-sizes", nargs="*", choices=list(LLAMA1), default=["65b"], help="per-rank estimates under FSDP2")
     parser.add_argument("--fsdp-methods", nargs="+", choices=["lomo", "adalomo", "adamw"], default=["lomo", "adalomo", "adamw"])
