@@ -185,6 +185,8 @@ def peak_by_category(step: Callable[[], None], model: nn.Module, optimizers: lis
             "other": [_FSDPRefType.INP, _FSDPRefType.BUFFER],
         }
         opt_type = _FSDPRefType.OPT
+        for optimizer in optimizers:  # FSDPMemTracker's track_external does nothing
+            tracker._track_optimizer_states(opt_type, optimizer)
     else:
         tracker = _peak_only(MemTracker)()
         for param in model.parameters():
@@ -201,8 +203,6 @@ def peak_by_category(step: Callable[[], None], model: nn.Module, optimizers: lis
             "other": [_MemRefType.OTH, _MemRefType.BUFFER],
         }
         opt_type = _MemRefType.OPT
-    for optimizer in optimizers if isinstance(model, FSDPModule) else ():
-        tracker._track_optimizer_states(opt_type, optimizer)
     for tensor in state:
         tracker._update_and_maybe_create_winfos(tensor, opt_type)
     with tracker, warnings.catch_warnings():
@@ -330,7 +330,9 @@ def sft_density(config) -> float:
 
 
 def prepare(method: str, model: nn.Module, group: Any = None) -> Training:
-    """Set ``method`` up on ``model`` (fake tensors); ``group``: the shard group under FSDP2."""
+    """Set ``method`` up on ``model``; ``group``: the shard group when the model is sharded by FSDP2."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     from lomo_lightning import AdaLomo, FusedUpdater, Lomo
     from lomo_lightning.selection import HalfFineTuning, SparseFineTuning
     from lomo_lightning.strategies.fsdp import ShardedFusedUpdater
@@ -371,9 +373,8 @@ def prepare(method: str, model: nn.Module, group: Any = None) -> Training:
     if method == "hft":
         HalfFineTuning(ratio=0.5, seed=0).apply(model)
     if method == "sft":
+        # LoRA's budget; no reselection within the two steps (it runs after backward, when no gradient exists)
         sft = SparseFineTuning(density=sft_density(model.config), regrowth="sm3", reselection_steps=10**9, total_steps=10**9)
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
         with unset_fake_temporarily():  # the initial active sets are drawn with real random numbers
             sft.apply(model)
     params = sft.parameters() if sft is not None else [p for p in model.parameters() if p.requires_grad]
