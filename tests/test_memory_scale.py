@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_llama
 
 pytest.importorskip("torch.distributed._tools.fsdp2_mem_tracker")
 
@@ -35,19 +36,8 @@ def memory_scale():
     ids=["adamw-master-weights", "sft-adalomo-fused", "adalomo-fsdp2-8-ranks"],
 )
 def test_fake_tensor_peak_equals_the_real_one(memory_scale, method, world):
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=512,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
+    config = tiny_llama().config  # 2 blocks, grouped-query attention, untied embeddings
+    config.use_cache = False
     setting = memory_scale.Setting(batch=2, seq=32, dtype="float16", world=world)
 
     real = memory_scale.measure(config, method, setting, fake=False)
