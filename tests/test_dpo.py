@@ -9,41 +9,17 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, preference_pairs, tiny_llama
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from lomo_lightning import AdaLomo, LomoStrategy
 from lomo_lightning.data import PreferenceCollator
-from lomo_lightning.data.instructions import tokenize_example
 from lomo_lightning.dpo_module import DPOModule, FusedDPOModule
 from lomo_lightning.objectives import DPOObjective, add_reference_log_probs, reference_log_probs
 
 EOS = 1
 PAD = 0
-
-
-def random_pairs(n: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    """Tokenized pairs of random ids with prompts and responses of different lengths (so batches are padded)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def ids(length: int) -> list[int]:
-        return torch.randint(2, VOCAB, (length,), generator=generator).tolist()
-
-    pairs = []
-    for index in range(n):
-        prompt = ids(3 + index % 4)
-        chosen = tokenize_example(prompt, ids(2 + (3 * index) % 7), EOS, seq_len=24)
-        rejected = tokenize_example(prompt, ids(4 + (5 * index) % 6), EOS, seq_len=24)
-        pairs.append(
-            {
-                "chosen_input_ids": chosen["input_ids"],
-                "chosen_labels": chosen["labels"],
-                "rejected_input_ids": rejected["input_ids"],
-                "rejected_labels": rejected["labels"],
-            }
-        )
-    return pairs
 
 
 def response_log_prob(model: torch.nn.Module, input_ids: list[int], labels: list[int]) -> torch.Tensor:
@@ -76,7 +52,7 @@ def paper_loss(objective: DPOObjective, policy, reference, pair) -> torch.Tensor
 )
 def test_losses_rewards_and_gradients_equal_an_independent_computation(objective, chunk_tokens):
     """Every pair is evaluated alone, unpadded; the batch pads both sides and runs them in one forward."""
-    pairs = random_pairs(4)
+    pairs = preference_pairs(4)
     policy, reference_model = tiny_llama(tie=True, seed=0), tiny_llama(tie=True, seed=1)
     independent_policy = tiny_llama(tie=True, seed=0)
     with torch.no_grad():
@@ -122,7 +98,7 @@ def test_bad_objective_settings_fail_clearly(options, message):
 
 
 def test_a_batch_without_reference_log_probs_is_refused():
-    batch = PreferenceCollator(PAD)(random_pairs(2))
+    batch = PreferenceCollator(PAD)(preference_pairs(2))
     with pytest.raises(ValueError, match="reference_logps"):
         DPOObjective()(tiny_llama(), batch)
 
@@ -139,7 +115,7 @@ class ForwardCounter:
 
 
 def test_cached_reference_log_probs_equal_a_fresh_pass_and_are_read_back_without_a_forward(tmp_path):
-    pairs = Dataset.from_list(random_pairs(7))
+    pairs = Dataset.from_list(preference_pairs(7))
     model = tiny_llama(tie=True)
     counter = ForwardCounter(model)
     first = reference_log_probs(model, pairs, PreferenceCollator(PAD), batch_size=3, cache_dir=tmp_path)
@@ -160,7 +136,7 @@ def test_cached_reference_log_probs_equal_a_fresh_pass_and_are_read_back_without
 
 
 def test_a_change_of_data_model_or_settings_gets_its_own_cache_entry(tmp_path):
-    rows = random_pairs(5)
+    rows = preference_pairs(5)
     model = tiny_llama()
     counter = ForwardCounter(model)
 
@@ -195,7 +171,7 @@ def test_a_change_of_data_model_or_settings_gets_its_own_cache_entry(tmp_path):
 
 def pair_batches(tmp_path, steps: int, pairs_per_batch: int = 3) -> list[dict[str, torch.Tensor]]:
     """Batches of pairs with the reference log-probabilities of the untrained model."""
-    dataset = Dataset.from_list(random_pairs(steps * pairs_per_batch, seed=5))
+    dataset = Dataset.from_list(preference_pairs(steps * pairs_per_batch, seed=5))
     collator = PreferenceCollator(PAD)
     values = reference_log_probs(tiny_llama(tie=True), dataset, collator, batch_size=pairs_per_batch, cache_dir=tmp_path)
     dataset = add_reference_log_probs(dataset, values)
