@@ -1,0 +1,197 @@
+"""Instruction tuning and forgetting on a real pretrained model: SmolLM2-135M-Instruct, every method side by side.
+
+The model is fine-tuned on ``py_instruct`` (complete a stdlib function from its signature and docstring),
+prompts through its own chat template, loss on the response only. Every method sees the same batches in the
+same order, for the same number of steps, with a small learning-rate grid each (the best is reported):
+
+- full fine-tuning: AdamW (standard), AdaLomo and LOMO (fused into backward);
+- HFT + AdaLomo (half of each block's matrices frozen);
+- LoRA (peft, rank r on every linear layer of the blocks) and SFT-AG / SFT-MA (SpIEL) at LoRA's trainable budget.
+
+Measured along training: the held-out response loss (``py_instruct`` validation examples) and the model's general
+ability (:mod:`general_ability`: English prose loss, fixed-QA answer loss), so forgetting can be compared at equal
+target loss. The claims checked: AdaLomo within 2% of AdamW's held-out loss (Lv et al.); HFT forgets at most 0.6x
+of what full fine-tuning forgets at equal target loss (Hui et al.); SFT's held-out loss at most LoRA's (Ansell et al.).
+
+    python benchmarks/quality_real.py                       # all methods, ~3 h on 2 quiet CPU cores
+    python benchmarks/quality_real.py --methods adalomo lora --steps 20    # a subset, merged into the results
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import quality_common as qc
+
+LORA_RANK = 8
+LRS = {
+    "adamw": [1e-5, 3e-5],
+    "adalomo": [3e-4, 1e-3],
+    "lomo": [3e-3, 1e-2],
+    "hft": [3e-4, 1e-3],
+    "lora": [3e-4, 1e-3],
+    "sft_ag": [1e-4, 3e-4],
+    "sft_ma": [1e-4, 3e-4],
+}
+LABELS = {
+    "adamw": "AdamW (standard)",
+    "adalomo": "AdaLomo (fused)",
+    "lomo": "LOMO (fused)",
+    "hft": "HFT + AdaLomo (fused)",
+    "lora": f"LoRA r={LORA_RANK} + AdamW (peft)",
+    "sft_ag": "SFT-AG (SpIEL) + AdamW",
+    "sft_ma": "SFT-MA (SpIEL) + SM3",
+}
+SEQ_LEN, BATCH, VAL_EXAMPLES = 256, 4, 64
+NAME = "quality_real"
+
+
+def instruct_data(tokenizer) -> Any:
+    from lomo_lightning.data import PyInstructDataModule
+
+    dm = PyInstructDataModule(tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, max_val_examples=VAL_EXAMPLES)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def run(method: str, lr: float, steps: int, eval_every: int) -> dict:
+    import torch
+    from general_ability import GeneralAbility
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lomo_lightning.models import smollm2_directory
+
+    qc.quiet()
+    torch.set_num_threads(2)
+    directory = smollm2_directory()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    instruct = instruct_data(tokenizer)
+    ability = GeneralAbility(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).train()
+    trainer = qc.Trainer(model, method, lr=lr, total_steps=steps, lora_rank=LORA_RANK)
+    val = instruct.val_dataloader()
+
+    def general() -> dict[str, float]:
+        return ability.evaluate(trainer.model)
+
+    evals = {"instruct_val_loss": lambda: qc.evaluate(trainer.model, val), "general": general}
+    out = qc.train(trainer, qc.forever(instruct.train_dataloader), steps, evals, eval_every)
+    out.update(method=method, lr=lr)
+    return out
+
+
+def forgetting_at(run: dict, target: float) -> dict[str, float] | None:
+    """The rise of the general-ability losses over the base model's, where ``run`` first reaches ``target``.
+
+    Linear interpolation between the two evaluations around the crossing; ``None`` if it never gets there.
+    """
+    curve = run["curve"]
+    base = curve[0]["general"]
+    for before, after in zip(curve, curve[1:]):
+        if after["instruct_val_loss"] <= target:
+            span = before["instruct_val_loss"] - after["instruct_val_loss"]
+            w = 1.0 if span <= 0 else (before["instruct_val_loss"] - target) / span
+            return {
+                key: (1 - w) * before["general"][key] + w * after["general"][key] - base[key]
+                for key in ("prose_loss", "qa_loss")
+            }
+    return None
+
+
+def report(runs: list[dict], steps: int) -> str:
+    methods = [m for m in LRS if any(r["method"] == m for r in runs)]
+    best = {m: min((r for r in runs if r["method"] == m), key=lambda r: r["curve"][-1]["instruct_val_loss"]) for m in methods}
+    start = runs[0]["curve"][0]
+    lines = [
+        f"# SmolLM2-135M-Instruct on py_instruct, {steps} steps (batch {BATCH} x <= {SEQ_LEN} tokens)",
+        "",
+        f"Base model: held-out response loss {start['instruct_val_loss']:.4f}, prose loss "
+        f"{start['general']['prose_loss']:.4f}, QA answer loss {start['general']['qa_loss']:.4f}.",
+        "",
+        "| method | lr | trainable | held-out response loss | prose loss rise | QA loss rise | s/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(runs, key=lambda r: (list(LRS).index(r["method"]), r["lr"])):
+        end = r["curve"][-1]
+        mark = " **(best)**" if best[r["method"]] is r else ""
+        lines.append(
+            f"| {LABELS[r['method']]}{mark} | {r['lr']:g} | {r['trainable'] / 1e6:.2f}M | {end['instruct_val_loss']:.4f} "
+            f"| {end['general']['prose_loss'] - start['general']['prose_loss']:+.4f} "
+            f"| {end['general']['qa_loss'] - start['general']['qa_loss']:+.4f} | {r['seconds'] / steps:.1f} |"
+        )
+    final = {m: best[m]["curve"][-1]["instruct_val_loss"] for m in methods}
+    lines.append("")
+    if {"adamw", "adalomo"} <= set(final):
+        ratio = final["adalomo"] / final["adamw"]
+        lines.append(f"- AdaLomo vs AdamW held-out loss: {ratio:.4f}x (target <= 1.02x)")
+    if "lora" in final:
+        for m in ("sft_ag", "sft_ma"):
+            if m in final:
+                lines.append(f"- {LABELS[m]} {final[m]:.4f} vs LoRA {final['lora']:.4f}: "
+                             f"{'at most' if final[m] <= final['lora'] else 'above'} LoRA's")
+    if {"adalomo", "hft"} <= set(final):
+        # equal target loss: the worse of the two methods' final losses, reached by both
+        target = max(final["adalomo"], final["hft"])
+        full, half = forgetting_at(best["adalomo"], target), forgetting_at(best["hft"], target)
+        if full and half:
+            for key in ("prose_loss", "qa_loss"):
+                ratio = half[key] / full[key] if full[key] > 0 else float("nan")
+                lines.append(f"- forgetting at equal held-out loss {target:.4f}, {key} rise: HFT {half[key]:+.4f} vs "
+                             f"full {full[key]:+.4f} ({ratio:.2f}x; target <= 0.6x)")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = qc.arguments(__doc__, steps=100, workers=1)
+    parser.add_argument("--methods", nargs="+", choices=list(LRS), default=list(LRS))
+    args = parser.parse_args()
+
+    jobs = [dict(method=m, lr=lr, steps=args.steps, eval_every=args.eval_every) for m in args.methods for lr in LRS[m]]
+    runs = qc.run_pool(run, jobs, workers=args.workers)
+    path = qc.RESULTS / f"{NAME}.json"
+    if path.exists() and set(args.methods) != set(LRS):  # a subset: merge into the previous results
+        kept = [r for r in json.loads(path.read_text())["runs"] if r["method"] not in args.methods]
+        runs = kept + runs
+    text = report(runs, args.steps)
+    qc.RESULTS.mkdir(exist_ok=True)
+    (qc.RESULTS / f"{NAME}.md").write_text(text)
+    path.write_text(json.dumps({
+        "environment": qc.environment(), "steps": args.steps, "lora_rank": LORA_RANK,
+        "data": f"py_instruct through the chat template (seq {SEQ_LEN}, batch {BATCH}, prompt masked, {VAL_EXAMPLES} val examples)",
+        "schedule": "linear warm-up 5%, cosine to 10%", "runs": runs}, indent=2))
+    print(text)
+    plot(runs)
+
+
+def plot(runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = dict(zip(LRS, ("black", "tab:red", "tab:orange", "tab:blue", "tab:gray", "tab:green", "tab:purple")))
+    for r in runs:
+        curve = r["curve"]
+        label = f"{LABELS[r['method']]} lr={r['lr']:g}"
+        axes[0].plot([p["step"] for p in curve], [p["instruct_val_loss"] for p in curve], color=colors[r["method"]], label=label)
+        x = [p["instruct_val_loss"] for p in curve]
+        for ax, key in zip(axes[1:], ("prose_loss", "qa_loss")):
+            ax.plot(x, [p["general"][key] for p in curve], marker="o", ms=3, color=colors[r["method"]], label=label)
+    axes[0].set(xlabel="step", ylabel="held-out response loss (py_instruct)")
+    for ax, key in zip(axes[1:], ("English prose loss", "fixed-QA answer loss")):
+        ax.set(xlabel="held-out response loss (lower: better fine-tuned)", ylabel=f"{key} (higher: more forgotten)")
+        ax.invert_xaxis()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.suptitle("SmolLM2-135M-Instruct: fine-tuning progress and what it forgets")
+    fig.tight_layout()
+    fig.savefig(qc.RESULTS / f"{NAME}.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
