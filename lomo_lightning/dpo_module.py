@@ -64,6 +64,8 @@ class DPOModule(CausalLMModule):
                 "use PyPreferenceDataModule or JsonPreferenceDataModule (data=py_preference, data=preference_jsonl)"
             )
         splits = {"fit": ("train_dataset", "val_dataset"), "validate": ("val_dataset",)}.get(stage, ())
+        if not splits:
+            return
         precision = self.trainer.strategy.precision_plugin
         model = precision.convert_module(self.model).to(self.trainer.strategy.root_device)
         with precision.forward_context():

@@ -25,7 +25,6 @@ from transformers import PreTrainedTokenizerBase
 
 from lomo_lightning.data.instructions import (
     InstructionCollator,
-    InstructionDataModule,
     JsonInstructionDataModule,
     PyInstructDataModule,
     check_records,
