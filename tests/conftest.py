@@ -42,6 +42,24 @@ def batches(n: int, batch_size: int = 2, seq_len: int = 16, seed: int = 1) -> li
     return out
 
 
+def preference_pairs(n: int, seed: int = 0, eos: int = 1) -> list[dict[str, list[int]]]:
+    """Tokenized preference pairs of random ids: prompts and responses of different lengths, so batches are padded."""
+    from lomo_lightning.data.instructions import tokenize_example
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids(length: int) -> list[int]:
+        return torch.randint(2, VOCAB, (length,), generator=generator).tolist()
+
+    pairs = []
+    for index in range(n):
+        prompt = ids(3 + index % 4)
+        chosen = tokenize_example(prompt, ids(2 + (3 * index) % 7), eos, seq_len=24)
+        rejected = tokenize_example(prompt, ids(4 + (5 * index) % 6), eos, seq_len=24)
+        pairs.append({f"{side}_{key}": example[key] for side, example in (("chosen", chosen), ("rejected", rejected)) for key in example})
+    return pairs
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """SmolLM2-135M-Instruct as a Hugging Face checkpoint directory (converted from the package's GGUF once).

@@ -17,14 +17,18 @@ sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # conftest helpers; the package 
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from conftest import batches, tiny_llama  # noqa: E402
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from conftest import batches, preference_pairs, tiny_llama  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lomo_lightning import SM3, AdaLomo, FusedOptimizationMixin, Lomo, SftAdamW  # noqa: E402
 from lomo_lightning.callbacks import HFTResampleCallback, SFTReselectionCallback  # noqa: E402
+from lomo_lightning.data import PreferenceCollator, PreferencePairs  # noqa: E402
+from lomo_lightning.dpo_module import FusedDPOModule  # noqa: E402
 from lomo_lightning.loss import chunked_causal_lm_loss  # noqa: E402
+from lomo_lightning.objectives import DPOObjective, sequence_log_probs  # noqa: E402
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
 from lomo_lightning.strategies import LomoFSDPStrategy, save_pretrained_consolidated  # noqa: E402
 
@@ -76,6 +80,45 @@ def rank_slice(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Ten
     return {key: value[rank * size : (rank + 1) * size] for key, value in batch.items()}
 
 
+def objective(flags: set[str]) -> DPOObjective | None:
+    """``dpo``: the DPO loss on pairs (``ipo``: the IPO loss) instead of the causal-LM loss."""
+    if "dpo" not in flags:
+        return None
+    return DPOObjective(beta=0.5, loss_type="ipo" if "ipo" in flags else "sigmoid")
+
+
+def global_pair_batches(model: torch.nn.Module, n: int = STEPS) -> list[dict[str, torch.Tensor]]:
+    """``2 * WORLD`` pairs a batch (chosen rows, then rejected rows), with ``model``'s log-probabilities as reference."""
+    collate = PreferenceCollator(pad_token_id=0)
+    pairs = preference_pairs(n * 2 * WORLD, seed=7)
+    out = []
+    for step in range(n):
+        batch = collate(pairs[step * 2 * WORLD : (step + 1) * 2 * WORLD])
+        with torch.no_grad():
+            batch["reference_logps"] = sequence_log_probs(
+                model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"]
+            )
+        out.append(batch)
+    return out
+
+
+def pair_slice(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s pairs: its share of the chosen rows and the same pairs' rejected rows."""
+    pairs = batch["input_ids"].shape[0] // 2
+    size = pairs // WORLD
+    rows = [*range(rank * size, (rank + 1) * size), *range(pairs + rank * size, pairs + (rank + 1) * size)]
+    return {key: value[rows] for key, value in batch.items()}
+
+
+def case_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], flags: set[str], chunk_tokens: int | None = None):
+    dpo = objective(flags)
+    if dpo is not None:
+        return dpo(model, batch, chunk_tokens).losses.mean()
+    if chunk_tokens is not None:
+        return chunked_causal_lm_loss(model, chunk_tokens=chunk_tokens, **batch)
+    return model(**batch).loss
+
+
 class TinyLM(LightningModule):
     def __init__(
         self,
@@ -95,13 +138,12 @@ class TinyLM(LightningModule):
             self.hft.apply(self.model)
         self.rule = rule
         self.loss_chunk_tokens = None
+        self.flags: set[str] = set()
         self.nan_at = nan_at  # (rank, batch index) whose loss becomes NaN
         self.resample = False
 
     def compute_loss(self, batch):
-        if self.loss_chunk_tokens is not None:
-            return chunked_causal_lm_loss(self.model, chunk_tokens=self.loss_chunk_tokens, **batch)
-        return self.model(**batch).loss
+        return case_loss(self.model, batch, self.flags, self.loss_chunk_tokens)
 
     def training_step(self, batch, batch_idx):
         loss = self.compute_loss(batch)
@@ -137,6 +179,54 @@ class ManuallyShardedLM(TinyFusedLM):
         for layer in self.model.model.layers:
             fully_shard(layer, mesh=self.device_mesh)
         fully_shard(self.model, mesh=self.device_mesh)
+
+
+class RandomPreferencePairs(PreferencePairs, LightningDataModule):
+    """Pairs of random ids as a preference data module: DPOModule attaches their reference log-probabilities."""
+
+    TRAIN, VAL, BATCH = 11, 5, 3  # 4 train batches (the last one short), 2 val batches
+
+    def __init__(self, cache_dir: Path):
+        super().__init__()
+        self.cache_dir, self.batch_size = cache_dir, self.BATCH
+        self.train_dataset = self.val_dataset = None
+
+    def setup(self, stage: str) -> None:
+        self.train_dataset = Dataset.from_list(preference_pairs(self.TRAIN, seed=3))
+        self.val_dataset = Dataset.from_list(preference_pairs(self.VAL, seed=4))
+
+    def collator(self) -> PreferenceCollator:
+        return PreferenceCollator(pad_token_id=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, collate_fn=self.collator())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, collate_fn=self.collator())
+
+
+def run_reference(case: str, out: Path) -> None:
+    """``reference``: FusedDPOModule on a preference data module; every rank's reference values are saved."""
+    spec = parse(case)
+    module = FusedDPOModule(tiny_llama(), optimizer=RULES[spec["rule"]], beta=0.5)
+    datamodule = RandomPreferencePairs(out / f"{case}-cache")
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=spec["strategy"],
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out / case),
+    )
+    trainer.fit(module, datamodule)
+    values = {split: torch.tensor(getattr(datamodule, f"{split}_dataset")["reference_logps"]) for split in ("train", "val")}
+    per_rank = [None] * WORLD
+    dist.all_gather_object(per_rank, values)
+    if trainer.global_rank == 0:
+        torch.save({"per_rank": per_rank, "global_step": trainer.global_step}, out / f"{case}.pt")
 
 
 def parse(case: str) -> dict:
@@ -184,10 +274,15 @@ def run(case: str, out: Path) -> None:
     )
     if "unused" in flags:
         add_unused_parameter(module.model)
+    module.flags = flags
     if "chunked" in flags:
         module.loss_chunk_tokens = 5
     rank_for_data = int(os.environ.get("LOCAL_RANK", 0))
-    data = [rank_slice(b, rank_for_data) for b in global_batches()]
+    if "dpo" in flags:
+        reference = tiny_llama(tie="tie" in flags, intermediate=intermediate_size(flags))
+        data = [pair_slice(b, rank_for_data) for b in global_pair_batches(reference)]
+    else:
+        data = [rank_slice(b, rank_for_data) for b in global_batches()]
     callbacks = []
     checkpoint_dir = out / f"{case}-ckpt"
     if "resample" in flags:
@@ -244,7 +339,7 @@ def run(case: str, out: Path) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     for case in sys.argv[2:]:
-        run(case, out)
+        (run_reference if "reference" in parse(case)["flags"] else run)(case, out)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()  # exiting with a live gloo group costs seconds

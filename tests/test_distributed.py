@@ -8,7 +8,9 @@ Case names read ``<placement>_<rule>_<flags>``:
   ``sft``: sparse deltas, replicated (``ag``: accumulated-gradient regrowth, else SM3's, with the ``sm3`` rule;
   ``resel``: prune and regrow after steps 1 and 4); ``tie``: tied embeddings; ``nan``: rank 1's loss is NaN at step 2; ``odd``: 37 MLP channels
   (uneven shards); ``unused``: a trainable parameter without gradient, last in its FSDP unit; ``chunked``:
-  the loss of ``chunked_causal_lm_loss`` (the one-process reference uses the model's own loss);
+  the loss of ``chunked_causal_lm_loss`` (the one-process reference uses the model's own loss); ``dpo``: the DPO
+  loss on pairs (``ipo``: IPO), each rank holding its share of the pairs, both sides; ``reference``: DPOModule on a
+  preference data module, which computes the reference log-probabilities on both ranks;
 - ``manual``: ``configure_model`` applies ``fully_shard`` itself; ``mixin``: ``FusedOptimizationMixin``;
 - ``save``/``resume``/``long``: distributed checkpoint (``full``: one full checkpoint file from rank 0);
   ``export``: consolidated ``save_pretrained``;
@@ -26,11 +28,27 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import tiny_llama
-from distributed_runs import CLIP, RULES, STEPS, add_unused_parameter, global_batches, intermediate_size, make_sft, named_state, parse
+from conftest import preference_pairs, tiny_llama
+from datasets import Dataset
+from distributed_runs import (
+    CLIP,
+    RULES,
+    STEPS,
+    RandomPreferencePairs,
+    add_unused_parameter,
+    case_loss,
+    global_batches,
+    global_pair_batches,
+    intermediate_size,
+    make_sft,
+    named_state,
+    parse,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from lomo_lightning import SM3, AdaLomo, FusedUpdater, HalfFineTuning, SparseFineTuning, apply_sparse_delta
+from lomo_lightning.data import PreferenceCollator
+from lomo_lightning.objectives import reference_log_probs
 from lomo_lightning.selection.sft import merge_sparse_deltas
 from lomo_lightning.strategies import LomoDDPStrategy, ReplicatedFusedUpdater, ShardedFusedUpdater
 
@@ -59,8 +77,13 @@ EXACT = [
     "ddp_adalomo_chunked",
     "fsdp_adalomo_unused",  # the last parameter of a block gets no gradient: its batched collective still runs
     "fsdp_sm3_sft_resel_odd",
+    "ddp_adalomo_dpo_clip",  # DPO: each rank holds its pairs, chosen and rejected rows together
+    "fsdp_adalomo_dpo_clip_tie_chunked",
+    "fsdp_lomo_dpo_hft_ipo",
 ]
 OTHERS = [  # in order: a resume case follows the case that saved its checkpoint
+    "ddp_adalomo_reference",
+    "fsdp_adalomo_reference",
     "fsdp_adalomo_hft_resample",
     "fsdp_adalomo_resume",
     "fsdp_adalomo_save_full",
@@ -111,10 +134,13 @@ def one_process(case: str, steps: list[int] | None = None):
     else:
         optimizer = RULES[spec["rule"]]([p for p in model.parameters() if p.requires_grad])
     updater = FusedUpdater(model, optimizer, clip_grad_norm=CLIP if "clip" in spec["flags"] else None)
-    data = global_batches()
+    if "dpo" in spec["flags"]:
+        data = global_pair_batches(tiny_llama(tie="tie" in spec["flags"], intermediate=intermediate_size(spec["flags"])))
+    else:
+        data = global_batches()
     order = steps if steps is not None else list(range(STEPS)) * (2 if {"long", "resume"} & spec["flags"] else 1)
     for index in order:
-        assert updater.backward(model(**data[index]).loss)
+        assert updater.backward(case_loss(model, data[index], spec["flags"] - {"chunked"}))
         if sft is not None:
             sft.step(optimizer)  # what SFTReselectionCallback does
     return model, optimizer, updater, sft
@@ -255,6 +281,22 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(runs, case):
     assert got["skipped_steps"] == 1
     model, _, _, _ = one_process(case, steps=[0, 2])
     assert max_difference(got["params"], model) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["ddp_adalomo_reference", "fsdp_adalomo_reference"])
+def test_every_rank_holds_the_reference_log_probs_of_one_process(runs, case, tmp_path):
+    """Each rank computes a share of the batches; all ranks end up with one process's values, cached once."""
+    got = result(runs, case)
+    assert got["global_step"] == 2
+    for split, (count, seed) in {"train": (RandomPreferencePairs.TRAIN, 3), "val": (RandomPreferencePairs.VAL, 4)}.items():
+        pairs = Dataset.from_list(preference_pairs(count, seed=seed))
+        expected = reference_log_probs(
+            tiny_llama(), pairs, PreferenceCollator(0), batch_size=RandomPreferencePairs.BATCH, cache_dir=tmp_path
+        )
+        for rank_values in got["per_rank"]:
+            assert torch.equal(rank_values[split], expected), split
+    cached = list((runs / f"{case}-cache" / "reference_logps").glob("*.safetensors"))
+    assert sorted(path.name for path in cached) == sorted(path.name for path in (tmp_path / "reference_logps").iterdir())
 
 
 def test_hft_resampled_every_step_under_fsdp_equals_one_process(runs):

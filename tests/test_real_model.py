@@ -6,6 +6,7 @@ Marked ``realmodel`` (``python -m pytest -m realmodel`` runs this group alone); 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,33 @@ def test_lomo_train_fine_tunes_smollm2_on_chat_formatted_instructions(tmp_path: 
     assert datamodule.tokenizer.decode(row["input_ids"][-1:]) == "<|im_end|>" or len(row["input_ids"]) == 96
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert reloaded.config.tie_word_embeddings and reloaded.num_parameters() == 134_515_008
+
+
+def test_experiment_hft_dpo_tunes_smollm2_against_its_own_cached_reference(tmp_path: Path, smollm2_dir):
+    overrides = [
+        f"output_dir={tmp_path}",
+        "experiment=hft_dpo",
+        "data.max_files=40",
+        "data.val_fraction=0.2",
+        "data.max_examples=8",
+        "data.max_val_examples=4",
+        "data.batch_size=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.progress_bar=null",
+        "trainer.enable_model_summary=false",
+    ]
+    with initialize_config_module("lomo_lightning.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    metrics, module = run(cfg)
+    # before training the policy is the base model, and the cached reference is that model's pass over the same
+    # batches: every implicit reward is 0 and the DPO loss is ln 2
+    assert metrics["val/loss_before"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["val/rewards/margins_before"] == 0.0
+    assert metrics["val/loss"] != metrics["val/loss_before"], "two steps move the policy away from the reference"
+    assert any(not p.requires_grad for p in module.model.parameters()), "HFT froze half of each block"
+    row = module.trainer.datamodule.train_dataset[0]
+    prompt_length = row["chosen_labels"].index(next(label for label in row["chosen_labels"] if label != IGNORE_INDEX))
+    assert row["chosen_input_ids"][:prompt_length] == row["rejected_input_ids"][:prompt_length]
+    prompt = module.trainer.datamodule.tokenizer.decode(row["chosen_input_ids"][:prompt_length])
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")

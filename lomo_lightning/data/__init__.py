@@ -1,4 +1,4 @@
-"""Data modules for causal-LM pretraining and instruction tuning, with Hugging Face style batches."""
+"""Data modules for causal-LM pretraining, instruction tuning and preference pairs, with Hugging Face style batches."""
 
 from lomo_lightning.data.base import TokenizedDataModule
 from lomo_lightning.data.instructions import (
@@ -13,6 +13,12 @@ from lomo_lightning.data.instructions import (
     function_examples,
     render_prompt,
 )
+from lomo_lightning.data.preferences import (
+    JsonPreferenceDataModule,
+    PreferenceCollator,
+    PreferencePairs,
+    PyPreferenceDataModule,
+)
 from lomo_lightning.data.python_stdlib import PythonStdlibDataModule
 from lomo_lightning.data.resumable import ResumableDataLoader
 from lomo_lightning.data.stdlib import split_files, split_halves, stdlib_source_files
@@ -24,7 +30,11 @@ __all__ = [
     "InstructionCollator",
     "InstructionDataModule",
     "JsonInstructionDataModule",
+    "JsonPreferenceDataModule",
+    "PreferenceCollator",
+    "PreferencePairs",
     "PyInstructDataModule",
+    "PyPreferenceDataModule",
     "PythonStdlibDataModule",
     "ResumableDataLoader",
     "TokenizedDataModule",

@@ -16,6 +16,7 @@ import os
 import sys
 import textwrap
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,20 +86,42 @@ def tokenize_example(prompt_ids: list[int], response_ids: list[int], eos_id: int
 
 def tokenize_examples(records: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> Dataset:
     """Tokenize a dataset of instruction records, dropping those whose prompt alone fills ``seq_len``."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token: responses cannot be terminated")
+    eos = eos_token_id(tokenizer)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list[list[int]]]:
-        prompts = [render_prompt(tokenizer, i, x) for i, x in zip(batch["instruction"], batch["input"])]
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenize_prompts(tokenizer, batch["instruction"], batch["input"])
         response_ids = tokenizer(batch["output"], add_special_tokens=False)["input_ids"]
         examples = [tokenize_example(p, r, eos, seq_len) for p, r in zip(prompt_ids, response_ids)]
         kept = [example for example in examples if example is not None]
         return {"input_ids": [e["input_ids"] for e in kept], "labels": [e["labels"] for e in kept]}
 
+    return map_tokenized(records, tokenize, tokenizer, seq_len)
+
+
+def eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that ends every response; a tokenizer without one is refused."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token: responses cannot be terminated")
+    return tokenizer.eos_token_id
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, instructions: list[str], inputs: list[str]) -> list[list[int]]:
+    """The token ids of each rendered prompt (:func:`render_prompt`), without special tokens added."""
+    prompts = [render_prompt(tokenizer, instruction, input) for instruction, input in zip(instructions, inputs)]
+    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
+def map_tokenized(
+    records: Dataset, tokenize: Callable[[dict[str, list]], dict[str, list]], tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> Dataset:
+    """``records.map(tokenize, batched=True)`` into new columns, cached under a name that says what it depends on."""
     # Name the result after everything it depends on, so datasets' own map cache can never mix tokenizers.
-    fingerprint = cache_key(records=records._fingerprint, tokenizer=tokenizer_fingerprint(tokenizer), seq_len=seq_len)
+    fingerprint = cache_key(
+        records=records._fingerprint,
+        tokenize=tokenize.__qualname__,
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        seq_len=seq_len,
+    )
     with quiet_progress_bars():
         return records.map(tokenize, batched=True, remove_columns=records.column_names, new_fingerprint=fingerprint)
 
@@ -122,11 +145,16 @@ class InstructionCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def check_records(records: Dataset, source: str) -> Dataset:
-    """Fail on an empty source or a record without ``instruction``/``output``; fill a missing ``input`` with ""."""
+def check_records(
+    records: Dataset, source: str, fields: tuple[str, ...] = FIELDS, required: tuple[str, ...] = ("instruction", "output")
+) -> Dataset:
+    """Fail on an empty source or a record without a ``required`` field; fill a missing ``input`` with "".
+
+    Returns the records with exactly ``fields`` as columns (the defaults: instruction records).
+    """
     if len(records) == 0:
-        raise ValueError(f"{source} has no records: it must hold instruction/input/output examples")
-    for field in ("instruction", "output"):
+        raise ValueError(f"{source} has no records: it must hold {'/'.join(fields)} examples")
+    for field in required:
         values = records[field] if field in records.column_names else [None]
         missing = next((index for index, value in enumerate(values) if value is None), None)
         if missing is not None:
@@ -135,7 +163,7 @@ def check_records(records: Dataset, source: str) -> Dataset:
         records = records.add_column("input", [""] * len(records))
     with quiet_progress_bars():
         records = records.map(lambda row: {"input": row["input"] or ""})
-    return records.select_columns(list(FIELDS))
+    return records.select_columns(list(fields))
 
 
 def split_records(records: Dataset, val_fraction: float, seed: int) -> DatasetDict:
@@ -155,6 +183,11 @@ class InstructionDataModule(TokenizedDataModule):
     After ``setup``, ``num_dropped`` maps each split to the number of examples dropped because their
     prompt alone filled ``seq_len``.
     """
+
+    # what a record is: the word for it in errors, its check, and the collator of its tokenized form
+    record_kind = "instruction"
+    check_records = staticmethod(check_records)
+    collator_class: Callable[[int], Callable[[list[dict]], dict[str, Tensor]]] = InstructionCollator
 
     def __init__(
         self,
@@ -192,7 +225,7 @@ class InstructionDataModule(TokenizedDataModule):
             if len(records[split]) == 0:
                 name = type(self).__name__
                 raise ValueError(f"{name} has no {split} examples: use more data or a larger val_fraction")
-            tokenized = tokenize_examples(records[split], self.tokenizer, self.seq_len)
+            tokenized = self.tokenize(records[split])
             self.num_dropped[split] = len(records[split]) - len(tokenized)
             if self.num_dropped[split]:
                 rank_zero_warn(
@@ -203,9 +236,13 @@ class InstructionDataModule(TokenizedDataModule):
                 raise ValueError(f"no {split} example fits in seq_len={self.seq_len}: raise seq_len")
             setattr(self, f"{split}_dataset", tokenized)
 
-    def collator(self) -> InstructionCollator:
+    def tokenize(self, records: Dataset) -> Dataset:
+        """The tokenized examples of one split's records (:func:`tokenize_examples`)."""
+        return tokenize_examples(records, self.tokenizer, self.seq_len)
+
+    def collator(self) -> Callable[[list[dict]], dict[str, Tensor]]:
         pad = self.tokenizer.pad_token_id
-        return InstructionCollator(self.tokenizer.eos_token_id if pad is None else pad)
+        return self.collator_class(self.tokenizer.eos_token_id if pad is None else pad)
 
 
 def function_examples(path: Path) -> list[dict[str, str]]:
@@ -299,22 +336,30 @@ class PyInstructDataModule(InstructionDataModule):
         return DatasetDict(splits)
 
 
-def read_records(path: str | os.PathLike, cache_dir: Path) -> Dataset:
-    """Instruction records from a local ``.json`` (list or lines), ``.jsonl`` or ``.parquet`` file, checked."""
+def read_records(
+    path: str | os.PathLike,
+    cache_dir: Path,
+    check: Callable[[Dataset, str], Dataset] = check_records,
+    kind: str = "instruction",
+) -> Dataset:
+    """Records from a local ``.json`` (list or lines), ``.jsonl`` or ``.parquet`` file, checked by ``check``.
+
+    ``kind`` names the records in errors: instruction records by default.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"instruction file not found: {path}: check train_file/val_file")
+        raise FileNotFoundError(f"{kind} file not found: {path}: check train_file/val_file")
     if path.suffix not in (".json", ".jsonl", ".parquet"):
-        raise ValueError(f"unsupported instruction file {path}: use .json, .jsonl or .parquet")
+        raise ValueError(f"unsupported {kind} file {path}: use .json, .jsonl or .parquet")
     if not path.read_bytes().strip():
-        raise ValueError(f"instruction file {path} is empty: it must hold instruction/input/output records")
+        raise ValueError(f"{kind} file {path} is empty: it must hold {kind} records")
     builder = "parquet" if path.suffix == ".parquet" else "json"
     try:
         with quiet_progress_bars():
             records = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir / "hf"))
     except DatasetGenerationError:
         raise ValueError(f"{path} cannot be read as {builder}{json_error(path) if builder == 'json' else ''}") from None
-    return check_records(records, str(path))
+    return check(records, str(path))
 
 
 def json_error(path: Path) -> str:
@@ -364,10 +409,13 @@ class JsonInstructionDataModule(InstructionDataModule):
         self.val_fraction = val_fraction
 
     def load_records(self) -> DatasetDict:
-        train = read_records(self.train_file, self.cache_dir)
+        train = self._read(self.train_file)
         if self.val_file is None:
             return split_records(train, self.val_fraction, self.seed)
-        return DatasetDict(train=train, val=read_records(self.val_file, self.cache_dir))
+        return DatasetDict(train=train, val=self._read(self.val_file))
+
+    def _read(self, path: Path) -> Dataset:
+        return read_records(path, self.cache_dir, self.check_records, self.record_kind)
 
 
 class HFInstructionDataModule(InstructionDataModule):
@@ -442,12 +490,15 @@ __all__ = [
     "PY_INSTRUCTION",
     "PyInstructDataModule",
     "check_records",
+    "eos_token_id",
     "format_example",
     "format_prompt",
     "function_examples",
+    "map_tokenized",
     "read_records",
     "render_prompt",
     "split_records",
     "tokenize_example",
     "tokenize_examples",
+    "tokenize_prompts",
 ]

@@ -1,0 +1,195 @@
+"""DPO's reference log-probabilities without a reference model in memory: one pass of the initial model, cached on disk.
+
+As TRL's ``precompute_ref_log_probs``: before training, the model as it is (the reference) runs once over
+the preference pairs, in eval mode and without gradients, and keeps each pair's summed log-probabilities
+of its chosen and rejected response. Training then needs no second model. The values are cached in
+``<cache_dir>/reference_logps/<key>.safetensors``, written to a temporary sibling and renamed, so that a
+reader never sees half a file. The key hashes everything the values depend on:
+
+- the model: its config and every tensor of its state dict (a changed weight is a new reference);
+- the data: the token ids and labels of every pair, in order (which is what the records, the tokenizer,
+  its chat template and ``seq_len`` decide);
+- the settings: parameter dtype, autocast dtype, device type, attention implementation, batch size and
+  loss chunking (they move the values by rounding).
+
+Under ``torch.distributed`` every rank computes a share of the batches (batch ``i`` on rank ``i % world``),
+the shares are gathered to every rank, and rank 0 writes the file. The batches are the same for any
+number of ranks, so the values are too; rank 0 alone hashes and reads the cache and broadcasts, so every
+rank holds the same values even without a shared file system.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lomo_lightning.data.cache import cache_key
+from lomo_lightning.objectives.causal_lm import sequence_log_probs
+from lomo_lightning.objectives.dpo import PAIR_COLUMNS, REFERENCE_KEY
+
+log = logging.getLogger(__name__)
+
+CACHE_SUBDIRECTORY = "reference_logps"
+
+
+def reference_log_probs(
+    model: nn.Module,
+    dataset: Dataset,
+    collator: Callable[[list[dict]], dict[str, Tensor]],
+    *,
+    batch_size: int,
+    cache_dir: str | os.PathLike,
+    chunk_tokens: int | None = None,
+) -> Tensor:
+    """The ``(pairs, 2)`` sequence log-probabilities (chosen, rejected) of every pair of ``dataset`` under ``model``.
+
+    Loaded from the cache under ``cache_dir`` when an entry for this model, data and settings exists;
+    otherwise computed (on the model's device, in batches of ``batch_size`` pairs padded by ``collator``)
+    and cached. Call it on every rank, before the model is sharded: the model must be whole.
+    """
+    rank, world = _rank_and_world()
+    path = None
+    cached = None
+    if rank == 0:
+        key = reference_cache_key(model, dataset, batch_size=batch_size, chunk_tokens=chunk_tokens)
+        path = Path(cache_dir) / CACHE_SUBDIRECTORY / f"{key}.safetensors"
+        cached = load_file(path)[REFERENCE_KEY] if path.is_file() else None
+    cached = _broadcast(cached, world)
+    if cached is not None:
+        return cached
+    if rank == 0:
+        log.info("Computing the reference log-probabilities of %d pairs once, into %s", len(dataset), path)
+    batches: dict[int, Tensor] = {}
+    for share in _gather(_compute_share(model, dataset, collator, batch_size, chunk_tokens, rank, world), world):
+        batches.update(share)
+    values = torch.cat([batches[index] for index in sorted(batches)])
+    if rank == 0:
+        _save_atomically(values, path)
+    return values
+
+
+def add_reference_log_probs(dataset: Dataset, values: Tensor) -> Dataset:
+    """``dataset`` with a ``reference_logps`` column: each pair's ``[chosen, rejected]`` values, for the collator."""
+    if len(values) != len(dataset):
+        raise ValueError(f"{len(values)} reference values for {len(dataset)} pairs")
+    if REFERENCE_KEY in dataset.column_names:
+        dataset = dataset.remove_columns(REFERENCE_KEY)
+    return dataset.add_column(REFERENCE_KEY, values.tolist())
+
+
+def reference_cache_key(model: nn.Module, dataset: Dataset, *, batch_size: int, chunk_tokens: int | None) -> str:
+    """The name of the cache entry: a hash of the model's config and weights, the pairs' tokens and the settings."""
+    parameter = next(model.parameters())
+    device = parameter.device.type
+    config = getattr(model, "config", None)
+    return cache_key(
+        kind="reference-logps",
+        config=config.to_json_string() if config is not None else type(model).__name__,
+        attention=getattr(config, "_attn_implementation", None),
+        weights=weights_digest(model),
+        pairs=pairs_digest(dataset),
+        dtype=str(parameter.dtype),
+        autocast=str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None,
+        device=device,
+        batch_size=batch_size,
+        chunk_tokens=chunk_tokens,
+    )
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A hash of every tensor of ``model``'s state dict: names, dtypes, shapes and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pairs_digest(dataset: Dataset) -> str:
+    """A hash of the token ids and labels of every pair of ``dataset``, in order."""
+    table = dataset.select_columns(list(PAIR_COLUMNS)).with_format("arrow")[:]
+    digest = hashlib.blake2b(digest_size=16)
+    for name in PAIR_COLUMNS:
+        rows = table.column(name).combine_chunks()
+        digest.update(f"{name}\0".encode())
+        digest.update(rows.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        digest.update(rows.flatten().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def _compute_share(
+    model: nn.Module,
+    dataset: Dataset,
+    collator: Callable[[list[dict]], dict[str, Tensor]],
+    batch_size: int,
+    chunk_tokens: int | None,
+    rank: int,
+    world: int,
+) -> dict[int, Tensor]:
+    """This rank's batches: batch index -> ``(pairs in it, 2)`` values."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # the reference is the model as a function: no dropout
+    share = {}
+    try:
+        for index in range(rank, math.ceil(len(dataset) / batch_size), world):
+            rows = list(dataset.select(range(index * batch_size, min(len(dataset), (index + 1) * batch_size))))
+            batch = {key: value.to(device) for key, value in collator(rows).items() if key != REFERENCE_KEY}
+            logps = sequence_log_probs(
+                model, batch["input_ids"], batch["labels"], chunk_tokens, attention_mask=batch["attention_mask"]
+            )
+            share[index] = logps.float().cpu().view(2, -1).T.contiguous()
+    finally:
+        model.train(was_training)
+    return share
+
+
+def _save_atomically(values: Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({REFERENCE_KEY: values}, staging, metadata={"columns": json.dumps(["chosen", "rejected"])})
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast(value: Any, world: int) -> Any:
+    if world == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _gather(share: dict[int, Tensor], world: int) -> list[dict[int, Tensor]]:
+    if world == 1:
+        return [share]
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, share)
+    return shares
+
+
+__all__ = ["add_reference_log_probs", "pairs_digest", "reference_cache_key", "reference_log_probs", "weights_digest"]
