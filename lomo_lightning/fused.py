@@ -179,8 +179,11 @@ class FusedUpdater:
 
     # -- one training step -------------------------------------------------------------------------
 
-    def backward(self, loss: Tensor) -> bool:
-        """Backward and update. Returns ``False`` when the step was skipped (non-finite loss or fp16 overflow)."""
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> bool:
+        """Backward and update. Returns ``False`` when the step was skipped (non-finite loss or fp16 overflow).
+
+        ``retain_graph=True`` keeps the graph after the update pass, as ``Tensor.backward`` does.
+        """
         if not self.loss_is_finite(loss.detach()):
             self.skipped_steps += 1
             return False
@@ -199,7 +202,7 @@ class FusedUpdater:
             if self.clip_grad_norm is not None:
                 # the same coefficient as torch.nn.utils.clip_grad_norm_
                 self._clip_coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
-        scaled.backward()
+        scaled.backward(retain_graph=retain_graph)
         self._end_of_backward()
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_overflow=False)

@@ -21,6 +21,16 @@ class FusedStrategyMixin:
     """What every fused strategy shares: install the engine, route backward through it, keep it in checkpoints.
 
     ``optimizer_step`` only runs the closure: the update already happened inside backward.
+
+    Lightning's hooks around backward run as documented: ``on_before_backward`` and ``on_after_backward``
+    (of the module and the callbacks) before and after the fused backward, the precision plugin's
+    ``pre_backward``/``post_backward`` around it, ``manual_backward(loss, retain_graph=True)`` keeps the
+    graph. The hooks that assume gradients which exist together before an optimizer step cannot run:
+    each parameter is updated inside backward and its gradient freed at once. A LightningModule that
+    overrides ``backward``, ``on_before_optimizer_step`` or ``configure_gradient_clipping``, or a callback
+    that overrides ``on_before_optimizer_step``, is refused when ``fit`` starts, with the reason (see
+    :func:`refuse_hooks_without_gradients`). Clipping is the engine's (``Trainer(gradient_clip_val=...)``
+    or the strategy's ``clip_grad_norm``); the norm it measured is ``fused_updater.last_grad_norm``.
     """
 
     fused_updater: FusedUpdater | None
@@ -45,6 +55,7 @@ class FusedStrategyMixin:
         if trainer.state.fn != TrainerFn.FITTING:
             return
         _refuse_accumulation(trainer)
+        refuse_hooks_without_gradients(trainer)
         if len(self.optimizers) != 1:  # type: ignore[attr-defined]
             raise ValueError(
                 f"Fused updates need exactly one optimizer from configure_optimizers, got {len(self.optimizers)}. "  # type: ignore[attr-defined]
@@ -101,12 +112,24 @@ class FusedStrategyMixin:
     # -- the training step -------------------------------------------------------------------------
 
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        """Lightning's backward with the update fused into it; ``retain_graph`` is the one argument it takes.
+
+        ``manual_backward(loss, retain_graph=True)`` keeps the graph; any other argument of
+        ``Tensor.backward`` (``gradient``, ``inputs``, ``create_graph``) would change which gradients the
+        hooks receive, and is refused rather than dropped.
+        """
         if self.fused_updater is None:
             raise RuntimeError("The fused engine is not installed: fused strategies train only inside Trainer.fit.")
+        unsupported = [f"argument {i + 1}" for i in range(len(args))] + sorted(set(kwargs) - {"retain_graph"})
+        if unsupported:
+            raise TypeError(
+                f"fused backward takes retain_graph only, got {', '.join(unsupported)}: the engine updates each "
+                "parameter from the gradient of the loss alone, once per backward."
+            )
         module = self.lightning_module  # type: ignore[attr-defined]
         self.pre_backward(closure_loss)  # type: ignore[attr-defined]
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)  # type: ignore[attr-defined]
-        self.fused_updater.backward(closure_loss)
+        self.fused_updater.backward(closure_loss, retain_graph=bool(kwargs.get("retain_graph", False)))
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)  # type: ignore[attr-defined]
         self.post_backward(closure_loss)  # type: ignore[attr-defined]
         return closure_loss
@@ -139,6 +162,34 @@ class FusedStrategyMixin:
         if self._lightning_scaler is not None:
             self.precision_plugin.scaler, self._lightning_scaler = self._lightning_scaler, None  # type: ignore[attr-defined]
         super().teardown()  # type: ignore[misc]
+
+
+# LightningModule hooks that need every gradient at once, before an optimizer step: why each cannot run
+_MODULE_HOOKS_WITHOUT_GRADIENTS = {
+    "backward": "the fused strategy runs backward itself (twice when clipping: a norm pass, then the update pass), "
+    "with hooks that update each parameter; put work before or after it in on_before_backward/on_after_backward",
+    "on_before_optimizer_step": "there is no moment with gradients before a step: each parameter is updated inside "
+    "backward and its gradient freed at once; use on_after_backward, or fused_updater.last_grad_norm for the norm",
+    "configure_gradient_clipping": "the engine clips, by the global norm it measures in a first backward pass: set "
+    "Trainer(gradient_clip_val=...) or the strategy's clip_grad_norm / clip_grad_value",
+}
+
+
+def refuse_hooks_without_gradients(trainer: Trainer) -> None:
+    """Refuse a module or callback overriding a hook that fused updates cannot run, naming the hook and why."""
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    module = trainer.lightning_module
+    for hook, reason in _MODULE_HOOKS_WITHOUT_GRADIENTS.items():
+        if is_overridden(hook, module, LightningModule):
+            raise ValueError(f"{type(module).__name__}.{hook} cannot run under fused updates: {reason}.")
+    for callback in trainer.callbacks:
+        if is_overridden("on_before_optimizer_step", callback, Callback):
+            raise ValueError(
+                f"the callback {type(callback).__name__} overrides on_before_optimizer_step, which cannot run under "
+                f"fused updates: {_MODULE_HOOKS_WITHOUT_GRADIENTS['on_before_optimizer_step']}."
+            )
 
 
 def _refuse_accumulation(trainer: Trainer) -> None:
