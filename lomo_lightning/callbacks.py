@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lomo_lightning.selection.hft import HalfFineTuning
 from lomo_lightning.selection.sft import SparseFineTuning
@@ -27,6 +28,13 @@ class HFTResampleCallback(Callback):
     callback calls ``trainer.strategy.fused_updater.refresh()`` (re-registers the gradient hooks for the
     current trainable set) when the strategy has one. A strategy that installs hooks without exposing
     ``fused_updater`` would keep updating the old set, so it does not support ``every_n_steps``.
+
+    Checkpoints hold this callback's state: the mask in force, the seed counter, the number of fits
+    started and the step of the last resample. A fit resumed from a checkpoint continues the saved
+    stage: it applies the saved mask as it was (whatever mask the new model was given) and does not
+    draw a new one at its start, so it trains the same tensors and resamples at the same steps as an
+    uninterrupted run. Lightning restores callbacks before ``on_fit_start`` on one device and after it
+    for strategies that restore after setup (FSDP); both orders are handled.
     """
 
     def __init__(self, hft: HalfFineTuning, every_n_steps: int | None = None, every_stage: bool = True) -> None:
@@ -37,14 +45,32 @@ class HFTResampleCallback(Callback):
         self.every_stage = every_stage
         self._fits_started = 0
         self._last_resampled_step = -1
+        # Set between setup() and teardown(), so that load_state_dict can reach the model and the engine.
+        self._trainer: pl.Trainer | None = None
+        self._module: pl.LightningModule | None = None
+        self._in_fit = False  # on_fit_start has run in the current fit
+        self._resumed = False  # state was loaded for a fit that has not started yet
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer, self._module, self._in_fit = trainer, pl_module, False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer, self._module, self._in_fit = None, None, False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fits_started += 1
-        if self.hft.mask is None:
+        self._in_fit = True
+        resumed, self._resumed = self._resumed, False
+        if resumed and self.hft.mask is not None:
+            # The checkpoint's fit continues: its mask (applied by load_state_dict), no new draw, no new stage.
+            self.hft.apply_mask(pl_module)
+        elif self.hft.mask is None:
+            self._fits_started += 1
             self.hft.apply(pl_module)
-        elif self.every_stage and self._fits_started > 1:
+        elif self.every_stage and self._fits_started > 0:
+            self._fits_started += 1
             self._resample(trainer, pl_module)
         else:
+            self._fits_started += 1
             return
         _refresh_fused_hooks(trainer)
 
@@ -60,6 +86,33 @@ class HFTResampleCallback(Callback):
     def _resample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.hft.resample(pl_module, optimizer=optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "hft": self.hft.state_dict(),
+            "fits_started": self._fits_started,
+            "last_resampled_step": self._last_resampled_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the mask schedule and apply the saved mask to the model of the current fit.
+
+        The optimizer state is not touched: Lightning restores it from the same checkpoint, in which
+        the frozen parameters hold none.
+        """
+        missing = {"hft", "fits_started", "last_resampled_step"} - set(state_dict)
+        if missing:
+            raise KeyError(f"HFTResampleCallback.load_state_dict: the checkpoint's state lacks {sorted(missing)}")
+        self.hft.load_state_dict(state_dict["hft"], model=self._module)
+        self._fits_started = int(state_dict["fits_started"])
+        self._last_resampled_step = int(state_dict["last_resampled_step"])
+        if self._in_fit:
+            # Restored after on_fit_start (strategies that restore after setup): the engine is installed
+            # already, with the hooks of whatever mask the fit started with.
+            if self._trainer is not None:
+                _refresh_fused_hooks(self._trainer)
+        elif self._trainer is None or self._trainer.state.fn == TrainerFn.FITTING:
+            self._resumed = True
 
 
 class SFTReselectionCallback(Callback):

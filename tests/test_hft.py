@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
+import conftest
 import lightning.pytorch as pl
 import pytest
 import torch
 import transformers
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from lomo_lightning import AdaLomo, LomoStrategy
 from lomo_lightning.callbacks import HFTResampleCallback
+from lomo_lightning.module import FusedCausalLMModule
 from lomo_lightning.selection.hft import HalfFineTuning, HFTPatterns
 
 # The paper's rule is per category: with three equal FFN matrices a block keeps 1/3 or 2/3 of its FFN,
@@ -320,3 +325,132 @@ def test_callback_every_n_steps_rebuilds_the_fused_hooks_under_lomo_strategy():
     # Step 3 ran with the second mask: what it unfroze learned, what both masks froze never moved.
     assert all(changed(name) for name in first - second)
     assert not any(changed(name) for name in first & second)
+
+
+# -- resuming: the mask, its schedule and the optimizer state come back from the checkpoint -------
+
+
+class LomoStrategyRestoringAfterSetup(LomoStrategy):
+    """``strategy="lomo"`` restoring checkpoints after ``on_fit_start``, in the order FSDP strategies do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def fused_hft_fit(
+    module: pl.LightningModule,
+    callback: HFTResampleCallback,
+    max_epochs: int,
+    checkpoint_dir=None,
+    ckpt_path=None,
+    strategy_cls: type[LomoStrategy] = LomoStrategy,
+) -> tuple[pl.Trainer, str | None]:
+    """Fit ``module`` with fused AdaLomo (``strategy="lomo"``) on 3 fixed batches per epoch; optionally checkpoint each epoch."""
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True) if checkpoint_dir is not None else None
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        strategy=strategy_cls(),
+        callbacks=[callback] + ([checkpoint] if checkpoint is not None else []),
+        logger=False,
+        enable_checkpointing=checkpoint is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = torch.utils.data.DataLoader(conftest.batches(3), batch_size=None)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return trainer, checkpoint.last_model_path if checkpoint is not None else None
+
+
+def fused_hft_module(seed: int = 0) -> tuple[pl.LightningModule, HalfFineTuning]:
+    """A fresh tiny Llama under AdaLomo, with HFT's first mask (seed 0) applied as ``lomo-train`` does."""
+    model = conftest.tiny_llama(seed=seed)
+    hft = HalfFineTuning(seed=0)
+    hft.apply(model)
+    return FusedCausalLMModule(model, functools.partial(AdaLomo, lr=1e-2)), hft
+
+
+def assert_same_training_state(resumed, resumed_trainer, expected, expected_trainer) -> None:
+    """Bit-identical parameters, the same trainable set, and the same optimizer state (none for frozen tensors)."""
+    for (name, p), q in zip(resumed.named_parameters(), expected.parameters()):
+        assert torch.equal(p, q), name
+        assert p.requires_grad == q.requires_grad, name
+    resumed_state = resumed_trainer.optimizers[0].state_dict()["state"]
+    expected_state = expected_trainer.optimizers[0].state_dict()["state"]
+    assert resumed_state.keys() == expected_state.keys()
+    for index, state in expected_state.items():
+        assert resumed_state[index].keys() == state.keys(), index
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(resumed_state[index][key]), torch.as_tensor(value)), (index, key)
+
+
+RESTORE_ORDERS = pytest.mark.parametrize(
+    "strategy_cls",
+    [LomoStrategy, LomoStrategyRestoringAfterSetup],
+    ids=["restore_before_fit_start", "restore_after_fit_start"],
+)
+
+
+@RESTORE_ORDERS
+def test_resumed_fit_with_every_n_steps_resampling_equals_uninterrupted(tmp_path, strategy_cls):
+    # Resample after steps 2, 4 and 6 of 6; the checkpoint after step 3 lies inside the second mask's window.
+    full, full_hft = fused_hft_module()
+    full_trainer, _ = fused_hft_fit(full, HFTResampleCallback(full_hft, every_n_steps=2), max_epochs=2)
+
+    first, first_hft = fused_hft_module()
+    _, checkpoint = fused_hft_fit(first, HFTResampleCallback(first_hft, every_n_steps=2), 1, checkpoint_dir=tmp_path)
+    resumed, resumed_hft = fused_hft_module(seed=123)  # another init and the first mask: all must come from the checkpoint
+    resumed_trainer, _ = fused_hft_fit(
+        resumed, HFTResampleCallback(resumed_hft, every_n_steps=2), 2, ckpt_path=checkpoint, strategy_cls=strategy_cls
+    )
+
+    assert resumed_trainer.global_step == full_trainer.global_step == 6
+    assert resumed_hft.seed == full_hft.seed == 3
+    assert resumed_hft.mask == full_hft.mask
+    assert_same_training_state(resumed, resumed_trainer, full, full_trainer)
+
+
+@RESTORE_ORDERS
+def test_resumed_stage_keeps_its_mask_and_the_next_stage_draws_the_uninterrupted_one(tmp_path, strategy_cls):
+    # Three fits (continual-learning stages) with every_stage; the second is interrupted after one of its two epochs.
+    full, full_hft = fused_hft_module()
+    full_callback = HFTResampleCallback(full_hft)
+    fused_hft_fit(full, full_callback, max_epochs=2)
+    full_trainer, _ = fused_hft_fit(full, full_callback, max_epochs=2)
+    stage_two_mask = full_hft.mask
+
+    first, first_hft = fused_hft_module()
+    first_callback = HFTResampleCallback(first_hft)
+    fused_hft_fit(first, first_callback, max_epochs=2)
+    _, checkpoint = fused_hft_fit(first, first_callback, max_epochs=1, checkpoint_dir=tmp_path)
+    resumed, resumed_hft = fused_hft_module(seed=123)
+    resumed_callback = HFTResampleCallback(resumed_hft)
+    resumed_trainer, _ = fused_hft_fit(resumed, resumed_callback, 2, ckpt_path=checkpoint, strategy_cls=strategy_cls)
+
+    assert resumed_hft.seed == full_hft.seed == 1
+    assert resumed_hft.mask == stage_two_mask
+    assert_same_training_state(resumed, resumed_trainer, full, full_trainer)
+
+    # The third stage draws the same new mask in both runs.
+    full_trainer, _ = fused_hft_fit(full, full_callback, max_epochs=1)
+    resumed_trainer, _ = fused_hft_fit(resumed, resumed_callback, max_epochs=1)
+    assert resumed_hft.seed == full_hft.seed == 2
+    assert resumed_hft.mask == full_hft.mask != stage_two_mask
+    assert_same_training_state(resumed, resumed_trainer, full, full_trainer)
+
+
+def test_hft_state_dict_round_trip_applies_the_saved_mask_to_a_wrapped_model():
+    model = tiny_llama()
+    hft = HalfFineTuning(seed=4)
+    hft.apply(model)  # names relative to the Hugging Face model
+    state = hft.state_dict()
+
+    wrapper = CausalLM(tiny_llama())  # names gain the prefix "model."
+    restored = HalfFineTuning(seed=0)
+    restored.apply(wrapper)
+    restored.load_state_dict(state, model=wrapper)
+    assert restored.seed == 4 and restored.mask == hft.mask
+    assert frozen_names(wrapper) == {f"model.{name}" for name in frozen_names(model)}
+
+    with pytest.raises(ValueError, match="mask names module"):
+        HalfFineTuning().load_state_dict(state, model=tiny_gpt2())

@@ -29,7 +29,8 @@ import itertools
 import logging
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -176,6 +177,44 @@ class HalfFineTuning:
                         optimizer.state.pop(parameter, None)
         return mask
 
+    def apply_mask(self, model: nn.Module, mask: HFTMask | None = None) -> HFTMask:
+        """Set ``requires_grad`` on ``model`` as ``mask`` (default: the current one) says, without drawing.
+
+        A mask's module names are those of the model it was drawn on; a name that is not a module of
+        ``model`` is matched as a suffix (``model.layers.0.mlp.up_proj`` finds ``model.model.layers.0.mlp.up_proj``
+        inside a LightningModule), so a mask drawn on a Hugging Face model applies to its wrapper too.
+        """
+        mask = self.mask if mask is None else mask
+        if mask is None:
+            raise ValueError("HalfFineTuning.apply_mask: no mask to apply; draw one with apply() first")
+        modules = dict(model.named_modules())
+        resolved = {name: _resolve_module(modules, name) for name in [*mask.frozen, *mask.trainable]}
+        frozen = set(mask.frozen)
+        for name, module in resolved.items():
+            for parameter in module.parameters():
+                parameter.requires_grad_(name not in frozen)
+        self.mask = mask
+        return mask
+
+    def state_dict(self) -> dict[str, Any]:
+        """What decides the masks: the seed counter and the mask in force (its seed and module names)."""
+        return {"seed": self.seed, "mask": None if self.mask is None else asdict(self.mask)}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
+        """Restore :meth:`state_dict`; with ``model``, also set ``requires_grad`` as the saved mask says.
+
+        The saved mask is applied as saved (:meth:`apply_mask`), not drawn again, so the restored run
+        trains exactly the tensors the saved one did.
+        """
+        missing = {"seed", "mask"} - set(state)
+        if missing:
+            raise KeyError(f"HalfFineTuning.load_state_dict: the state lacks {sorted(missing)}")
+        self.seed = int(state["seed"])
+        mask = state["mask"]
+        self.mask = None if mask is None else HFTMask(int(mask["seed"]), list(mask["frozen"]), list(mask["trainable"]))
+        if model is not None and self.mask is not None:
+            self.apply_mask(model)
+
     def describe(self) -> str:
         return "HFT: no mask drawn yet" if self.mask is None else self.mask.describe()
 
@@ -250,6 +289,20 @@ class HalfFineTuning:
             total_so_far = total
             frozen |= {name for i, (name, _) in enumerate(members) if i not in chosen}
         return frozen
+
+
+def _resolve_module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    """The module called ``name``, else the one module whose name ends with ``.name``."""
+    if name in modules:
+        return modules[name]
+    matches = [key for key in modules if key.endswith(f".{name}")]
+    if len(matches) != 1:
+        found = "no module" if not matches else f"{len(matches)} modules ({', '.join(matches[:3])})"
+        raise ValueError(
+            f"HFT mask names module {name!r}, but {found} of the model match it: "
+            "was the mask drawn on a model of another architecture?"
+        )
+    return modules[matches[0]]
 
 
 def _numel(module: nn.Module) -> int:
