@@ -15,6 +15,10 @@ of what full fine-tuning forgets at equal target loss (Hui et al.); SFT's held-o
 
     python benchmarks/quality_real.py                       # all methods, ~3 h on 2 quiet CPU cores
     python benchmarks/quality_real.py --methods adalomo lora --steps 20    # a subset, merged into the results
+    python benchmarks/quality_real.py --one-lr --steps 16 --eval-every 8 --val-examples 32 --threads 1   # a short look
+
+``--one-lr`` runs each method at the first learning rate of its grid only (no tuning: a claim about tuned
+learning rates then does not follow).
 """
 
 from __future__ import annotations
@@ -25,14 +29,14 @@ from typing import Any
 import quality_common as qc
 
 LORA_RANK = 8
-LRS = {
-    "adamw": [1e-5, 3e-5],
+LRS = {  # the first of each grid is the guess --one-lr runs
+    "adamw": [3e-5, 1e-5],
     "adalomo": [3e-4, 1e-3],
     "lomo": [3e-3, 1e-2],
     "hft": [3e-4, 1e-3],
-    "lora": [3e-4, 1e-3],
-    "sft_ag": [1e-4, 3e-4],
-    "sft_ma": [1e-4, 3e-4],
+    "lora": [1e-3, 3e-4],
+    "sft_ag": [3e-4, 1e-4],
+    "sft_ma": [3e-4, 1e-4],
 }
 LABELS = {
     "adamw": "AdamW (standard)",
@@ -40,37 +44,40 @@ LABELS = {
     "lomo": "LOMO (fused)",
     "hft": "HFT + AdaLomo (fused)",
     "lora": f"LoRA r={LORA_RANK} + AdamW (peft)",
-    "sft_ag": "SFT-AG (SpIEL) + AdamW",
-    "sft_ma": "SFT-MA (SpIEL) + SM3",
+    "sft_ag": "SFT-AG (SpIEL) + SftAdamW (fused)",
+    "sft_ma": "SFT-MA (SpIEL) + SM3 (fused)",
 }
 SEQ_LEN, BATCH, VAL_EXAMPLES = 256, 4, 64
 NAME = "quality_real"
 
 
-def instruct_data(tokenizer) -> Any:
+def instruct_data(tokenizer, val_examples: int = VAL_EXAMPLES) -> Any:
     from lomo_lightning.data import PyInstructDataModule
 
-    dm = PyInstructDataModule(tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, max_val_examples=VAL_EXAMPLES)
+    dm = PyInstructDataModule(tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, max_val_examples=val_examples)
     dm.prepare_data()
     dm.setup()
     return dm
 
 
-def run(method: str, lr: float, steps: int, eval_every: int) -> dict:
+def run(method: str, lr: float, steps: int, eval_every: int, val_examples: int = VAL_EXAMPLES, threads: int = 2) -> dict:
     import torch
     from general_ability import GeneralAbility
+    from memory_speed import lora_parameter_count
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lomo_lightning.models import smollm2_directory
 
     qc.quiet()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     directory = smollm2_directory()
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    instruct = instruct_data(tokenizer)
+    instruct = instruct_data(tokenizer, val_examples)
     ability = GeneralAbility(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).train()
-    trainer = qc.Trainer(model, method, lr=lr, total_steps=steps, lora_rank=LORA_RANK)
+    budget = lora_parameter_count(model, LORA_RANK)  # SFT at LoRA's trainable count exactly
+    rule_name = {"sft_ma": "sft_sm3"}.get(method, method)
+    trainer = qc.Trainer(model, rule_name, lr=lr, total_steps=steps, lora_rank=LORA_RANK, sft_budget=budget)
     val = instruct.val_dataloader()
 
     def general() -> dict[str, float]:
@@ -146,9 +153,13 @@ def report(runs: list[dict], steps: int) -> str:
 def main() -> None:
     parser = qc.arguments(__doc__, steps=100, workers=1)
     parser.add_argument("--methods", nargs="+", choices=list(LRS), default=list(LRS))
+    parser.add_argument("--one-lr", action="store_true", help="only the first learning rate of each method's grid")
+    parser.add_argument("--val-examples", type=int, default=VAL_EXAMPLES)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     args = parser.parse_args()
 
-    jobs = [dict(method=m, lr=lr, steps=args.steps, eval_every=args.eval_every) for m in args.methods for lr in LRS[m]]
+    jobs = [dict(method=m, lr=lr, steps=args.steps, eval_every=args.eval_every, val_examples=args.val_examples, threads=args.threads)
+            for m in args.methods for lr in (LRS[m][:1] if args.one_lr else LRS[m])]
     runs = qc.run_pool(run, jobs, workers=args.workers)
     path = qc.RESULTS / f"{NAME}.json"
     if path.exists() and set(args.methods) != set(LRS):  # a subset: merge into the previous results
@@ -159,7 +170,8 @@ def main() -> None:
     (qc.RESULTS / f"{NAME}.md").write_text(text)
     path.write_text(json.dumps({
         "environment": qc.environment(), "steps": args.steps, "lora_rank": LORA_RANK,
-        "data": f"py_instruct through the chat template (seq {SEQ_LEN}, batch {BATCH}, prompt masked, {VAL_EXAMPLES} val examples)",
+        "data": f"py_instruct through the chat template (seq {SEQ_LEN}, batch {BATCH}, prompt masked, {args.val_examples} val examples)",
+        "lr_grid": "first of each grid only (--one-lr)" if args.one_lr else LRS,
         "schedule": "linear warm-up 5%, cosine to 10%", "runs": runs}, indent=2))
     print(text)
     plot(runs)
