@@ -183,7 +183,6 @@ def worker(rank: int, args: argparse.Namespace, rendezvous: str, result_file: st
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
     from torch.distributed.device_mesh import init_device_mesh
-
     from torch.nn.parallel import DistributedDataParallel
 
     from lomo_lightning.strategies import ReplicatedFusedUpdater, ShardedFusedUpdater

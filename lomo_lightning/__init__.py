@@ -42,7 +42,29 @@ _EXPORTS = {
     "ValidateAtEnd": "lomo_lightning.callbacks",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [  # the names of _EXPORTS (tests/test_package.py checks they agree)
+    "AdaLomo",
+    "CausalLMModule",
+    "DynamicLossScaler",
+    "FusedCausalLMModule",
+    "FusedOptimizationMixin",
+    "FusedUpdater",
+    "HFTResampleCallback",
+    "HalfFineTuning",
+    "Lomo",
+    "LomoDDPStrategy",
+    "LomoFSDPStrategy",
+    "LomoStrategy",
+    "SFTReselectionCallback",
+    "SM3",
+    "SftAdamW",
+    "SparseFineTuning",
+    "ValidateAtEnd",
+    "__version__",
+    "apply_sparse_delta",
+    "chunked_causal_lm_loss",
+    "save_pretrained_consolidated",
+]
 
 
 def __getattr__(name: str) -> Any:

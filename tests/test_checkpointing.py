@@ -8,9 +8,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from app_plugins import SignalAtStep
 from torch.utils.data import TensorDataset
 
-from app_plugins import SignalAtStep
 from lomo_lightning.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint, Preempted, publish_directory
 from lomo_lightning.data import ResumableDataLoader
 

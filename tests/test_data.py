@@ -26,12 +26,12 @@ from lomo_lightning.data import (
     format_prompt,
     function_examples,
     load_tokenizer,
+    python_stdlib,
     render_prompt,
     split_files,
     split_halves,
     stdlib_source_files,
 )
-from lomo_lightning.data import python_stdlib
 from lomo_lightning.data import tokenizer as tokenizer_module
 from lomo_lightning.data.stdlib import relative_key
 

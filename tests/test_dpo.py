@@ -76,7 +76,7 @@ def test_losses_rewards_and_gradients_equal_an_independent_computation(objective
     loss.backward()
 
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    rewards = torch.tensor([[float(w), float(l)] for w, l in expected_rewards])
+    rewards = torch.tensor([[float(chosen), float(rejected)] for chosen, rejected in expected_rewards])
     torch.testing.assert_close(torch.stack([got.chosen_rewards, got.rejected_rewards], 1).double(), rewards.double(), rtol=1e-4, atol=1e-5)
     assert got.chosen_rewards.abs().max() > 1e-2, "the reference differs from the policy: rewards are not zero"
     for (name, p), q in zip(independent_policy.named_parameters(), policy.parameters()):

@@ -24,6 +24,7 @@ def test_the_rules_and_the_engine_import_without_lightning_or_transformers():
 
 
 def test_every_public_name_resolves():
+    assert set(lomo_lightning.__all__) == {"__version__", *lomo_lightning._EXPORTS}
     for name in lomo_lightning.__all__:
         assert getattr(lomo_lightning, name) is not None, name
     assert lomo_lightning.__version__.count(".") >= 2

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from app_plugins import RecordModesAtFirstStep
 from hydra import compose, initialize_config_module
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app_plugins import RecordModesAtFirstStep
 from lomo_lightning.data import IGNORE_INDEX
 from lomo_lightning.models import SMOLLM2_GGUF, smollm2_gguf_directory
 from lomo_lightning.train import run

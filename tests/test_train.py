@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from app_plugins import RecordModesAtFirstStep
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from app_plugins import RecordModesAtFirstStep
 from lomo_lightning.models import ConfigError
 from lomo_lightning.resume import continued_config
 from lomo_lightning.train import main, run

@@ -9,7 +9,12 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lomo_lightning.strategies.base import CHECKPOINT_KEY, FusedStrategyMixin, fused_updater_of
 from lomo_lightning.strategies.ddp import LomoDDPStrategy, ReplicatedFusedUpdater
-from lomo_lightning.strategies.fsdp import LomoFSDPStrategy, ShardedFusedUpdater, replicated_parameters, save_pretrained_consolidated
+from lomo_lightning.strategies.fsdp import (
+    LomoFSDPStrategy,
+    ShardedFusedUpdater,
+    replicated_parameters,
+    save_pretrained_consolidated,
+)
 from lomo_lightning.strategies.single import LomoStrategy
 
 StrategyRegistry.register(LomoStrategy.strategy_name, LomoStrategy, description="Fused (LOMO-style) updates on one device")
