@@ -115,7 +115,11 @@ def measure_memory(kind: str, chunk_tokens: int | None, directory: str, batch: d
             loss = objective(model, pairs, chunk_tokens).losses.mean()
         updater.backward(loss)
 
+    from memory_speed import skip_frozen_parameters
+
     tracker = MemTracker()
+    if reference_model is not None:
+        skip_frozen_parameters(tracker, reference_model)  # MemTracker would hook a gradient the frozen copy refuses
     tracker.track_external(model, optimizer, *([reference_model] if reference_model is not None else []))
     start = time.perf_counter()
     with tracker:
