@@ -87,7 +87,7 @@ def with_reference(dm, model, split: str) -> None:
 
 def measure_memory(kind: str, chunk_tokens: int | None, directory: str, batch: dict) -> dict[str, Any]:
     import torch
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from torch.distributed._tools.mem_tracker import MemTracker
 
     from lomo_lightning import AdaLomo, FusedUpdater
     from lomo_lightning.objectives import DPOObjective, chunked_causal_lm_loss, sequence_log_probs
@@ -115,7 +115,7 @@ def measure_memory(kind: str, chunk_tokens: int | None, directory: str, batch: d
             loss = objective(model, pairs, chunk_tokens).losses.mean()
         updater.backward(loss)
 
-    from memory_speed import skip_frozen_parameters
+    from memory_speed import peak_by_category, skip_frozen_parameters
 
     tracker = MemTracker()
     if reference_model is not None:
@@ -125,19 +125,11 @@ def measure_memory(kind: str, chunk_tokens: int | None, directory: str, batch: d
     with tracker:
         step()  # AdaLomo's state (O(rows + cols)) is created inside it
     seconds = time.perf_counter() - start
-    (snapshot,) = tracker.get_tracker_snapshot("peak").values()
-    by_category = {
-        "parameters": snapshot.get(_MemRefType.PARAM, 0),
-        "gradients": snapshot.get(_MemRefType.GRAD, 0),
-        "optimizer_state": snapshot.get(_MemRefType.OPT, 0),
-        "activations": snapshot.get(_MemRefType.ACT, 0),
-        "temporaries": snapshot.get(_MemRefType.TEMP, 0),
-        "other": snapshot.get(_MemRefType.OTH, 0) + snapshot.get(_MemRefType.BUFFER, 0),
-    }
+    by_category = peak_by_category(tracker)
     return {
         "kind": kind,
         "chunk_tokens": chunk_tokens,
-        "peak_bytes": snapshot["Total"],
+        "peak_bytes": sum(by_category.values()),
         "peak_by_category_bytes": by_category,
         "seconds_tracked_step": seconds,
     }

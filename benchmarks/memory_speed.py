@@ -287,6 +287,22 @@ def track_sparse_compressed_tensors() -> None:
     mem_tracker.get_untyped_storages = storages
 
 
+def peak_by_category(tracker) -> dict[str, int]:
+    """A MemTracker's peak, in bytes by the categories every benchmark here reports (they sum to the total)."""
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    peak = tracker.get_tracker_snapshot("peak")
+    snapshot = next(iter(peak.values())) if peak else {}
+    return {
+        "parameters": snapshot.get(_MemRefType.PARAM, 0),
+        "gradients": snapshot.get(_MemRefType.GRAD, 0),
+        "optimizer_state": snapshot.get(_MemRefType.OPT, 0),
+        "activations": snapshot.get(_MemRefType.ACT, 0),
+        "temporaries": snapshot.get(_MemRefType.TEMP, 0),
+        "other": snapshot.get(_MemRefType.OTH, 0) + snapshot.get(_MemRefType.BUFFER, 0),
+    }
+
+
 def current_rss_mib() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
@@ -340,16 +356,7 @@ def measure(model, step, batch, tracked: dict[str, list], *, warmup: int, timed:
             if i:
                 tracker.reset_mod_stats()  # per-module stats are per iteration; the global peak is kept
             step(batch)
-    peak = tracker.get_tracker_snapshot("peak")
-    snapshot = next(iter(peak.values())) if peak else {}
-    by_category = {
-        "parameters": snapshot.get(_MemRefType.PARAM, 0),
-        "gradients": snapshot.get(_MemRefType.GRAD, 0),
-        "optimizer_state": snapshot.get(_MemRefType.OPT, 0),
-        "activations": snapshot.get(_MemRefType.ACT, 0),
-        "temporaries": snapshot.get(_MemRefType.TEMP, 0),
-        "other": snapshot.get(_MemRefType.OTH, 0) + snapshot.get(_MemRefType.BUFFER, 0),
-    }
+    by_category = peak_by_category(tracker)
     result = {
         "peak_bytes": sum(by_category.values()),
         "peak_by_category_bytes": by_category,

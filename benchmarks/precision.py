@@ -275,7 +275,8 @@ def run_quality(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 def run_memory(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """``name``: a dtype, optionally ``+checkpointing`` (activation checkpointing of every block)."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from memory_speed import peak_by_category
+    from torch.distributed._tools.mem_tracker import MemTracker
 
     dtype, _, checkpointing = name.partition("+")
     train, _ = data(settings)
@@ -288,16 +289,7 @@ def run_memory(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     tracker.track_external(model, optimizer)
     with tracker:
         updater.backward(model(**train[1]).loss)
-    snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    categories = {
-        "parameters": _MemRefType.PARAM,
-        "gradients": _MemRefType.GRAD,
-        "optimizer_state": _MemRefType.OPT,
-        "activations": _MemRefType.ACT,
-        "temporaries": _MemRefType.TEMP,
-    }
-    by_category = {name: snapshot.get(kind, 0) for name, kind in categories.items()}
-    by_category["other"] = snapshot.get(_MemRefType.OTH, 0) + snapshot.get(_MemRefType.BUFFER, 0)
+    by_category = peak_by_category(tracker)
     return {
         "dtype": dtype,
         "checkpointing": bool(checkpointing),
