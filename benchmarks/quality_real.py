@@ -154,24 +154,36 @@ def main() -> None:
     parser = qc.arguments(__doc__, steps=100, workers=1)
     parser.add_argument("--methods", nargs="+", choices=list(LRS), default=list(LRS))
     parser.add_argument("--one-lr", action="store_true", help="only the first learning rate of each method's grid")
+    parser.add_argument("--grid-index", type=int, default=None,
+                        help="only the learning rate at this index of each grid, merged with earlier runs of the same steps")
     parser.add_argument("--val-examples", type=int, default=VAL_EXAMPLES)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     args = parser.parse_args()
 
+    def grid(method: str) -> list[float]:
+        if args.grid_index is not None:
+            return LRS[method][args.grid_index:args.grid_index + 1]
+        return LRS[method][:1] if args.one_lr else LRS[method]
+
     jobs = [dict(method=m, lr=lr, steps=args.steps, eval_every=args.eval_every, val_examples=args.val_examples, threads=args.threads)
-            for m in args.methods for lr in (LRS[m][:1] if args.one_lr else LRS[m])]
+            for m in args.methods for lr in grid(m)]
     runs = qc.run_pool(run, jobs, workers=args.workers)
     path = qc.RESULTS / f"{NAME}.json"
-    if path.exists() and set(args.methods) != set(LRS):  # a subset: merge into the previous results
-        kept = [r for r in json.loads(path.read_text())["runs"] if r["method"] not in args.methods]
-        runs = kept + runs
+    previous = json.loads(path.read_text()) if path.exists() else None
+    if previous and previous["steps"] == args.steps:
+        if args.grid_index is not None:  # one column of the grids: keep every other learning rate run before
+            done = {(r["method"], r["lr"]) for r in runs}
+            runs = [r for r in previous["runs"] if (r["method"], r["lr"]) not in done] + runs
+        elif set(args.methods) != set(LRS):  # a subset of methods: keep the other methods' runs
+            runs = [r for r in previous["runs"] if r["method"] not in args.methods] + runs
+    lrs_run = {m: sorted({r["lr"] for r in runs if r["method"] == m}) for m in LRS}
     text = report(runs, args.steps)
     qc.RESULTS.mkdir(exist_ok=True)
     (qc.RESULTS / f"{NAME}.md").write_text(text)
     path.write_text(json.dumps({
         "environment": qc.environment(), "steps": args.steps, "lora_rank": LORA_RANK,
         "data": f"py_instruct through the chat template (seq {SEQ_LEN}, batch {BATCH}, prompt masked, {args.val_examples} val examples)",
-        "lr_grid": "first of each grid only (--one-lr)" if args.one_lr else LRS,
+        "lr_grid": LRS, "lrs_run": lrs_run,
         "schedule": "linear warm-up 5%, cosine to 10%", "runs": runs}, indent=2))
     print(text)
     plot(runs)
