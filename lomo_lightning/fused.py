@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -11,8 +10,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lomo_lightning.optim.base import PerParameterOptimizer, keep_state_dtypes, local_tensor, needs_write_back, write_back_of
+from lomo_lightning.optim.base import FusableRule, PerParameterOptimizer, keep_state_dtypes, needs_write_back, write_back_of
 from lomo_lightning.optim.rounding import check_rounding
+from lomo_lightning.placement import OneDevice, Placement, local_tensor
 
 
 @dataclass
@@ -46,6 +46,20 @@ class DynamicLossScaler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+@dataclass(frozen=True)
+class BackwardPass:
+    """What the hooks of one backward pass need to know, set once before it starts.
+
+    The norm-measuring pass (``measuring``) collects per-parameter norms and changes nothing; the
+    updating pass unscales (``inv_scale``), clips (``clip_coef``) and runs the rule.
+    """
+
+    measuring: bool = False
+    inv_scale: float = 1.0
+    clip_coef: Tensor | None = None
+    norms: list[Tensor] = field(default_factory=list)  # the measuring pass's per-parameter norms
 
 
 class FusedUpdater:
@@ -89,8 +103,8 @@ class FusedUpdater:
             (so it is checkpointed, and a group may choose its own).
         seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``); stored likewise.
             The bits of a write also depend on the engine's step count and the parameter's position.
-        install_hooks: ``False`` leaves hook installation to a placement that knows better when a
-            gradient is final (DDP calls :meth:`apply_gradient` from its communication hook).
+        placement: where the parameters live (:mod:`lomo_lightning.placement`): when a gradient is
+            final, what completes a norm, how ranks agree to skip a step. Default: one device.
     """
 
     def __init__(
@@ -102,12 +116,13 @@ class FusedUpdater:
         loss_scaler: DynamicLossScaler | None = None,
         rounding: str | None = None,
         seed: int | None = None,
-        install_hooks: bool = True,
+        placement: Placement | None = None,
     ):
         for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
             if value is not None and not value > 0:
                 raise ValueError(f"FusedUpdater: {name} must be positive or None, got {value}.")
-        self._fast_step: Callable[..., None] | None = getattr(optimizer, "step_parameter", None)
+        # a rule that steps one parameter by itself (the protocol FusableRule), or a stock rule narrowed to it
+        self._rule: FusableRule | None = optimizer if isinstance(optimizer, FusableRule) else None
         if isinstance(optimizer, PerParameterOptimizer):
             if rounding is not None or seed is not None:
                 raise ValueError(
@@ -120,30 +135,27 @@ class FusedUpdater:
                 group.setdefault("seed", torch.initial_seed() if seed is None else seed)
         self.model = model
         self.optimizer = optimizer
+        self.placement = placement if placement is not None else OneDevice()
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
         self.loss_scaler = loss_scaler
         self.steps = 0
         self.skipped_steps = 0
         self.last_grad_norm: Tensor | None = None
-        # Hooks are told about the pass through these, set once per backward, read once per parameter.
-        self._measuring = False
-        self._norms: list[Tensor] = []
-        self._inv_scale = 1.0
-        self._clip_coef: Tensor | None = None
+        self._pass = BackwardPass()  # replaced, never changed, for each backward pass
         self._handles: list[RemovableHandle] = []
         self._trainable: dict[Tensor, None] = {}  # an ordered set: the parameters whose gradients are consumed
         self._group_index: dict[Tensor, int] = {}
         self._position: dict[Tensor, int] = {}
-        self.refresh(install_hooks=install_hooks)
+        self.refresh()
         if self.loss_scaler is None and any(local_tensor(p).dtype == torch.float16 for p in self._trainable):
             self.loss_scaler = DynamicLossScaler()  # fp16 gradients of an unscaled loss underflow
-        if self._fast_step is None and any(needs_write_back(p) for p in self._trainable):
+        if self._rule is None and any(needs_write_back(p) for p in self._trainable):
             keep_state_dtypes(optimizer)  # the fp32 state of 16-bit parameters must load as fp32
 
     # -- set-up ------------------------------------------------------------------------------------
 
-    def refresh(self, install_hooks: bool = True) -> None:
+    def refresh(self) -> None:
         """(Re-)discover the trainable parameters and their hooks, e.g. after a selection changed them."""
         self.remove()
         self._group_index = {p: i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
@@ -163,7 +175,8 @@ class FusedUpdater:
                 f"FusedUpdater: {len(missing)} parameters require grad but are not in the optimizer ({shown}). "
                 "Their gradients would pile up unused: add them to the optimizer or set requires_grad=False."
             )
-        if install_hooks:
+        self.placement.attach(self)
+        if self.placement.installs_hooks:
             self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient_ready) for p in self._trainable]
 
     def remove(self) -> None:
@@ -189,10 +202,9 @@ class FusedUpdater:
             return False
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         scaled = loss * scale if scale != 1.0 else loss
-        self._inv_scale = 1.0 / scale
-        self._clip_coef = None
+        clip_coef = None
         if self.clip_grad_norm is not None or self.loss_scaler is not None:
-            norm = self._measure_grad_norm(scaled)
+            norm = self._measure_grad_norm(scaled, inv_scale=1.0 / scale)
             self.last_grad_norm = norm
             if not torch.isfinite(norm):
                 if self.loss_scaler is not None:
@@ -201,9 +213,13 @@ class FusedUpdater:
                 return False
             if self.clip_grad_norm is not None:
                 # the same coefficient as torch.nn.utils.clip_grad_norm_
-                self._clip_coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
-        scaled.backward(retain_graph=retain_graph)
-        self._end_of_backward()
+                clip_coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
+        self._pass = BackwardPass(inv_scale=1.0 / scale, clip_coef=clip_coef)
+        try:
+            scaled.backward(retain_graph=retain_graph)
+            self.placement.end_of_pass(self, measuring=False)
+        finally:
+            self._pass = BackwardPass()
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_overflow=False)
         self.steps += 1
@@ -211,26 +227,22 @@ class FusedUpdater:
         self.optimizer._opt_called = True  # type: ignore[attr-defined]
         return True
 
-    def _measure_grad_norm(self, scaled_loss: Tensor) -> Tensor:
+    def _measure_grad_norm(self, scaled_loss: Tensor, inv_scale: float) -> Tensor:
         """First pass: the global L2 norm of the (unscaled, unclipped) gradients; nothing is updated."""
-        self._measuring = True
-        self._norms = []
+        measuring = self._pass = BackwardPass(measuring=True)
         try:
             scaled_loss.backward(retain_graph=True)
+            self.placement.end_of_pass(self, measuring=True)
         finally:
-            self._measuring = False
+            self._pass = BackwardPass()
+        norms = measuring.norms
         # the norm of the per-parameter norms, as torch.nn.utils.clip_grad_norm_ computes it
-        norm = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else scaled_loss.new_zeros(())
-        self._norms = []
-        return self.reduce_squared_norm(norm.square()).sqrt() * self._inv_scale
-
-    def reduce_squared_norm(self, squared_norm: Tensor) -> Tensor:
-        """Complete a squared norm over the placement: identity here, an all-reduce for sharded gradients."""
-        return squared_norm
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else scaled_loss.new_zeros(())
+        return self.placement.reduce_squared_norm(norm.square()).sqrt() * inv_scale
 
     def loss_is_finite(self, loss: Tensor) -> bool:
-        """Whether to take the step; under several processes every rank must reach the same answer."""
-        return bool(torch.isfinite(loss).all())
+        """Whether to take the step; under several processes every rank reaches the same answer."""
+        return self.placement.all_finite(loss)
 
     # -- per parameter (the hot path: runs once per parameter per backward) ------------------------
 
@@ -245,32 +257,40 @@ class FusedUpdater:
     def apply_gradient(self, param: Tensor, grad: Tensor) -> None:
         """Consume the final gradient of one model parameter: measure it, or clip it and run the rule.
 
-        ``grad`` is owned by the engine from here on and may be overwritten.
+        ``grad`` is owned by the engine from here on and may be overwritten. A placement that decides
+        itself when gradients are final (DDP's communication hook) calls this.
         """
-        if self._measuring:
-            self._norms.append(torch.linalg.vector_norm(local_tensor(grad), dtype=torch.float32))
+        final = self.placement.final_gradient(param, grad, measuring=self._pass.measuring)
+        if final is None:
             return
+        if self._pass.measuring:
+            self._measure_gradient(final)
+        else:
+            self._update_parameter(param, final)
+
+    def _measure_gradient(self, grad: Tensor) -> None:
+        self._pass.norms.append(torch.linalg.vector_norm(local_tensor(grad), dtype=torch.float32))
+
+    def _update_parameter(self, param: Tensor, grad: Tensor) -> None:
+        settings = self._pass
         if grad.dtype != torch.float32:
             grad = grad.float()
         values = local_tensor(grad)  # elementwise work on a shard needs no DTensor dispatch
-        if self._inv_scale != 1.0:
-            values.mul_(self._inv_scale)
+        if settings.inv_scale != 1.0:
+            values.mul_(settings.inv_scale)
         if self.clip_grad_value is not None:
             values.clamp_(-self.clip_grad_value, self.clip_grad_value)
-        if self._clip_coef is not None:
-            values.mul_(self._clip_coef)
+        if settings.clip_coef is not None:
+            values.mul_(settings.clip_coef)
         group = self.optimizer.param_groups[self._group_index[param]]
-        self._step(param, grad, group)
+        self.placement.step(self, param, grad, group)
 
-    def _step(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
-        """Run the rule on one tensor (a placement may defer it; :meth:`_end_of_backward` completes it)."""
-        if self._fast_step is not None:
-            self._fast_step(target, grad, group, grad_is_scratch=True)
+    def step_parameter(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+        """Run the rule on one tensor now (a placement may instead defer it and batch its collectives)."""
+        if self._rule is not None:
+            self._rule.step_parameter(target, grad, group, grad_is_scratch=True)
         else:
             self._step_alone(target, grad, group)
-
-    def _end_of_backward(self) -> None:
-        """Complete what the hooks left pending (nothing here; a sharded placement batches collectives)."""
 
     def _step_alone(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         """Run a stock optimizer's ``step()`` on one parameter by narrowing its param groups for the call.
@@ -323,4 +343,4 @@ class FusedUpdater:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
 
 
-__all__ = ["DynamicLossScaler", "FusedUpdater"]
+__all__ = ["BackwardPass", "DynamicLossScaler", "FusedUpdater"]

@@ -39,6 +39,7 @@ RULES = {
     "lomo": lambda params: Lomo(params, lr=0.05, weight_decay=0.01),
     "sftadamw": lambda params: SftAdamW(params, lr=1e-2, weight_decay=0.01),
     "sm3": lambda params: SM3(params, lr=1e-2, weight_decay=0.01),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01),  # unfused, under strategy="fsdp2"
 }
 CLIP = 0.05
 SFT_DENSITY = 0.05
@@ -152,7 +153,8 @@ class TinyLM(LightningModule):
         return loss
 
     def on_train_end(self):
-        self.skipped_steps = self.trainer.strategy.fused_updater.skipped_steps
+        updater = getattr(self.trainer.strategy, "fused_updater", None)  # None: the unfused baseline
+        self.skipped_steps = updater.skipped_steps if updater is not None else 0
         # what stays behind as gradients: nothing under FSDP; DDP's zeroed bucket views under DDP
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         self.leftover_grad_bytes = sum(g.numel() * g.element_size() for g in grads)
@@ -230,9 +232,9 @@ def run_reference(case: str, out: Path) -> None:
 
 
 def parse(case: str) -> dict:
-    """``fsdp_adalomo_clip_hft`` -> strategy, rule and flags."""
+    """``fsdp_adalomo_clip_hft`` -> strategy, rule and flags; ``fsdp2_adamw``: the unfused FSDP2 baseline."""
     placement, rule, *flags = case.split("_")
-    return {"strategy": f"lomo_{placement}", "rule": rule, "flags": set(flags)}
+    return {"strategy": placement if placement == "fsdp2" else f"lomo_{placement}", "rule": rule, "flags": set(flags)}
 
 
 def full_state(strategy: str, module: TinyLM, optimizer) -> tuple[dict, dict]:
@@ -240,7 +242,7 @@ def full_state(strategy: str, module: TinyLM, optimizer) -> tuple[dict, dict]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     params = get_model_state_dict(module.model, options=options)
-    if strategy == "lomo_fsdp":
+    if strategy in ("lomo_fsdp", "fsdp2"):
         optim = get_optimizer_state_dict(module.model, optimizer, options=options).get("state")  # on rank 0
     else:
         optim = named_state(module.model, optimizer)

@@ -62,7 +62,7 @@ def test_tied_embedding_is_updated_once_with_its_full_gradient():
     optimizer = Lomo(model.parameters(), lr=0.1)
     updater = FusedUpdater(model, optimizer)
     original = optimizer.step_parameter
-    updater._fast_step = lambda p, g, group, **kw: (calls.append(p), original(p, g, group, **kw))
+    optimizer.step_parameter = lambda p, g, group, **kw: (calls.append(p), original(p, g, group, **kw))
     updater.backward(model(**batches(1)[0]).loss)
     embedding = model.model.embed_tokens.weight
     assert sum(p is embedding for p in calls) == 1
@@ -166,3 +166,41 @@ def test_remove_restores_an_ordinary_model():
     updater.remove()
     model(**batches(1)[0]).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+class ScaledSGD(torch.optim.Optimizer):
+    """A third-party rule that is no PerParameterOptimizer but meets the FusableRule protocol."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+        self.stepped_alone: list[torch.Tensor] = []
+
+    def step_parameter(self, param, grad, group, *, grad_is_scratch=False):
+        self.stepped_alone.append(param)
+        param.add_(grad, alpha=-group["lr"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.add_(param.grad, alpha=-group["lr"])
+
+
+def test_a_rule_meeting_the_protocol_steps_each_parameter_itself():
+    from lomo_lightning.optim.base import FusableRule, SplitStepRule
+
+    model, reference = tiny_llama(), tiny_llama()
+    optimizer = ScaledSGD(model.parameters(), lr=0.1)
+    assert isinstance(optimizer, FusableRule) and not isinstance(optimizer, SplitStepRule)
+    assert isinstance(AdaLomo(reference.parameters()), SplitStepRule)
+    updater = FusedUpdater(model, optimizer)
+    expected = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for batch in batches(2):
+        updater.backward(model(**batch).loss)
+        reference(**batch).loss.backward()
+        expected.step()
+        expected.zero_grad(set_to_none=True)
+    assert len(optimizer.stepped_alone) == 2 * len(updater.parameters), "the engine must call step_parameter"
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -214,3 +214,40 @@ def test_16_mixed_scales_the_loss_in_the_engine_equals_the_plain_loop_and_checkp
     saved = torch.load(checkpoint.last_model_path, weights_only=True)
     assert saved[CHECKPOINT_KEY]["loss_scaler"]["scale"] == 2.0**16
     assert saved[CHECKPOINT_KEY]["steps"] == 3
+
+
+# The Lightning code FSDP2Strategy copies (its setup replaces a refusal with sharding, its setup_environment
+# builds a 1-D mesh): the digests of the sources it mirrors, lightning 2.6.
+MIRRORED_MODEL_PARALLEL = {"setup": "fdf402066d49c198", "setup_environment": "508f608433d9c45d"}
+
+
+def test_fsdp2_strategy_still_mirrors_lightnings_model_parallel_strategy():
+    import hashlib
+    import inspect
+
+    import lightning
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    for name, digest in MIRRORED_MODEL_PARALLEL.items():
+        source = inspect.getsource(getattr(ModelParallelStrategy, name))
+        assert hashlib.sha256(source.encode()).hexdigest()[:16] == digest, (
+            f"lightning {lightning.__version__} changed ModelParallelStrategy.{name}: bring "
+            f"lomo_lightning.strategies.fsdp.FSDP2Strategy.{name} in line with it, then update MIRRORED_MODEL_PARALLEL"
+        )
+
+
+def test_every_strategy_is_a_lightning_strategy_that_registers_itself():
+    from lightning.fabric.strategies import _StrategyRegistry
+    from lightning.pytorch.strategies import Strategy, StrategyRegistry
+
+    from lomo_lightning.strategies import FSDP2Strategy, FusedStrategy, LomoDDPStrategy, LomoFSDPStrategy
+
+    for cls in (LomoStrategy, LomoDDPStrategy, LomoFSDPStrategy, FSDP2Strategy):
+        assert issubclass(cls, Strategy)
+        assert StrategyRegistry[cls.strategy_name]["strategy"] is cls
+        fresh = _StrategyRegistry()
+        cls.register_strategies(fresh)
+        assert list(fresh) == [cls.strategy_name], "each class registers its own name, not its parent's"
+    assert all(issubclass(cls, FusedStrategy) for cls in (LomoStrategy, LomoDDPStrategy, LomoFSDPStrategy))
+    assert not issubclass(FSDP2Strategy, FusedStrategy)
+    assert StrategyRegistry["ddp"]["strategy"].__module__.startswith("lightning."), "Lightning's own names stay Lightning's"

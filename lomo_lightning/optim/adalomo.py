@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from lomo_lightning.optim.base import PerParameterOptimizer, finish_update, local_tensor, needs_write_back, shard_group
+from lomo_lightning.optim.base import PerParameterOptimizer, finish_update, needs_write_back
 from lomo_lightning.optim.rounding import WriteBack
+from lomo_lightning.placement import ShardLayout, local_tensor
 
 
 class AdaLomo(PerParameterOptimizer):
@@ -89,7 +88,7 @@ class AdaLomo(PerParameterOptimizer):
         it right after), which saves a temporary the size of the parameter.
         """
         update = self.begin_step_parameter(param, grad, group, grad_is_scratch=grad_is_scratch)
-        finish_update(update, Shard.of(param).sum_(next(update)))
+        finish_update(update, ShardLayout.of(param).sum_(next(update)))
 
     def begin_step_parameter(
         self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False
@@ -100,7 +99,7 @@ class AdaLomo(PerParameterOptimizer):
         fp32 tensor); :func:`finish_update` sends them back summed over the group and runs it to the end.
         On a plain tensor the partial sums are already whole. The state's step count advances here.
         """
-        shard = Shard.of(param)
+        shard = ShardLayout.of(param)
         local_param, local_grad = local_tensor(param), local_tensor(grad)
         state = self.state[param]
         if not state:
@@ -127,67 +126,6 @@ class AdaLomo(PerParameterOptimizer):
             shard=shard,
             write_back=self.write_back(param, group, state) if needs_write_back(param) else None,
         )
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Where statistics that span a whole tensor are completed.
-
-    A plain tensor is whole (``group is None``). An FSDP2 parameter is a ``DTensor`` sharded on dim 0:
-    its local rows are complete rows, so row statistics stay local. The column statistics are sharded
-    too, by chunks of columns (``torch.chunk``, as ``DTensor`` places ``Shard(0)``); the column sums,
-    the chunks and the scalar sums behind a mean or an RMS travel in one all-reduce per tensor.
-    """
-
-    group: Any = None
-    rows: int = 0
-    numel: int = 0
-
-    @staticmethod
-    def of(param: Tensor) -> Shard:
-        return Shard(shard_group(param), param.shape[0] if param.dim() else 1, param.numel())
-
-    @staticmethod
-    def like_rows(local_state: Tensor, param: Tensor) -> Tensor:
-        """Per-row state of ``param``, placed like its rows: a ``DTensor`` for a ``DTensor`` parameter.
-
-        Distributed checkpoints then save each rank's rows once and can reshard them; a plain tensor
-        would be taken for a replica and saved from rank 0 only.
-        """
-        placements = getattr(param, "placements", None)
-        if placements is None:
-            return local_state
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(
-            local_state, param.device_mesh, placements, run_check=False, shape=(param.shape[0],), stride=(1,)
-        )
-
-    def columns(self, cols: int) -> slice:
-        """The chunk of ``cols`` columns whose statistics this rank keeps (all of them when whole)."""
-        if self.group is None:
-            return slice(0, cols)
-        chunk = math.ceil(cols / dist.get_world_size(self.group))
-        start = min(dist.get_rank(self.group) * chunk, cols)
-        return slice(start, min(start + chunk, cols))
-
-    def column_chunk(self, whole_state: Tensor, param: Tensor) -> Tensor:
-        """Per-column state of ``param``: whole for a plain tensor, this rank's chunk as a ``DTensor`` on shards."""
-        if self.group is None:
-            return whole_state
-        from torch.distributed.tensor import DTensor
-        from torch.distributed.tensor import Shard as DShard
-
-        cols = whole_state.numel()
-        return DTensor.from_local(
-            whole_state[self.columns(cols)].clone(), param.device_mesh, [DShard(0)], run_check=False, shape=(cols,), stride=(1,)
-        )
-
-    def sum_(self, tensor: Tensor) -> Tensor:
-        """Complete a partial sum over the shard group, in place."""
-        if self.group is not None:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
-        return tensor
 
 
 # Rows per block times columns: 1 MiB of fp32, a temporary small enough to stay in cache.
@@ -219,7 +157,7 @@ def adalomo_update(
     clip_threshold: float,
     decay_rate: float,
     weight_decay: float,
-    shard: Shard,
+    shard: ShardLayout,
     write_back: WriteBack | None = None,
 ) -> Generator[Tensor, Tensor, None]:
     """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite.
@@ -270,7 +208,7 @@ def adalomo_update(
         (write_back or WriteBack())(param, work)
 
 
-def _column_sums(col: Tensor, col_squares: Tensor, scaled_squares: Tensor, row_sum: Tensor, param_squares: Tensor, shard: Shard) -> Tensor:
+def _column_sums(col: Tensor, col_squares: Tensor, scaled_squares: Tensor, row_sum: Tensor, param_squares: Tensor, shard: ShardLayout) -> Tensor:
     """The partial sums a matrix needs completed: ``[col sums of g^2, col sums of g^2/R, (C,) sum(R), sum(theta^2)]``.
 
     On a shard each rank keeps one chunk of ``C`` and puts it at its place among zeros, so that the
@@ -286,7 +224,7 @@ def _column_sums(col: Tensor, col_squares: Tensor, scaled_squares: Tensor, row_s
 
 
 def _column_step(
-    col: Tensor, sums: Tensor, *, cols: int, beta: float, eps1: float, shard: Shard
+    col: Tensor, sums: Tensor, *, cols: int, beta: float, eps1: float, shard: ShardLayout
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Update the column statistics from the completed :func:`_column_sums`.
 

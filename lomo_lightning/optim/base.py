@@ -3,15 +3,43 @@ and 16-bit parameters are written back with the rounding of their param group.""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Generator, Iterable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lomo_lightning.optim.rounding import WriteBack, check_rounding, is_low_precision
+from lomo_lightning.placement import flat_offset, local_tensor
+
+
+@runtime_checkable
+class FusableRule(Protocol):
+    """A rule that updates one parameter by itself: what the fused engine calls inside backward.
+
+    A stock ``torch.optim.Optimizer`` need not meet it: the engine then runs its ``step()`` narrowed
+    to one parameter (:meth:`~lomo_lightning.FusedUpdater.step_parameter`).
+    """
+
+    def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
+        """Update ``param`` alone from ``grad`` with ``group``'s hyper-parameters; ``grad`` may be overwritten
+        when ``grad_is_scratch``."""
+        ...
+
+
+@runtime_checkable
+class SplitStepRule(FusableRule, Protocol):
+    """A rule whose step needs sums over a whole sharded tensor, and can split it around them.
+
+    ``begin_step_parameter`` is ``step_parameter`` as a generator: it yields its partial sums once (a 1-D
+    fp32 tensor) and finishes when sent them summed over :func:`~lomo_lightning.placement.shard_group`
+    (:func:`finish_update`). On FSDP2 shards the engine batches those collectives, one per unit.
+    """
+
+    def begin_step_parameter(
+        self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False
+    ) -> Generator[Tensor, Tensor, None]: ...
 
 
 class PerParameterOptimizer(Optimizer):
@@ -56,11 +84,7 @@ class PerParameterOptimizer(Optimizer):
         """Update ``param`` alone from ``grad`` with the hyper-parameters of ``group``.
 
         ``grad_is_scratch=True``: the caller owns ``grad`` and frees it right after, so it may be overwritten.
-
-        A rule whose step needs sums over a whole sharded tensor may also offer
-        ``begin_step_parameter(param, grad, group, *, grad_is_scratch)``: the same update as a generator
-        that yields its partial sums once (a 1-D fp32 tensor) and finishes when sent them summed over
-        :func:`shard_group` (:func:`finish_update`). The sharded engine then batches those collectives.
+        (:class:`FusableRule`; a rule that can split its step around a collective also meets :class:`SplitStepRule`.)
         """
         raise NotImplementedError
 
@@ -129,39 +153,6 @@ def keep_state_dtypes(optimizer: Optimizer) -> None:
     optimizer.register_load_state_dict_post_hook(restore)
 
 
-def flat_offset(tensor: Tensor) -> int:
-    """The position of a ``DTensor`` shard's first element in the flattened whole tensor (0 when whole)."""
-    placements = getattr(tensor, "placements", None)
-    if placements is None:
-        return 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)
-    strides = [math.prod(tensor.shape[d + 1 :]) for d in range(tensor.dim())]
-    return sum(o * s for o, s in zip(offsets, strides))
-
-
-def shard_group(tensor: Tensor) -> Any:
-    """The process group a ``DTensor`` is sharded over on dim 0 (FSDP2); ``None`` when whole or replicated.
-
-    Raises ``NotImplementedError`` for placements the per-shard code here cannot complete exactly
-    (several mesh dimensions, sharding on another dimension).
-    """
-    placements = getattr(tensor, "placements", None)
-    if placements is None:
-        return None
-    from torch.distributed.tensor import Replicate, Shard
-
-    mesh = tensor.device_mesh
-    if mesh.ndim != 1 or not all(isinstance(p, (Shard, Replicate)) for p in placements):
-        raise NotImplementedError(f"lomo_lightning supports 1-D meshes with Shard(0) or Replicate placement, got {placements}.")
-    if not isinstance(placements[0], Shard):
-        return None
-    if placements[0].dim != 0:
-        raise NotImplementedError(f"lomo_lightning needs tensors sharded on dim 0 (FSDP2's default), got {placements}.")
-    return mesh.get_group()
-
-
 def finish_update(update: Generator[Tensor, Tensor, None], sums: Tensor) -> None:
     """Send a split update (``begin_step_parameter``) its partial sums completed over the shard group."""
     try:
@@ -169,8 +160,3 @@ def finish_update(update: Generator[Tensor, Tensor, None], sums: Tensor) -> None
     except StopIteration:
         return
     raise RuntimeError("a split update asked for a second collective")
-
-
-def local_tensor(tensor: Tensor) -> Tensor:
-    """The local shard of a ``DTensor`` (FSDP2), or the tensor itself: elementwise work needs no DTensor dispatch."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

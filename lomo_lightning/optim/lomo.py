@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lomo_lightning.optim.base import PerParameterOptimizer, local_tensor, needs_write_back
+from lomo_lightning.optim.base import PerParameterOptimizer, needs_write_back
 from lomo_lightning.optim.rounding import WriteBack
+from lomo_lightning.placement import local_tensor
 
 
 class Lomo(PerParameterOptimizer):

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lomo_lightning.optim.base import PerParameterOptimizer, shard_group
+from lomo_lightning.optim.base import PerParameterOptimizer
+from lomo_lightning.placement import shard_group
 
 MATRIX_ENTRIES = "matrix_entries"
 

@@ -1,15 +1,20 @@
-"""Lightning strategies that install the fused engine after the model is placed; registered by name on import.
+"""Lightning strategies that install the fused engine after the model is placed, registered by name on import.
 
 - ``"lomo"``: one device (:class:`LomoStrategy`).
 - ``"lomo_ddp"``: replicas; each bucket is updated right after its all-reduce (:class:`LomoDDPStrategy`).
 - ``"lomo_fsdp"``: FSDP2 shards; each shard is updated right after its reduce-scatter (:class:`LomoFSDPStrategy`).
+- ``"fsdp2"``: the unfused FSDP2 baseline, sharding Hugging Face models as ``"lomo_fsdp"`` does (:class:`FSDP2Strategy`).
+
+Each class registers itself with ``register_strategies``, as Lightning's own strategies do; Lightning calls
+that for the classes of its own package only, so this module calls it for these.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lomo_lightning.strategies.base import CHECKPOINT_KEY, FusedStrategyMixin, fused_updater_of
+from lomo_lightning.strategies.base import CHECKPOINT_KEY, FusedStrategy, fused_updater_of
 from lomo_lightning.strategies.ddp import LomoDDPStrategy, ReplicatedFusedUpdater
 from lomo_lightning.strategies.fsdp import (
+    FSDP2Strategy,
     LomoFSDPStrategy,
     ShardedFusedUpdater,
     replicated_parameters,
@@ -17,17 +22,13 @@ from lomo_lightning.strategies.fsdp import (
 )
 from lomo_lightning.strategies.single import LomoStrategy
 
-StrategyRegistry.register(LomoStrategy.strategy_name, LomoStrategy, description="Fused (LOMO-style) updates on one device")
-StrategyRegistry.register(
-    LomoDDPStrategy.strategy_name, LomoDDPStrategy, description="Fused updates on DDP replicas, after each bucket's all-reduce"
-)
-StrategyRegistry.register(
-    LomoFSDPStrategy.strategy_name, LomoFSDPStrategy, description="Fused updates on FSDP2 shards, after each reduce-scatter"
-)
+for _strategy in (LomoStrategy, LomoDDPStrategy, LomoFSDPStrategy, FSDP2Strategy):
+    _strategy.register_strategies(StrategyRegistry)
 
 __all__ = [
     "CHECKPOINT_KEY",
-    "FusedStrategyMixin",
+    "FSDP2Strategy",
+    "FusedStrategy",
     "LomoDDPStrategy",
     "LomoFSDPStrategy",
     "LomoStrategy",

@@ -5,22 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lomo_lightning.fused import DynamicLossScaler, FusedUpdater
 
 CHECKPOINT_KEY = "lomo_lightning"
 
 
-class FusedStrategyMixin:
+class FusedStrategy(Strategy):
     """What every fused strategy shares: install the engine, route backward through it, keep it in checkpoints.
 
-    ``optimizer_step`` only runs the closure: the update already happened inside backward.
+    A fused strategy is this class before a Lightning strategy in the bases (``class LomoStrategy(FusedStrategy,
+    SingleDeviceStrategy)``): its overrides run first and hand the rest to the placement's strategy through
+    ``super()``. ``optimizer_step`` only runs the closure: the update already happened inside backward.
 
     Lightning's hooks around backward run as documented: ``on_before_backward`` and ``on_after_backward``
     (of the module and the callbacks) before and after the fused backward, the precision plugin's
@@ -31,24 +36,43 @@ class FusedStrategyMixin:
     that overrides ``on_before_optimizer_step``, is refused when ``fit`` starts, with the reason (see
     :func:`refuse_hooks_without_gradients`). Clipping is the engine's (``Trainer(gradient_clip_val=...)``
     or the strategy's ``clip_grad_norm``); the norm it measured is ``fused_updater.last_grad_norm``.
+
+    Args:
+        clip_grad_norm: global-norm clipping (two backward passes).
+        clip_grad_value: value clipping.
+        **kwargs: the placement strategy's own arguments.
     """
 
-    fused_updater: FusedUpdater | None
-    clip_grad_norm: float | None
-    clip_grad_value: float | None
+    strategy_name: str
+    description: str
 
-    def _init_fused(self, clip_grad_norm: float | None, clip_grad_value: float | None) -> None:
+    def __init__(self, *args: Any, clip_grad_norm: float | None = None, clip_grad_value: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
-        self.fused_updater = None
+        self.fused_updater: FusedUpdater | None = None
         self._restored_engine_state: dict[str, Any] | None = None
         self._lightning_scaler: Any = None  # Lightning's fp16 scaler, set aside while the engine scales
 
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        """Register ``cls.strategy_name`` (``Trainer(strategy="lomo")``), as Lightning's own strategies do."""
+        if "strategy_name" in cls.__dict__:  # a subclass that names itself registers itself
+            strategy_registry.register(cls.strategy_name, cls, description=cls.description, override=True)
+
+    @override
     def connect(self, model: LightningModule) -> None:
         # before Lightning's own check, whose message for manual optimization does not say why
         if model._trainer is not None:
             _refuse_accumulation(model._trainer)
-        super().connect(model)  # type: ignore[misc]
+        super().connect(model)
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        """The placement's setup (devices, wrapping or sharding, optimizers), then the engine on top of it."""
+        super().setup(trainer)
+        self._install_fused_updater(trainer)
 
     def _install_fused_updater(self, trainer: Trainer) -> None:
         """Validate the trainer configuration and install the engine on the set-up model."""
@@ -56,15 +80,16 @@ class FusedStrategyMixin:
             return
         _refuse_accumulation(trainer)
         refuse_hooks_without_gradients(trainer)
-        if len(self.optimizers) != 1:  # type: ignore[attr-defined]
+        if len(self.optimizers) != 1:
             raise ValueError(
-                f"Fused updates need exactly one optimizer from configure_optimizers, got {len(self.optimizers)}. "  # type: ignore[attr-defined]
+                f"Fused updates need exactly one optimizer from configure_optimizers, got {len(self.optimizers)}. "
                 "Put all parameters in one optimizer, with param groups for different hyper-parameters."
             )
         clip_norm, clip_value = self._resolve_clipping(trainer)
-        self.fused_updater = self._make_fused_updater(
-            self.lightning_module,  # type: ignore[attr-defined]
-            self.optimizers[0],  # type: ignore[attr-defined]
+        assert self.lightning_module is not None
+        self.fused_updater = self.make_fused_updater(
+            self.lightning_module,
+            self.optimizers[0],
             clip_grad_norm=clip_norm,
             clip_grad_value=clip_value,
             loss_scaler=self._take_over_loss_scaling(),
@@ -73,7 +98,8 @@ class FusedStrategyMixin:
             self.fused_updater.load_state_dict(self._restored_engine_state)
             self._restored_engine_state = None
 
-    def _make_fused_updater(self, module: torch.nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+    def make_fused_updater(self, module: torch.nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+        """The engine for this placement: a plain :class:`FusedUpdater` on one device."""
         return FusedUpdater(module, optimizer, **kwargs)
 
     def _resolve_clipping(self, trainer: Trainer) -> tuple[float | None, float | None]:
@@ -96,7 +122,7 @@ class FusedStrategyMixin:
         of the same Trainer (HFT's stages) takes it over again. With ``16-true`` (fp16 parameters) there
         is no Lightning scaler: the engine makes its own.
         """
-        precision = self.precision_plugin  # type: ignore[attr-defined]
+        precision = self.precision_plugin
         if not isinstance(precision, MixedPrecision) or precision.scaler is None:
             return None
         scaler = precision.scaler
@@ -111,6 +137,7 @@ class FusedStrategyMixin:
 
     # -- the training step -------------------------------------------------------------------------
 
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         """Lightning's backward with the update fused into it; ``retain_graph`` is the one argument it takes.
 
@@ -126,27 +153,31 @@ class FusedStrategyMixin:
                 f"fused backward takes retain_graph only, got {', '.join(unsupported)}: the engine updates each "
                 "parameter from the gradient of the loss alone, once per backward."
             )
-        module = self.lightning_module  # type: ignore[attr-defined]
-        self.pre_backward(closure_loss)  # type: ignore[attr-defined]
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)  # type: ignore[attr-defined]
+        module = self.lightning_module
+        assert module is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         self.fused_updater.backward(closure_loss, retain_graph=bool(kwargs.get("retain_graph", False)))
-        closure_loss = self.precision_plugin.post_backward(closure_loss, module)  # type: ignore[attr-defined]
-        self.post_backward(closure_loss)  # type: ignore[attr-defined]
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
         return closure_loss
 
+    @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         """Run the closure (forward and fused backward); there is nothing left to step."""
         return closure()
 
     # -- checkpoints -------------------------------------------------------------------------------
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         if self.fused_updater is not None:
             checkpoint[CHECKPOINT_KEY] = self.fused_updater.state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
+    @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is not None:
             if self.fused_updater is not None:
@@ -155,13 +186,16 @@ class FusedStrategyMixin:
                 self._restored_engine_state = state
         return checkpoint
 
+    @override
     def teardown(self) -> None:
         if self.fused_updater is not None:
             self.fused_updater.remove()
             self.fused_updater = None
         if self._lightning_scaler is not None:
-            self.precision_plugin.scaler, self._lightning_scaler = self._lightning_scaler, None  # type: ignore[attr-defined]
-        super().teardown()  # type: ignore[misc]
+            precision = self.precision_plugin
+            assert isinstance(precision, MixedPrecision)
+            precision.scaler, self._lightning_scaler = self._lightning_scaler, None
+        super().teardown()
 
 
 # LightningModule hooks that need every gradient at once, before an optimizer step: why each cannot run
@@ -204,7 +238,7 @@ def _refuse_accumulation(trainer: Trainer) -> None:
 def fused_updater_of(module: LightningModule) -> FusedUpdater:
     """The engine serving ``module``'s trainer, with a clear error when the strategy is not a fused one."""
     strategy = module.trainer.strategy
-    updater = getattr(strategy, "fused_updater", None)
+    updater = strategy.fused_updater if isinstance(strategy, FusedStrategy) else None
     if updater is None:
         raise ValueError(
             f"{type(module).__name__} trains with fused updates, but the trainer's strategy is "

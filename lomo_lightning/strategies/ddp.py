@@ -12,20 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
-from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lomo_lightning.fused import FusedUpdater
-from lomo_lightning.strategies.base import FusedStrategyMixin
-from lomo_lightning.strategies.fsdp import all_ranks_finite
+from lomo_lightning.placement import Replicas
+from lomo_lightning.strategies.base import FusedStrategy
 
 
 class ReplicatedFusedUpdater(FusedUpdater):
-    """The engine on DDP replicas: gradients arrive already averaged, from DDP's communication hook.
+    """The engine on DDP replicas (:class:`~lomo_lightning.placement.Replicas`): gradients arrive already
+    averaged, from DDP's communication hook.
 
     Usable without Lightning: ``ReplicatedFusedUpdater(DistributedDataParallel(model, gradient_as_bucket_view=True), optimizer)``,
     then ``updater.backward(ddp_model(**batch).loss)``.
@@ -35,61 +34,10 @@ class ReplicatedFusedUpdater(FusedUpdater):
     """
 
     def __init__(self, ddp_model: DistributedDataParallel, optimizer: Optimizer, **kwargs: Any):
-        if not ddp_model.gradient_as_bucket_view:
-            raise ValueError(
-                "Fused updates under DDP need DistributedDataParallel(..., gradient_as_bucket_view=True): otherwise "
-                "every parameter keeps a full gradient next to DDP's buckets."
-            )
-        self.ddp = ddp_model
-        self.group = ddp_model.process_group
-        # DDP's reducer all-reduces exactly the parameters that required grad when it was built
-        self._reduced = {p for p in ddp_model.module.parameters() if p.requires_grad}
-        super().__init__(ddp_model.module, optimizer, install_hooks=False, **kwargs)
-        ddp_model.register_comm_hook(state=self, hook=_allreduce_then_update)
-
-    def refresh(self, install_hooks: bool = False) -> None:
-        """Follow the trainable set; under DDP it cannot change, because DDP's buckets cannot."""
-        super().refresh(install_hooks=False)  # the communication hook, not autograd hooks, feeds the engine
-        if set(self._trainable) != self._reduced:
-            raise NotImplementedError(
-                "The trainable parameters changed after DistributedDataParallel wrapped the model (HFT resampling "
-                "mid-training?). DDP only all-reduces the set it was built with. Apply the selection before fit, or "
-                "resample under strategy='lomo_fsdp' or 'lomo'."
-            )
-
-    def _measure_grad_norm(self, scaled_loss: Tensor) -> Tensor:
-        norm = super()._measure_grad_norm(scaled_loss)
-        # DDP expects one backward per forward: re-arm its reducer for the second (updating) pass. On the
-        # first iteration it has recorded the ready order to rebuild its buckets by: rebuild them now,
-        # before the second pass records the same parameters again.
-        self.ddp.reducer._rebuild_buckets()
-        self.ddp.reducer.prepare_for_backward([])
-        return norm
-
-    def loss_is_finite(self, loss: Tensor) -> bool:
-        return all_ranks_finite(loss, self.group)
+        super().__init__(ddp_model.module, optimizer, placement=Replicas(ddp_model), **kwargs)
 
 
-def _allreduce_then_update(updater, bucket):  # type: ignore[no-untyped-def]
-    """DDP communication hook: average the bucket, then update (or measure) each of its parameters.
-
-    (Unannotated: DDP checks the annotations by identity, which postponed annotations would fail.)
-    """
-    buffer = bucket.buffer()
-    buffer.div_(dist.get_world_size(updater.group))
-    reduced = dist.all_reduce(buffer, group=updater.group, async_op=True).get_future()
-
-    def update(future):  # type: ignore[no-untyped-def]
-        averaged = future.value()[0]
-        for param, grad in zip(bucket.parameters(), bucket.gradients()):
-            if param in updater._trainable:
-                updater.apply_gradient(param, grad)
-        return averaged.zero_()
-
-    return reduced.then(update)
-
-
-class LomoDDPStrategy(FusedStrategyMixin, DDPStrategy):
+class LomoDDPStrategy(FusedStrategy, DDPStrategy):
     """Fused updates on DDP replicas (``Trainer(strategy="lomo_ddp")``), on one or more nodes.
 
     Every rank holds the full parameters and optimizer state, plus DDP's gradient buckets (one
@@ -104,6 +52,7 @@ class LomoDDPStrategy(FusedStrategyMixin, DDPStrategy):
     """
 
     strategy_name = "lomo_ddp"
+    description = "Fused updates on DDP replicas, after each bucket's all-reduce"
 
     def __init__(self, clip_grad_norm: float | None = None, clip_grad_value: float | None = None, **kwargs: Any):
         if kwargs.get("gradient_as_bucket_view") is False:
@@ -111,14 +60,10 @@ class LomoDDPStrategy(FusedStrategyMixin, DDPStrategy):
         if kwargs.get("ddp_comm_hook") is not None:
             raise ValueError("strategy='lomo_ddp' installs its own communication hook: it runs the fused update.")
         kwargs["gradient_as_bucket_view"] = True
-        super().__init__(**kwargs)
-        self._init_fused(clip_grad_norm, clip_grad_value)
+        super().__init__(clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, **kwargs)
 
-    def setup(self, trainer: Trainer) -> None:
-        super().setup(trainer)
-        self._install_fused_updater(trainer)
-
-    def _make_fused_updater(self, module: torch.nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+    @override
+    def make_fused_updater(self, module: torch.nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
         if not isinstance(self.model, DistributedDataParallel):
             raise RuntimeError(f"strategy='lomo_ddp' expected the model wrapped in DistributedDataParallel, got {type(self.model)}.")
         return ReplicatedFusedUpdater(self.model, optimizer, **kwargs)

@@ -4,7 +4,7 @@ FSDP2 reduce-scatters each block's gradients in its post-backward and then runs 
 ``register_post_accumulate_grad_hook`` hooks of the *sharded* parameters (``DTensor`` on ``Shard(0)``),
 so the engine's ordinary hook sees the final, averaged gradient of the local shard and nothing else.
 The update rule acts on that shard; statistics spanning a whole tensor are completed inside the rule
-(:class:`~lomo_lightning.optim.adalomo.Shard`), and the global gradient norm and the skip verdict here.
+(:class:`~lomo_lightning.placement.ShardLayout`), and the global gradient norm and the skip verdict here.
 
 Sparse fine-tuning's values are small and stay out of ``fully_shard`` (``ignored_params``): replicated,
 whole on every rank. FSDP2 does not reduce their gradients, so the engine averages them over the ranks
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,25 +23,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lomo_lightning.checkpointing import publish_directory, staging_path
 from lomo_lightning.fused import FusedUpdater
-from lomo_lightning.optim.base import finish_update, shard_group
+from lomo_lightning.placement import Shards
 from lomo_lightning.selection.sft import SparseDeltaLinear, merge_sparse_deltas
 from lomo_lightning.selection.sft.quantize import is_quantized
-from lomo_lightning.strategies.base import FusedStrategyMixin
+from lomo_lightning.strategies.base import FusedStrategy
 
 
 class ShardedFusedUpdater(FusedUpdater):
-    """The engine on FSDP2 shards: the squared gradient norm is summed over ranks, the skip verdict agreed.
+    """The engine on FSDP2 shards (:class:`~lomo_lightning.placement.Shards`): the squared gradient norm is
+    summed over ranks, the skip verdict agreed, the collectives of split rules batched per FSDP unit.
 
     Usable without Lightning: ``fully_shard`` the model first, then
     ``ShardedFusedUpdater(model, AdaLomo(model.parameters()), group=mesh.get_group())``.
@@ -52,102 +55,7 @@ class ShardedFusedUpdater(FusedUpdater):
     """
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, group: dist.ProcessGroup | None = None, **kwargs: Any):
-        self.group = group
-        # parameters whose rule can split its step: their FSDP unit and shard group
-        self._batched: dict[Tensor, tuple[nn.Module, dist.ProcessGroup]] = {}
-        self._last_of_unit: dict[nn.Module, Tensor] = {}
-        self._pending: list[tuple[Generator[Tensor, Tensor, None], Tensor]] = []
-        self._pending_unit: nn.Module | None = None
-        self._pending_group: dist.ProcessGroup | None = None
-        self._replicated: set[Tensor] = set()
-        super().__init__(model, optimizer, **kwargs)
-
-    def refresh(self, install_hooks: bool = True) -> None:
-        super().refresh(install_hooks=install_hooks)
-        sharded_values = [
-            name for name, m in self.model.named_modules() if isinstance(m, SparseDeltaLinear) and hasattr(m.values, "placements")
-        ]
-        if sharded_values:
-            raise ValueError(
-                f"The sparse values of {sharded_values[0]} were sharded by fully_shard: keep them replicated, "
-                "fully_shard(module, ..., ignored_params=replicated_parameters(model))."
-            )
-        self._replicated = {p for p in self._trainable if not hasattr(p, "placements")}
-        self._pending = []
-        # Each FSDP unit (a fully_shard-ed module) owns the parameters not owned by a unit inside it; FSDP2
-        # runs their hooks one after another after the unit's reduce-scatter, in registration order.
-        from torch.distributed.fsdp import FSDPModule
-
-        unit_of: dict[Tensor, nn.Module] = {}
-        for module in self.model.modules():  # outer units first: inner ones take their parameters over
-            if isinstance(module, FSDPModule):
-                unit_of.update({p: module for p in module.parameters() if p in self._trainable})
-        splits = hasattr(self.optimizer, "begin_step_parameter")
-        self._batched = {
-            p: (unit, shard_group(p)) for p, unit in unit_of.items() if splits and shard_group(p) is not None
-        }
-        self._last_of_unit = {}
-        for param, (unit, _) in self._batched.items():
-            self._last_of_unit[unit] = param  # dict order is registration order: the last one stays
-
-    @torch.no_grad()
-    def apply_gradient(self, param: Tensor, grad: Tensor) -> None:
-        """Average a replicated parameter's gradient over the ranks first; shards arrive reduced already."""
-        if param in self._replicated:
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group)
-            grad.div_(dist.get_world_size(self.group))
-            if self._measuring and dist.get_rank(self.group) != 0:
-                return  # the norms are summed over ranks: a replica's counts once
-        super().apply_gradient(param, grad)
-
-    def _step(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
-        """Batch the collectives of rules that can split their step (AdaLomo) over an FSDP unit.
-
-        A split rule computes its partial sums for each parameter as its hook runs; after the unit's
-        last hook, one all-reduce completes the sums of all of them and every update finishes. One
-        collective per unit instead of one per parameter: on gloo each blocking collective costs
-        milliseconds. The unit's gradients are views of one reduce-scatter buffer, so holding them
-        until the unit's last hook costs no memory.
-        """
-        batched = self._batched.get(target)
-        if batched is None:
-            super()._step(target, grad, group)
-            return
-        unit, group_of_shards = batched
-        if self._pending and (unit is not self._pending_unit or group_of_shards is not self._pending_group):
-            self._complete_pending()
-        update = self.optimizer.begin_step_parameter(target, grad, group, grad_is_scratch=True)  # type: ignore[attr-defined]
-        self._pending.append((update, next(update)))
-        self._pending_unit, self._pending_group = unit, group_of_shards
-        if target is self._last_of_unit.get(unit):
-            self._complete_pending()
-
-    @torch.no_grad()
-    def _complete_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        sums = torch.cat([partial for _, partial in pending])
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self._pending_group)
-        for (update, _), summed in zip(pending, sums.split([partial.numel() for _, partial in pending])):
-            finish_update(update, summed)
-
-    def _end_of_backward(self) -> None:
-        self._complete_pending()  # a unit whose last parameter got no gradient this step
-
-    def reduce_squared_norm(self, squared_norm: Tensor) -> Tensor:
-        dist.all_reduce(squared_norm, op=dist.ReduceOp.SUM, group=self.group)
-        return squared_norm
-
-    def loss_is_finite(self, loss: Tensor) -> bool:
-        return all_ranks_finite(loss, self.group)
-
-
-def all_ranks_finite(loss: Tensor, group: dist.ProcessGroup | None) -> bool:
-    """``True`` only if the loss is finite on every rank: one rank skipping backward alone would hang the rest."""
-    flag = torch.isfinite(loss).all().to(torch.float32).reshape(1)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return bool(flag.item())
+        super().__init__(model, optimizer, placement=Shards(group), **kwargs)
 
 
 def transformer_roots(module: nn.Module) -> list[nn.Module]:
@@ -220,17 +128,16 @@ def is_fully_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
-    """Fused updates on FSDP2 shards (``Trainer(strategy="lomo_fsdp")``), on one or more nodes.
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 for Hugging Face models without writing ``configure_model`` (``Trainer(strategy="fsdp2")``).
 
-    Each rank holds 1/world of every sharded parameter and of its AdaLomo statistics; a
-    parameter's gradient exists only as the local shard, only until the rule has consumed it.
-    Unless ``configure_model()`` already applied ``fully_shard``, the strategy shards every
-    transformer block and then the Hugging Face model over a 1-D mesh of all ranks.
+    Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` with a 1-D mesh over all ranks,
+    which also shards the model itself: unless ``configure_model()`` already applied ``fully_shard``,
+    every transformer block and then each Hugging Face model is sharded (:func:`shard_transformers`).
+    It is the unfused baseline of :class:`LomoFSDPStrategy` (``method=adamw strategy=fsdp`` in the app), so
+    the two compare like with like; Lightning's ``strategy="fsdp"`` is FSDP1.
 
     Args:
-        clip_grad_norm: global-norm clipping (two backward passes, norm all-reduced over shards).
-        clip_grad_value: value clipping.
         mp_policy: FSDP2 ``MixedPrecisionPolicy``; by default, ``precision="bf16-mixed"`` means
             bf16 parameters in forward/backward, fp32 gradient reduction and fp32 sharded master weights.
         layer_classes: class names of the blocks to shard (default: the model's ``_no_split_modules``).
@@ -238,12 +145,11 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         save_distributed_checkpoint: one shard file per rank (``True``) or a full checkpoint on rank 0.
     """
 
-    strategy_name = "lomo_fsdp"
+    strategy_name = "fsdp2"
+    description = "FSDP2 (fully_shard) over all ranks, sharding Hugging Face models by their blocks"
 
     def __init__(
         self,
-        clip_grad_norm: float | None = None,
-        clip_grad_value: float | None = None,
         mp_policy: Any = None,
         layer_classes: Iterable[str] | None = None,
         reshard_after_forward: bool = True,
@@ -259,22 +165,35 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         self.mp_policy = mp_policy
         self.layer_classes = list(layer_classes) if layer_classes is not None else None
         self.reshard_after_forward = reshard_after_forward
-        self._init_fused(clip_grad_norm, clip_grad_value)
 
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        if "strategy_name" in cls.__dict__:
+            strategy_registry.register(cls.strategy_name, cls, description=cls.description, override=True)
+
+    @override
     def setup_environment(self) -> None:
+        # ModelParallelStrategy.setup_environment with one FSDP dimension over every rank of every node, which
+        # AdaLomo's statistics reduce over, in place of its (data, tensor) mesh
+        assert self.accelerator is not None
+        self.accelerator.setup_device(self.root_device)
         self._setup_distributed()
         from torch.distributed.device_mesh import init_device_mesh
 
-        # one FSDP dimension over every rank of every node: AdaLomo's statistics reduce over it
         self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("data_parallel",))
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
     @property
+    @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return {"num_replicas": self.world_size, "rank": self.global_rank}
 
+    @override
     def setup(self, trainer: Trainer) -> None:
+        # ModelParallelStrategy.setup (a copy: tests/test_strategy.py fails when Lightning's changes), with the
+        # sharding of a model whose configure_model() did not shard it in place of its refusal
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         if not is_fully_sharded(self.model):
@@ -294,7 +213,6 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
-        self._install_fused_updater(trainer)
 
     def _mixed_precision_policy(self) -> Any:
         if self.mp_policy is not None:
@@ -306,9 +224,7 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         return MixedPrecisionPolicy()
 
-    def _make_fused_updater(self, module: nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
-        return ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
-
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Save as Lightning does; a distributed checkpoint is written beside ``filepath``, then renamed into place.
 
@@ -330,6 +246,31 @@ class LomoFSDPStrategy(FusedStrategyMixin, ModelParallelStrategy):
         if self.is_global_zero:
             publish_directory(staging, path)
         self.barrier()
+
+
+class LomoFSDPStrategy(FusedStrategy, FSDP2Strategy):
+    """Fused updates on FSDP2 shards (``Trainer(strategy="lomo_fsdp")``), on one or more nodes.
+
+    Each rank holds 1/world of every sharded parameter and of its AdaLomo statistics; a
+    parameter's gradient exists only as the local shard, only until the rule has consumed it.
+    The model is sharded as :class:`FSDP2Strategy` shards it.
+
+    Args:
+        clip_grad_norm: global-norm clipping (two backward passes, norm all-reduced over shards).
+        clip_grad_value: value clipping.
+        **kwargs: :class:`FSDP2Strategy`'s (``mp_policy``, ``layer_classes``, ``reshard_after_forward``,
+            ``save_distributed_checkpoint``, ...).
+    """
+
+    strategy_name = "lomo_fsdp"
+    description = "Fused updates on FSDP2 shards, after each reduce-scatter"
+
+    def __init__(self, clip_grad_norm: float | None = None, clip_grad_value: float | None = None, **kwargs: Any):
+        super().__init__(clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, **kwargs)
+
+    @override
+    def make_fused_updater(self, module: nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+        return ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
 
 
 def save_pretrained_consolidated(trainer_or_module: Trainer | LightningModule | nn.Module, directory: str | os.PathLike) -> None:

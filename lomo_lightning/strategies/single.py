@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from typing_extensions import override
 
-from lomo_lightning.strategies.base import FusedStrategyMixin
+from lomo_lightning.strategies.base import FusedStrategy
 
 
-class LomoStrategy(FusedStrategyMixin, SingleDeviceStrategy):
+class LomoStrategy(FusedStrategy, SingleDeviceStrategy):
     """Fused updates on one device (``Trainer(strategy="lomo")``).
 
     Clipping is set here, or, under automatic optimization only, with ``Trainer(gradient_clip_val=...,
@@ -25,6 +25,7 @@ class LomoStrategy(FusedStrategyMixin, SingleDeviceStrategy):
     """
 
     strategy_name = "lomo"
+    description = "Fused (LOMO-style) updates on one device"
 
     def __init__(
         self,
@@ -33,12 +34,12 @@ class LomoStrategy(FusedStrategyMixin, SingleDeviceStrategy):
         clip_grad_value: float | None = None,
         **kwargs: Any,
     ):
-        super().__init__(device=device or "cpu", **kwargs)
+        super().__init__(device=device or "cpu", clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, **kwargs)
         # Lightning's accelerator connector fills this in when the strategy is chosen by name
         self.parallel_devices = [self._root_device] if device is not None else None
-        self._init_fused(clip_grad_norm, clip_grad_value)
 
     @property
+    @override
     def root_device(self) -> torch.device:
         if self.parallel_devices:
             if len(self.parallel_devices) > 1:
@@ -48,7 +49,3 @@ class LomoStrategy(FusedStrategyMixin, SingleDeviceStrategy):
                 )
             return torch.device(self.parallel_devices[0])
         return self._root_device
-
-    def setup(self, trainer: Trainer) -> None:
-        super().setup(trainer)
-        self._install_fused_updater(trainer)
