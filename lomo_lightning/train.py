@@ -51,7 +51,7 @@ from lomo_lightning.preflight import (
     one_line,
 )
 from lomo_lightning.resume import CONFIG_FILE, continued_config, hydra_output_subdir, hydra_run_dir
-from lomo_lightning.selection import SparseFineTuning
+from lomo_lightning.selection import Selection, SparseFineTuning
 from lomo_lightning.strategies import save_pretrained_consolidated
 
 log = logging.getLogger("lomo_lightning.train")
@@ -154,6 +154,11 @@ def apply_selection(node: DictConfig, model: PreTrainedModel, optimizer: Any) ->
     """Build the selection and apply it to ``model``; a setting that cannot work is a ``ConfigError``."""
     try:
         selector = build(node)
+        if not isinstance(selector, Selection):
+            raise ValueError(
+                f"{type(selector).__name__} is not a selection: it needs config, apply(model), state_dict(), "
+                "load_state_dict(state) and describe() (lomo_lightning.selection.Selection)"
+            )
         selector.apply(model)
     except InstantiationException as error:
         if isinstance(error.__cause__, (ValueError, TypeError, ImportError)):

@@ -217,8 +217,12 @@ def test_multirun_leaves_one_result_directory_per_job_and_goes_on_past_a_failed_
         (["objective=dpo"], "objective=dpo trains on preference pairs: use data=py_preference"),
         (TINY_PAIRS, "PyPreferenceDataModule holds preference pairs: train on them with objective=dpo"),
         (["objective=dpo", "objective.loss_type=hinge", *TINY_PAIRS], "objective: loss_type must be one of sigmoid, ipo"),
+        (["selection=hft", "selection.selector._target_=collections.OrderedDict", "~selection.selector.ratio",
+          "~selection.selector.seed", "~selection.selector.include_embeddings", "~selection.selector.preset"],
+         "selection: OrderedDict is not a selection: it needs config, apply"),
     ],
-    ids=["missing-file", "empty-file", "missing-field", "seq-len", "loss-chunk", "sft-ma-rule", "sft-window", "dpo-data", "pairs-sft", "dpo-loss"],
+    ids=["missing-file", "empty-file", "missing-field", "seq-len", "loss-chunk", "sft-ma-rule", "sft-window", "dpo-data", "pairs-sft",
+         "dpo-loss", "not-a-selection"],
 )
 def test_bad_input_is_a_config_error_naming_the_problem(tmp_path, cache_dir, overrides, message):
     (tmp_path / "empty.jsonl").write_text("")

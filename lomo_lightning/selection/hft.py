@@ -28,12 +28,13 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from lomo_lightning.selection.base import modules_matching
 
 logger = logging.getLogger(__name__)
 
@@ -106,37 +107,48 @@ class HFTMask:
         )
 
 
-class HalfFineTuning:
-    """Freeze about ``1 - ratio`` of each transformer block's parameters, per category (see module docstring).
+@dataclass
+class HftConfig:
+    """The settings of :class:`HalfFineTuning`.
 
     Args:
         ratio: target trainable fraction of each category, by parameter count.
-        seed: seed of the first mask; :meth:`resample` without a seed moves on to ``seed + 1``, ``seed + 2``...
+        seed: seed of the first mask; :meth:`HalfFineTuning.resample` without a seed moves on to
+            ``seed + 1``, ``seed + 2``...
         include_embeddings: also select among the embeddings and LM head (otherwise they stay trainable).
         preset: ``"auto"`` (from ``model.config.model_type``), a key of :data:`PRESETS`, or ignored when
             ``patterns`` is given.
         patterns: module-name patterns for an architecture without a preset.
     """
 
-    def __init__(
-        self,
-        ratio: float = 0.5,
-        seed: int = 0,
-        include_embeddings: bool = False,
-        preset: str = "auto",
-        patterns: HFTPatterns | None = None,
-    ) -> None:
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-        if patterns is None and preset != "auto" and preset not in PRESETS:
+    ratio: float = 0.5
+    seed: int = 0
+    include_embeddings: bool = False
+    preset: str = "auto"
+    patterns: HFTPatterns | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"ratio must be in [0, 1], got {self.ratio}")
+        if self.patterns is None and self.preset != "auto" and self.preset not in PRESETS:
             raise ValueError(
-                f"unknown HFT preset {preset!r}; choose 'auto', one of {sorted(PRESETS)}, or pass patterns="
+                f"unknown HFT preset {self.preset!r}; choose 'auto', one of {sorted(PRESETS)}, or pass patterns="
             )
-        self.ratio = ratio
-        self.seed = seed
-        self.include_embeddings = include_embeddings
-        self.preset = preset
-        self.patterns = patterns
+
+
+class HalfFineTuning:
+    """Freeze about ``1 - ratio`` of each transformer block's parameters, per category (see module docstring).
+
+    Args:
+        config: an :class:`HftConfig`; or pass its fields as keyword arguments
+            (``HalfFineTuning(ratio=0.5, seed=0)``).
+    """
+
+    def __init__(self, config: HftConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise TypeError("HalfFineTuning takes a config or keyword arguments, not both")
+        self.config = config if config is not None else HftConfig(**options)
+        self.seed = self.config.seed  # the seed of the mask in force: resample() moves it on
         self.mask: HFTMask | None = None
 
     def apply(self, model: nn.Module) -> HFTMask:
@@ -219,10 +231,11 @@ class HalfFineTuning:
         return "HFT: no mask drawn yet" if self.mask is None else self.mask.describe()
 
     def _resolve_patterns(self, model: nn.Module) -> HFTPatterns:
-        if self.patterns is not None:
-            return self.patterns
-        if self.preset != "auto":
-            return PRESETS[self.preset]
+        config = self.config
+        if config.patterns is not None:
+            return config.patterns
+        if config.preset != "auto":
+            return PRESETS[config.preset]
         model_type = _model_type(model)
         if model_type not in MODEL_TYPE_PRESETS:
             raise ValueError(
@@ -235,8 +248,7 @@ class HalfFineTuning:
         """Per category, per block, the (module name, parameter count) of each member."""
         patterns = self._resolve_patterns(model)
         modules = dict(model.named_modules())
-        block_regex = re.compile(rf"(?:^|\.){patterns.block}$")
-        blocks = [name for name in modules if block_regex.search(name)]
+        blocks = [name for name, _ in modules_matching(model, [patterns.block], whole_suffix=True)]
         if not blocks:
             raise ValueError(f"no module name matches the HFT block pattern {patterns.block!r}")
         groups = []
@@ -249,12 +261,8 @@ class HalfFineTuning:
                     raise ValueError(f"HFT category {category!r}: modules {missing} not found in the model")
                 per_block.append([(name, _numel(modules[name])) for name in names])
             groups.append(per_block)
-        if self.include_embeddings:
-            embedding_names = [
-                name
-                for name in modules
-                if any(re.search(rf"(?:^|\.){pattern}$", name) for pattern in patterns.embeddings)
-            ]
+        if self.config.include_embeddings:
+            embedding_names = [name for name, _ in modules_matching(model, patterns.embeddings, whole_suffix=True)]
             # A tied LM head shares its weight with the input embeddings: count and select it once.
             seen: set[int] = set()
             members = []
@@ -280,7 +288,7 @@ class HalfFineTuning:
             # Measured in units of this block's size, so a near-tie means the same thing in every block.
             def distance(subset: tuple[int, ...]) -> float:
                 trainable = trainable_so_far + sum(members[i][1] for i in subset)
-                return abs(trainable - self.ratio * total) / block_total if block_total else 0.0
+                return abs(trainable - self.config.ratio * total) / block_total if block_total else 0.0
 
             subsets = [s for size in range(len(members) + 1) for s in itertools.combinations(range(len(members)), size)]
             best = min(distance(s) for s in subsets)
@@ -318,4 +326,4 @@ def _model_type(model: nn.Module) -> str | None:
     return None
 
 
-__all__ = ["HalfFineTuning", "HFTMask", "HFTPatterns", "PRESETS"]
+__all__ = ["HalfFineTuning", "HftConfig", "HFTMask", "HFTPatterns", "PRESETS"]

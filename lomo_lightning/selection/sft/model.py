@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lomo_lightning.optim.sm3 import SM3
+from lomo_lightning.selection.base import modules_matching
 from lomo_lightning.selection.sft.config import SftConfig
 from lomo_lightning.selection.sft.layer import SparseDeltaLinear, index_dtype, merged_weight
 from lomo_lightning.selection.sft.quantize import quantize_weight
@@ -197,17 +197,20 @@ class SparseFineTuning:
         if not dist.is_initialized() or dist.get_rank() == 0:
             save_file(tensors, os.fspath(path), metadata={"format": "lomo_lightning.sparse_delta"})
 
+    def describe(self) -> str:
+        config = self.config
+        return (
+            f"SFT ({'SpIEL-AG' if config.regrowth == 'accumulated_gradients' else 'SpIEL-MA'}): {self.budget} entries in "
+            f"{len(self.layers)} layers, reselected every {config.reselection_steps} steps, {self.completed_steps} steps done"
+        )
+
     def _target_modules(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
         if self.config.targets is not None:
-            chosen = [
-                (name, module)
-                for name, module in model.named_modules()
-                if name and any(re.search(pattern, name) for pattern in self.config.targets)
-            ]
+            chosen = modules_matching(model, self.config.targets)
             wrong = [f"{name} ({type(module).__name__})" for name, module in chosen if not isinstance(module, nn.Linear)]
             if wrong:
                 raise ValueError(f"sparse fine-tuning targets nn.Linear layers only; these matched too: {', '.join(wrong[:5])}")
-            return chosen
+            return chosen  # type: ignore[return-value]
         output_embeddings = getattr(model, "get_output_embeddings", lambda: None)()
         return [
             (name, module)
