@@ -2,7 +2,7 @@
 
 Names are imported on first use (PEP 562), so ``from lomo_lightning import AdaLomo, FusedUpdater`` loads
 torch only: neither Lightning nor transformers. The strategies register their names with Lightning
-(``Trainer(strategy="lomo" | "lomo_ddp" | "lomo_fsdp")``) when :mod:`lomo_lightning.strategies` is
+(``Trainer(strategy="lomo" | "lomo_ddp" | "lomo_fsdp" | "fsdp2")``) when :mod:`lomo_lightning.strategies` is
 imported: by any Lightning-side name of this package, or here at once if Lightning is already loaded.
 """
 
@@ -36,6 +36,7 @@ _EXPORTS = {
     "LomoStrategy": "lomo_lightning.strategies",
     "LomoDDPStrategy": "lomo_lightning.strategies",
     "LomoFSDPStrategy": "lomo_lightning.strategies",
+    "FSDP2Strategy": "lomo_lightning.strategies",
     "save_pretrained_consolidated": "lomo_lightning.strategies",
     "HFTResampleCallback": "lomo_lightning.callbacks",
     "SFTReselectionCallback": "lomo_lightning.callbacks",
@@ -46,6 +47,7 @@ __all__ = [  # the names of _EXPORTS (tests/test_package.py checks they agree)
     "AdaLomo",
     "CausalLMModule",
     "DynamicLossScaler",
+    "FSDP2Strategy",
     "FusedCausalLMModule",
     "FusedOptimizationMixin",
     "FusedUpdater",
@@ -87,7 +89,7 @@ if TYPE_CHECKING:
     from lomo_lightning.objectives.causal_lm import chunked_causal_lm_loss
     from lomo_lightning.optim import SM3, AdaLomo, Lomo, SftAdamW
     from lomo_lightning.selection import HalfFineTuning, SparseFineTuning, apply_sparse_delta
-    from lomo_lightning.strategies import LomoDDPStrategy, LomoFSDPStrategy, LomoStrategy, save_pretrained_consolidated
+    from lomo_lightning.strategies import FSDP2Strategy, LomoDDPStrategy, LomoFSDPStrategy, LomoStrategy, save_pretrained_consolidated
 
 if "lightning" in sys.modules or "lightning.pytorch" in sys.modules:
     importlib.import_module("lomo_lightning.strategies")  # Trainer(strategy="lomo") works right away

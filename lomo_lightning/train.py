@@ -308,7 +308,7 @@ def finish_wandb() -> None:
 # -- the Hydra task and the console script ---------------------------------------------------------
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://lomo_lightning.conf", config_name="config", version_base="1.3")
 def task(cfg: DictConfig) -> float | None:
     """Run (or continue) the job Hydra composed; return ``cfg.optimized_metric`` for sweepers.
 

@@ -38,3 +38,23 @@ def test_importing_after_lightning_registers_the_strategies_by_name():
         "print(sorted(n for n in StrategyRegistry if n.startswith('lomo')))"
     )
     assert registered == "['lomo', 'lomo_ddp', 'lomo_fsdp']"
+
+
+def test_every_package_is_listed_for_the_build_and_the_configs_install_with_it():
+    """conf/ sits beside lomo_lightning/ and installs as lomo_lightning.conf (setuptools package-dir)."""
+    import importlib.resources
+    from pathlib import Path
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).parent.parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "lomo_lightning").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == on_disk | {"lomo_lightning.conf"}, "a package folder missing from pyproject.toml"
+    assert setuptools["package-dir"]["lomo_lightning.conf"] == "conf" and (root / "conf" / "config.yaml").is_file()
+    installed = importlib.resources.files("lomo_lightning.conf")
+    groups = {entry.name for entry in installed.iterdir() if entry.is_dir() and entry.name != "__pycache__"}
+    assert groups == {p.name for p in (root / "conf").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert (installed / "config.yaml").read_text() == (root / "conf" / "config.yaml").read_text()
