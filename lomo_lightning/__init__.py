@@ -89,7 +89,13 @@ if TYPE_CHECKING:
     from lomo_lightning.objectives.causal_lm import chunked_causal_lm_loss
     from lomo_lightning.optim import SM3, AdaLomo, Lomo, SftAdamW
     from lomo_lightning.selection import HalfFineTuning, SparseFineTuning, apply_sparse_delta
-    from lomo_lightning.strategies import FSDP2Strategy, LomoDDPStrategy, LomoFSDPStrategy, LomoStrategy, save_pretrained_consolidated
+    from lomo_lightning.strategies import (
+        FSDP2Strategy,
+        LomoDDPStrategy,
+        LomoFSDPStrategy,
+        LomoStrategy,
+        save_pretrained_consolidated,
+    )
 
 if "lightning" in sys.modules or "lightning.pytorch" in sys.modules:
     importlib.import_module("lomo_lightning.strategies")  # Trainer(strategy="lomo") works right away
