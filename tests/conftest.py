@@ -16,7 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 128
 
 
-def tiny_llama(tie: bool = False, seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32, intermediate: int = 64):
+def tiny_llama(
+    tie: bool = False, seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32, intermediate: int = 64, kv_heads: int = 2
+):
+    """The tiny Llama of every fast test: hidden 32, 4 heads (``kv_heads`` of them for keys and values), vocabulary 128."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
@@ -25,7 +28,7 @@ def tiny_llama(tie: bool = False, seed: int = 0, layers: int = 2, dtype: torch.d
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=64,
         tie_word_embeddings=tie,
     )

@@ -24,17 +24,8 @@ BLOCK_TOLERANCE = 0.15
 MODEL_TOLERANCE = 0.02
 
 
-def tiny_llama(num_key_value_heads: int = 4, layers: int = 4, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=num_key_value_heads,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config)
+def tiny_llama(kv_heads: int = 4) -> nn.Module:
+    return conftest.tiny_llama(layers=4, kv_heads=kv_heads)  # four blocks: HFT's draw evens out over pairs of them
 
 
 def block_fractions(model: nn.Module, block_regex: str) -> dict[str, tuple[int, int]]:
@@ -59,7 +50,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int =
 
 @pytest.mark.parametrize("num_key_value_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_trainable_fraction_of_each_block_is_near_one_half_by_parameter_count(num_key_value_heads):
-    model = tiny_llama(num_key_value_heads)
+    model = tiny_llama(kv_heads=num_key_value_heads)
     HalfFineTuning(ratio=0.5, seed=3).apply(model)
     counts = block_fractions(model, r"model\.layers\.\d+\.")
     assert len(counts) == 4
@@ -72,14 +63,14 @@ def test_trainable_fraction_of_each_block_is_near_one_half_by_parameter_count(nu
 @pytest.mark.parametrize("ratio", [0.25, 0.75])
 def test_other_ratios_are_met_over_the_blocks(num_key_value_heads, ratio):
     # A block cannot keep a quarter of three FFN matrices, so only the sum over blocks meets the ratio.
-    model = tiny_llama(num_key_value_heads)
+    model = tiny_llama(kv_heads=num_key_value_heads)
     HalfFineTuning(ratio=ratio, seed=3).apply(model)
     counts = block_fractions(model, r"model\.layers\.\d+\.").values()
     assert abs(sum(t for t, _ in counts) / sum(n for _, n in counts) - ratio) <= MODEL_TOLERANCE
 
 
 def test_half_of_each_category_is_frozen_as_in_the_paper():
-    model = tiny_llama(num_key_value_heads=4)
+    model = tiny_llama(kv_heads=4)
     mask = HalfFineTuning(seed=0).apply(model)
     ffn_frozen_counts = []
     for block in range(4):
@@ -108,7 +99,7 @@ def test_include_embeddings_selects_among_embeddings_and_lm_head():
 
 
 def test_frozen_tensors_stay_bit_identical_and_hold_no_optimizer_state():
-    model = tiny_llama(num_key_value_heads=2)
+    model = tiny_llama(kv_heads=2)
     HalfFineTuning(seed=1).apply(model)
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
     # Built over every parameter, as re-sampling needs: frozen ones get no gradient, so AdamW skips them.
@@ -276,7 +267,7 @@ def test_fused_training_equals_unfused_and_follows_a_resampled_mask():
     from lomo_lightning.fused import FusedUpdater
 
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    models = [tiny_llama(num_key_value_heads=2) for _ in range(2)]
+    models = [tiny_llama(kv_heads=2) for _ in range(2)]
     hfts = [HalfFineTuning(seed=0) for _ in models]
     for model, hft in zip(models, hfts):
         hft.apply(model)
