@@ -16,6 +16,7 @@ of what full fine-tuning forgets at equal target loss (Hui et al.); SFT's held-o
     python benchmarks/quality_real.py                       # all methods, ~3 h on 2 quiet CPU cores
     python benchmarks/quality_real.py --methods adalomo lora --steps 20    # a subset, merged into the results
     python benchmarks/quality_real.py --one-lr --steps 16 --eval-every 8 --val-examples 32 --threads 1   # a short look
+    python benchmarks/quality_real.py --grid-index 1 --steps 16 --eval-every 8 --val-examples 32 --threads 1   # its second LRs
 
 ``--one-lr`` runs each method at the first learning rate of its grid only (no tuning: a claim about tuned
 learning rates then does not follow).
@@ -158,6 +159,7 @@ def main() -> None:
                         help="only the learning rate at this index of each grid, merged with earlier runs of the same steps")
     parser.add_argument("--val-examples", type=int, default=VAL_EXAMPLES)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--name", default=NAME, help="the results' file name (benchmarks/results/<name>.json/.md/.png)")
     args = parser.parse_args()
 
     def grid(method: str) -> list[float]:
@@ -168,7 +170,7 @@ def main() -> None:
     jobs = [dict(method=m, lr=lr, steps=args.steps, eval_every=args.eval_every, val_examples=args.val_examples, threads=args.threads)
             for m in args.methods for lr in grid(m)]
     runs = qc.run_pool(run, jobs, workers=args.workers)
-    path = qc.RESULTS / f"{NAME}.json"
+    path = qc.RESULTS / f"{args.name}.json"
     previous = json.loads(path.read_text()) if path.exists() else None
     if previous and previous["steps"] == args.steps:
         if args.grid_index is not None:  # one column of the grids: keep every other learning rate run before
@@ -179,17 +181,17 @@ def main() -> None:
     lrs_run = {m: sorted({r["lr"] for r in runs if r["method"] == m}) for m in LRS}
     text = report(runs, args.steps)
     qc.RESULTS.mkdir(exist_ok=True)
-    (qc.RESULTS / f"{NAME}.md").write_text(text)
+    (qc.RESULTS / f"{args.name}.md").write_text(text)
     path.write_text(json.dumps({
         "environment": qc.environment(), "steps": args.steps, "lora_rank": LORA_RANK,
         "data": f"py_instruct through the chat template (seq {SEQ_LEN}, batch {BATCH}, prompt masked, {args.val_examples} val examples)",
         "lr_grid": LRS, "lrs_run": lrs_run,
         "schedule": "linear warm-up 5%, cosine to 10%", "runs": runs}, indent=2))
     print(text)
-    plot(runs)
+    plot(runs, args.name)
 
 
-def plot(runs: list[dict]) -> None:
+def plot(runs: list[dict], name: str = NAME) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +215,7 @@ def plot(runs: list[dict]) -> None:
     axes[0].legend(fontsize=6)
     fig.suptitle("SmolLM2-135M-Instruct: fine-tuning progress and what it forgets")
     fig.tight_layout()
-    fig.savefig(qc.RESULTS / f"{NAME}.png", dpi=120)
+    fig.savefig(qc.RESULTS / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":
