@@ -200,7 +200,7 @@ class MemoryMonitor(Callback):
     ) -> None:
         mask = batch.get("attention_mask")
         self._tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        if trainer.global_step % trainer.log_every_n_steps:
+        if trainer.global_step % trainer.log_every_n_steps:  # type: ignore[attr-defined]  # set by its logger connector
             return
         now = time.perf_counter()
         tokens_per_s = self._tokens * trainer.world_size / max(now - self._since, 1e-9)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -92,16 +92,16 @@ class DPOModule(CausalLMModule):
         pairs = self.objective(self.model, batch, self.loss_chunk_tokens)
         self.val_loss.update(pairs.losses)
         for name, values in reward_metrics(pairs).items():
-            self.val_rewards[name].update(values)
+            cast(MeanMetric, self.val_rewards[name]).update(values)
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
         for metric in self.val_rewards.values():
-            metric.reset()
+            cast(MeanMetric, metric).reset()
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.log_dict({f"val/rewards/{name}": metric.compute() for name, metric in self.val_rewards.items()})
+        self.log_dict({f"val/rewards/{name}": cast(MeanMetric, metric).compute() for name, metric in self.val_rewards.items()})
 
 
 class FusedDPOModule(FusedOptimizationMixin, DPOModule):

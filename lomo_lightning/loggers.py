@@ -24,6 +24,8 @@ class AppendingCSVLogger(CSVLogger):
     Lightning's own deletes that file when it starts. New columns are merged into the header as usual.
     """
 
+    _experiment: ExperimentWriter | None  # only the experiment property below sets it
+
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:

@@ -78,7 +78,7 @@ def converted_gguf(name_or_path: str, gguf_file: str, cache_dir: str | os.PathLi
         model = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch.float32)
         model.config.quantization_config = None  # the weights below are dequantized: a plain checkpoint
         del model.config.quantization_config
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # an attribute from_pretrained sets
         model.save_pretrained(staging)
         AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file).save_pretrained(staging)
         os.replace(staging, target)
@@ -138,6 +138,7 @@ def build_causal_lm(
         )
         source = "model.llama"
     else:
+        assert name_or_path is not None  # exactly one of the two is given
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         source = name_or_path
     check_fits(config, tokenizer, seq_len, source)
@@ -148,6 +149,7 @@ def build_causal_lm(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
+        assert name_or_path is not None
         model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **kwargs)
     # from_pretrained returns a model in eval mode, where dropout is off and transformers' checkpointed
     # layers do not checkpoint: training must start in train mode (Lightning keeps the mode it finds)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities.types import OptimizerConfig, OptimizerLRSchedulerConfig
 from torch import Tensor
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
@@ -32,6 +34,8 @@ class FusedOptimizationMixin:
             def configure_optimizers(self):
                 return AdaLomo(self.parameters(), lr=1e-3)
     """
+
+    compute_loss: Callable[[Any], Tensor]  # the subclass's: checked in __init__
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -118,7 +122,8 @@ class CausalLMModule(LightningModule):
         loss = self.compute_loss(batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        optimizer = cast(LightningOptimizer, self.optimizers())  # configure_optimizers returns one
+        self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -134,7 +139,7 @@ class CausalLMModule(LightningModule):
         loss = self.val_loss.compute()  # synchronised over processes
         self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerConfig | OptimizerLRSchedulerConfig:
         parameters = self.trainable if self.trainable is not None else list(self.model.parameters())
         optimizer = self.optimizer_factory(parameters)
         if self.scheduler_factory is None:

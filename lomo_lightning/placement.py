@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
     from lomo_lightning.fused import FusedUpdater
 
 
@@ -37,7 +39,7 @@ def shard_group(tensor: Tensor) -> Any:
         return None
     from torch.distributed.tensor import Replicate, Shard
 
-    mesh = tensor.device_mesh
+    mesh = cast("DTensor", tensor).device_mesh  # it has placements: a DTensor
     if mesh.ndim != 1 or not all(isinstance(p, (Shard, Replicate)) for p in placements):
         raise NotImplementedError(f"lomo_lightning supports 1-D meshes with Shard(0) or Replicate placement, got {placements}.")
     if not isinstance(placements[0], Shard):
@@ -54,7 +56,7 @@ def flat_offset(tensor: Tensor) -> int:
         return 0
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)
+    _, offsets = compute_local_shape_and_global_offset(tensor.shape, cast("DTensor", tensor).device_mesh, placements)
     strides = [math.prod(tensor.shape[d + 1 :]) for d in range(tensor.dim())]
     return sum(o * s for o, s in zip(offsets, strides))
 
@@ -97,7 +99,12 @@ class ShardLayout:
         from torch.distributed.tensor import DTensor
 
         return DTensor.from_local(
-            local_state, param.device_mesh, placements, run_check=False, shape=(param.shape[0],), stride=(1,)
+            local_state,
+            cast(DTensor, param).device_mesh,
+            placements,
+            run_check=False,
+            shape=torch.Size((param.shape[0],)),
+            stride=(1,),
         )
 
     def columns(self, cols: int) -> slice:
@@ -116,7 +123,12 @@ class ShardLayout:
 
         cols = whole_state.numel()
         return DTensor.from_local(
-            whole_state[self.columns(cols)].clone(), param.device_mesh, [Shard(0)], run_check=False, shape=(cols,), stride=(1,)
+            whole_state[self.columns(cols)].clone(),
+            cast(DTensor, param).device_mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=torch.Size((cols,)),
+            stride=(1,),
         )
 
     def sum_(self, tensor: Tensor) -> Tensor:
@@ -211,7 +223,7 @@ class Replicas(Placement):
             self.ddp.reducer.prepare_for_backward([])
 
 
-def allreduce_then_update(engine, bucket):  # type: ignore[no-untyped-def]
+def allreduce_then_update(engine, bucket):
     """DDP communication hook: average the bucket, then update (or measure) each of its parameters.
 
     (Unannotated: DDP checks the annotations by identity, which postponed annotations would fail.)
@@ -222,7 +234,7 @@ def allreduce_then_update(engine, bucket):  # type: ignore[no-untyped-def]
     reduced = dist.all_reduce(buffer, group=group, async_op=True).get_future()
     trainable = engine.placement.reduced  # the engine's trainable set (Replicas.attach checks)
 
-    def update(future):  # type: ignore[no-untyped-def]
+    def update(future):
         averaged = future.value()[0]
         for param, grad in zip(bucket.parameters(), bucket.gradients()):
             if param in trainable:

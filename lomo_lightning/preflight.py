@@ -67,7 +67,7 @@ def argument_error(node: DictConfig, error: BaseException) -> str:
             named[found.start()] = name
     if named:
         name = named[min(named)]
-        return f"{key}.{name}={node[name]}: {message}"
+        return f"{key}.{name!s}={node[name]}: {message}"  # a key from YAML or the command line: a str (or an int)
     return f"{key}: {message}"
 
 

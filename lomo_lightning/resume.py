@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
@@ -89,7 +89,7 @@ def continued_config(cfg: DictConfig, overrides: Iterable[str], groups: Iterable
         return cfg, []
     if not (directory / CONFIG_FILE).is_file():
         raise ConfigError(f"resume={directory}: no {CONFIG_FILE} there: give the output_dir of a lomo-train run")
-    saved = OmegaConf.load(directory / CONFIG_FILE)
+    saved = cast(DictConfig, OmegaConf.load(directory / CONFIG_FILE))  # a run's config: a mapping
     if Path(saved.output_dir).resolve() != directory.resolve():
         raise ConfigError(
             f"resume={directory}: its {CONFIG_FILE} belongs to output_dir={saved.output_dir}: resume from there"
@@ -97,7 +97,7 @@ def continued_config(cfg: DictConfig, overrides: Iterable[str], groups: Iterable
     checkpoint = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else last_checkpoint(directory)
     if checkpoint is not None and not checkpoint.exists():
         raise ConfigError(f"ckpt_path={checkpoint}: no such checkpoint: give <run dir>/checkpoints/last.ckpt")
-    continued = OmegaConf.create(OmegaConf.to_container(saved))
+    continued = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(saved)))
     _apply_overrides(continued, cfg, overrides, set(groups))
     with open_dict(continued):
         continued.resume = str(directory)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import lightning.pytorch as pl
@@ -119,7 +119,7 @@ def build_module(
     cfg: DictConfig, model: PreTrainedModel, datamodule: TokenizedDataModule, optimizer: Any, scheduler: Any
 ) -> CausalLMModule:
     """The LightningModule of ``cfg.objective`` (with fused updates if ``cfg.method`` has them), checked against the data."""
-    options = OmegaConf.to_container(cfg.objective, resolve=True)
+    options = cast("dict[str, Any]", OmegaConf.to_container(cfg.objective, resolve=True))  # a DictConfig's: a dict
     name = options.pop("name")
     if name not in MODULES:
         raise ConfigError(f"objective.name={name!r} is unknown: use one of {', '.join(MODULES)}")
@@ -225,7 +225,7 @@ def identify_wandb_runs(cfg: DictConfig) -> None:
 
 def save_config(cfg: DictConfig, output_dir: Path, trainer: pl.Trainer) -> None:
     """Write the resolved config as ``config.yaml`` (what a resumed run restores) and log it to every logger."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
     if trainer.is_global_zero:
@@ -358,7 +358,7 @@ def continue_run(cfg: DictConfig, hydra_cfg: Any) -> DictConfig:
     if hydra_cfg.mode == RunMode.MULTIRUN and (cfg.get("resume") or cfg.get("ckpt_path")):
         raise ConfigError("resume/ckpt_path continue one run: drop -m (multirun)")
     continued, changes = continued_config(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices.keys())
-    if continued is not cfg and rank_zero_only.rank == 0:
+    if continued is not cfg and rank_zero_only.rank == 0:  # type: ignore[attr-defined]  # set by Lightning
         start = f"from {continued.ckpt_path}" if continued.ckpt_path else "from the start (it has no checkpoint)"
         changed = "\n".join(f"  {line}" for line in changes) if changes else "  (none)"
         log.info("Continuing the run in %s %s with its own config; changed on the command line:\n%s",
@@ -368,7 +368,7 @@ def continue_run(cfg: DictConfig, hydra_cfg: Any) -> DictConfig:
 
 def mark_failed(output_dir: Path, error: BaseException) -> None:
     """Leave ``FAILED`` (the reason) in a run directory whose run failed after it started writing; a success removes it."""
-    if rank_zero_only.rank == 0 and output_dir.is_dir():
+    if rank_zero_only.rank == 0 and output_dir.is_dir():  # type: ignore[attr-defined]
         (output_dir / FAILED_MARKER).write_text(f"{type(error).__name__}: {one_line(error)}\n")
 
 

@@ -19,6 +19,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
@@ -68,7 +69,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, input: s
     if getattr(tokenizer, "chat_template", None):
         content = f"{instruction}\n\n{input}" if input else instruction
         messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return format_prompt(instruction, input)
 
 
@@ -186,7 +187,7 @@ class InstructionDataModule(TokenizedDataModule):
 
     # what a record is: the word for it in errors, its check, and the collator of its tokenized form
     record_kind = "instruction"
-    check_records = staticmethod(check_records)
+    check_records: Callable[[Dataset, str], Dataset] = staticmethod(check_records)
     collator_class: Callable[[int], Callable[[list[dict]], dict[str, Tensor]]] = InstructionCollator
 
     def __init__(
@@ -262,6 +263,7 @@ def function_examples(path: Path) -> list[dict[str, str]]:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
             continue
         docstring_end = node.body[0].end_lineno
+        assert docstring_end is not None  # ast.parse sets the positions
         if len(node.body) < 2 or node.body[1].lineno <= docstring_end or docstring_end == node.lineno:
             continue
         body = textwrap.dedent("\n".join(lines[docstring_end : node.end_lineno])).strip("\n")

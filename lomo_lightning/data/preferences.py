@@ -16,7 +16,9 @@ reference model's sequence log-probabilities attached (``reference_logps``, one 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -58,6 +60,7 @@ def tokenize_pairs(records: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len
             if examples["chosen"] is None:  # the prompt fills seq_len, for both sides alike
                 continue
             for side, example in examples.items():
+                assert example is not None  # the prompt fits, so both sides are tokenized
                 columns[f"{side}_input_ids"].append(example["input_ids"])
                 columns[f"{side}_labels"].append(example["labels"])
         return columns
@@ -96,11 +99,18 @@ class PreferencePairs:
     """
 
     record_kind = "preference"
-    check_records = staticmethod(check_preference_records)
+    check_records: Callable[[Dataset, str], Dataset] = staticmethod(check_preference_records)
     collator_class = PreferenceCollator
 
+    # the instruction data module's
+    tokenizer: PreTrainedTokenizerBase
+    seq_len: int
+    batch_size: int
+    cache_dir: Path
+    collator: Callable[[], Callable[[list[dict]], dict[str, Tensor]]]
+
     def tokenize(self, records: Dataset) -> Dataset:
-        return tokenize_pairs(records, self.tokenizer, self.seq_len)  # type: ignore[attr-defined]
+        return tokenize_pairs(records, self.tokenizer, self.seq_len)
 
 
 class JsonPreferenceDataModule(PreferencePairs, JsonInstructionDataModule):

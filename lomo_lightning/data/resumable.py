@@ -50,9 +50,10 @@ class ResumableDataLoader(DataLoader):
         self._epoch = 0
         self._batches_handed_out = 0
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator, not DataLoader's _BaseDataLoaderIter
         sampler = self.sampler
         assert isinstance(sampler, _SkippingDistributedSampler)
+        assert self.batch_size is not None  # given to __init__
         epoch = sampler.epoch
         if epoch != self._epoch:  # a position saved in another epoch does not apply to this one
             self._epoch, self._batches_handed_out = epoch, 0

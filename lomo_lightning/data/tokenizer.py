@@ -88,7 +88,7 @@ def load_tokenizer(
     cache_dir: str | os.PathLike | None = None,
     max_files: int | None = None,
     trust_remote_code: bool = False,
-) -> PreTrainedTokenizerFast:
+) -> PreTrainedTokenizerBase:
     """Load ``name_or_path`` with ``AutoTokenizer``, or (``None``) the cached stdlib BPE, training it once.
 
     A loaded tokenizer without a pad token gets its eos token as pad (labels are masked by the

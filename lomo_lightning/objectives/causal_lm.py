@@ -11,12 +11,15 @@ log-probabilities, so they all get the chunking from :func:`token_log_probs`.
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100
 
@@ -59,7 +62,7 @@ def token_log_probs(
             object.__setattr__(model, "lomo_token_log_probs", types.MethodType(_chunked_token_log_probs, model))
             register_fsdp_forward_method(model, "lomo_token_log_probs")
             object.__setattr__(model, "_lomo_token_log_probs_registered", True)
-        return model.lomo_token_log_probs(input_ids, labels, chunk_tokens, **model_kwargs)
+        return model.lomo_token_log_probs(input_ids, labels, chunk_tokens, **model_kwargs)  # type: ignore[operator]
     return _chunked_token_log_probs(model, input_ids, labels, chunk_tokens, **model_kwargs)
 
 
@@ -105,8 +108,9 @@ def _log_probs_of_targets(logits: Tensor, targets: Tensor) -> Tensor:
 def _chunked_token_log_probs(
     model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: int, **model_kwargs: Any
 ) -> Tensor:
-    head = model.get_output_embeddings()
-    hidden = model.base_model(input_ids=input_ids, **model_kwargs)[0]
+    causal_lm = cast("PreTrainedModel", model)  # a Hugging Face causal LM: check_chunked_loss has checked it
+    head = causal_lm.get_output_embeddings()
+    hidden = causal_lm.base_model(input_ids=input_ids, **model_kwargs)[0]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = next_token_targets(labels)
     chunks = [
@@ -132,7 +136,7 @@ def check_chunked_loss(model: nn.Module, chunk_tokens: int) -> nn.Module:
     """Raise a clear error unless chunked :func:`token_log_probs` computes ``model``'s own; return its LM head."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
     if head is None or getattr(model, "base_model", model) is model:
         raise TypeError(
             f"the chunked loss needs a Hugging Face causal LM with an output embedding and a base model, "

@@ -77,6 +77,7 @@ def reference_log_probs(
         batches.update(share)
     values = torch.cat([batches[index] for index in sorted(batches)])
     if rank == 0:
+        assert path is not None  # rank 0 looked up the cache
         _save_atomically(values, path)
     return values
 

@@ -4,7 +4,7 @@ and 16-bit parameters are written back with the rounding of their param group.""
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, overload, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -68,6 +68,10 @@ class PerParameterOptimizer(Optimizer):
         check_rounding(param_group.get("rounding", self.defaults["rounding"]), type(self).__name__)
         super().add_param_group(param_group)
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None

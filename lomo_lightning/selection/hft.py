@@ -265,13 +265,13 @@ class HalfFineTuning:
             embedding_names = [name for name, _ in modules_matching(model, patterns.embeddings, whole_suffix=True)]
             # A tied LM head shares its weight with the input embeddings: count and select it once.
             seen: set[int] = set()
-            members = []
+            embeddings: list[tuple[str, int]] = []
             for name in embedding_names:
                 ids = {id(p) for p in modules[name].parameters()}
                 if not ids <= seen:
-                    members.append((name, _numel(modules[name])))
+                    embeddings.append((name, _numel(modules[name])))
                 seen |= ids
-            groups.append([members])
+            groups.append([embeddings])
         return groups
 
     def _freeze_in_category(self, members_per_block: list[list[tuple[str, int]]], rng: random.Random) -> set[str]:

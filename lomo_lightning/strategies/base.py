@@ -218,7 +218,7 @@ def refuse_hooks_without_gradients(trainer: Trainer) -> None:
     for hook, reason in _MODULE_HOOKS_WITHOUT_GRADIENTS.items():
         if is_overridden(hook, module, LightningModule):
             raise ValueError(f"{type(module).__name__}.{hook} cannot run under fused updates: {reason}.")
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by its callback connector
         if is_overridden("on_before_optimizer_step", callback, Callback):
             raise ValueError(
                 f"the callback {type(callback).__name__} overrides on_before_optimizer_step, which cannot run under "

@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -40,6 +40,9 @@ from lomo_lightning.placement import Shards
 from lomo_lightning.selection.sft import SparseDeltaLinear, merge_sparse_deltas
 from lomo_lightning.selection.sft.quantize import is_quantized
 from lomo_lightning.strategies.base import FusedStrategy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class ShardedFusedUpdater(FusedUpdater):
@@ -285,9 +288,10 @@ def save_pretrained_consolidated(trainer_or_module: Trainer | LightningModule | 
     roots = transformer_roots(module)
     if len(roots) != 1:
         raise ValueError(f"save_pretrained_consolidated needs exactly one Hugging Face model in the module, found {len(roots)}.")
-    model = roots[0]
+    model = cast("PreTrainedModel", roots[0])
     distributed = dist.is_available() and dist.is_initialized()
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = cast("dict[str, Tensor]", get_model_state_dict(model, options=options))  # a model's: its parameters and buffers
     if not distributed or dist.get_rank() == 0:
         state = merge_sparse_deltas(model, state)  # a plain Hugging Face model: W0 + delta in each weight
         model.save_pretrained(directory, state_dict=state)

@@ -45,6 +45,8 @@ class SparseDeltaLinear(nn.Module):
     SM3 keeps row and column accumulators of the whole matrix for it.
     """
 
+    indices: Tensor  # a buffer (register_buffer)
+
     def __init__(self, base: nn.Linear, indices: Tensor) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features

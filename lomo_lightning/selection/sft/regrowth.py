@@ -65,6 +65,7 @@ class CandidateWindow:
             del dense
             self.grad_sum, self.grad_square_sum = grads.clone(), grads.square()
         else:
+            assert self.grad_sum is not None and self.grad_square_sum is not None  # set with the candidates
             grads = mean_over_ranks(sampled_weight_gradient(grad_output, input, self.pattern()))
             self.grad_sum += grads
             self.grad_square_sum.addcmul_(grads, grads)
@@ -72,6 +73,7 @@ class CandidateWindow:
 
     def pattern(self) -> Tensor:
         if self._pattern is None:
+            assert self.candidates is not None  # chosen by the first call
             self._pattern = csr_pattern(self.candidates, self.layer.weight_shape)
         return self._pattern
 
@@ -93,6 +95,7 @@ def regrow_by_accumulated_gradients(
     """SpIEL-AG's prune and regrow of ``layer``; returns how many entries were replaced."""
     if window.candidates is None:
         return 0  # the layer got no gradient during the window
+    assert window.grad_sum is not None and window.grad_square_sum is not None  # set with the candidates
     values, indices = layer.values, layer.indices
     count = int(values.numel() * fraction)
     pruned = values.abs().topk(count, largest=False, sorted=True).indices
