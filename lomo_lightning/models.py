@@ -155,7 +155,10 @@ def build_causal_lm(
     # layers do not checkpoint: training must start in train mode (Lightning keeps the mode it finds)
     model.train()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5: the old name is a deprecated alias
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     log.info("Model %s: %.1fM parameters, %s", source, model.num_parameters() / 1e6, torch_dtype)
     return model
