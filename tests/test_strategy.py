@@ -251,3 +251,25 @@ def test_every_strategy_is_a_lightning_strategy_that_registers_itself():
     assert all(issubclass(cls, FusedStrategy) for cls in (LomoStrategy, LomoDDPStrategy, LomoFSDPStrategy))
     assert not issubclass(FSDP2Strategy, FusedStrategy)
     assert StrategyRegistry["ddp"]["strategy"].__module__.startswith("lightning."), "Lightning's own names stay Lightning's"
+
+
+class PlateauLM(TinyFusedLM):
+    """ReduceLROnPlateau on a logged metric, which the mixin steps as Lightning's automatic loop would."""
+
+    def __init__(self, model, monitor):
+        super().__init__(model)
+        self.plateau_monitor = monitor
+
+    def configure_optimizers(self):
+        optimizer = AdaLomo(self.parameters(), lr=1e-2)
+        # mode="max" on a loss: the first epoch sets the best value, each later one is a plateau and halves the LR
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0, threshold=1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "interval": "epoch"}}
+
+
+def test_the_mixin_steps_reduce_lr_on_plateau_on_the_metric_it_names():
+    module = PlateauLM(tiny_llama(), monitor="train/loss")
+    trainer(max_epochs=3).fit(module, loader(batches(2)))
+    assert module.seen_lrs == [1e-2, 1e-2, 1e-2, 1e-2, 5e-3, 5e-3]
+    with pytest.raises(ValueError, match="set plateau_monitor on PlateauLM to one of train/loss, .*it is 'val/missing'"):
+        trainer(max_epochs=1).fit(PlateauLM(tiny_llama(), monitor="val/missing"), loader(batches(2)))
