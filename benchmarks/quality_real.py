@@ -13,7 +13,7 @@ ability (:mod:`general_ability`: English prose loss, fixed-QA answer loss), so f
 target loss. The claims checked: AdaLomo within 2% of AdamW's held-out loss (Lv et al.); HFT forgets at most 0.6x
 of what full fine-tuning forgets at equal target loss (Hui et al.); SFT's held-out loss at most LoRA's (Ansell et al.).
 
-    python benchmarks/quality_real.py                       # all methods, ~3 h on 2 quiet CPU cores
+    python benchmarks/quality_real.py                       # all methods, every grid, 100 steps: ~15 h on this CPU
     python benchmarks/quality_real.py --methods adalomo lora --steps 20    # a subset, merged into the results
     python benchmarks/quality_real.py --one-lr --steps 16 --eval-every 8 --val-examples 32 --threads 1   # a short look
     python benchmarks/quality_real.py --grid-index 1 --steps 16 --eval-every 8 --val-examples 32 --threads 1   # its second LRs
@@ -30,14 +30,14 @@ from typing import Any
 import quality_common as qc
 
 LORA_RANK = 8
-LRS = {  # the first of each grid is the guess --one-lr runs
-    "adamw": [3e-5, 1e-5],
+LRS = {  # the first of each grid is the guess --one-lr runs; the third extends it past the better edge of the first two
+    "adamw": [3e-5, 1e-5, 1e-4],
     "adalomo": [3e-4, 1e-3],
-    "lomo": [3e-3, 1e-2],
-    "hft": [3e-4, 1e-3],
-    "lora": [1e-3, 3e-4],
-    "sft_ag": [3e-4, 1e-4],
-    "sft_ma": [3e-4, 1e-4],
+    "lomo": [3e-3, 1e-2, 3e-2],
+    "hft": [3e-4, 1e-3, 3e-3],
+    "lora": [1e-3, 3e-4, 3e-3],
+    "sft_ag": [3e-4, 1e-4, 1e-3],
+    "sft_ma": [3e-4, 1e-4, 1e-3],
 }
 LABELS = {
     "adamw": "AdamW (standard)",
