@@ -4,7 +4,7 @@ One command measures every method on the real SmolLM2-135M-Instruct, each in a f
 re-invoked with ``--worker``), all on the same fixed batch of real text (2 x 256 tokens of the Python
 standard library's source, tokenized by the model's own tokenizer), fp32, activation checkpointing on::
 
-    python benchmarks/peers.py                                   # everything, ~45 min on an idle 2-core CPU
+    python benchmarks/peers.py                                   # everything, ~50 min on one core here
     python benchmarks/peers.py --methods floor adalomo badam     # a subset, merged into the previous results
     python benchmarks/peers.py --seq 32 --timed-steps 1 --tag check    # does every method run? a few minutes
 
