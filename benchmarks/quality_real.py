@@ -30,8 +30,8 @@ from typing import Any
 import quality_common as qc
 
 LORA_RANK = 8
-LRS = {  # the first of each grid is the guess --one-lr runs; the third extends it past the better edge of the first two
-    "adamw": [3e-5, 1e-5, 1e-4],
+LRS = {  # the first of each grid is the guess --one-lr runs; later points extend it past the better edge of the earlier ones
+    "adamw": [3e-5, 1e-5, 1e-4, 3e-4],
     "adalomo": [3e-4, 1e-3],
     "lomo": [3e-3, 1e-2, 3e-2],
     "hft": [3e-4, 1e-3, 3e-3],
