@@ -199,7 +199,11 @@ def plot(runs: list[dict], name: str = NAME) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = dict(zip(LRS, ("black", "tab:red", "tab:orange", "tab:blue", "tab:gray", "tab:green", "tab:purple")))
+    best = {}  # each method's best learning rate only: a diverged grid point would flatten every other curve
     for r in runs:
+        if r["method"] not in best or r["curve"][-1]["instruct_val_loss"] < best[r["method"]]["curve"][-1]["instruct_val_loss"]:
+            best[r["method"]] = r
+    for r in best.values():
         curve = r["curve"]
         label = f"{LABELS[r['method']]} lr={r['lr']:g}"
         axes[0].plot([p["step"] for p in curve], [p["instruct_val_loss"] for p in curve], color=colors[r["method"]], label=label)
