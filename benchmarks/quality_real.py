@@ -108,9 +108,15 @@ def forgetting_at(run: dict, target: float) -> dict[str, float] | None:
     return None
 
 
-def report(runs: list[dict], steps: int) -> str:
+def best_runs(runs: list[dict]) -> dict[str, dict]:
+    """Each method's run with the lowest final held-out loss, in the order of ``LRS``."""
     methods = [m for m in LRS if any(r["method"] == m for r in runs)]
-    best = {m: min((r for r in runs if r["method"] == m), key=lambda r: r["curve"][-1]["instruct_val_loss"]) for m in methods}
+    return {m: min((r for r in runs if r["method"] == m), key=lambda r: r["curve"][-1]["instruct_val_loss"]) for m in methods}
+
+
+def report(runs: list[dict], steps: int) -> str:
+    best = best_runs(runs)
+    methods = list(best)
     start = runs[0]["curve"][0]
     lines = [
         f"# SmolLM2-135M-Instruct on py_instruct, {steps} steps (batch {BATCH} x <= {SEQ_LEN} tokens)",
@@ -199,11 +205,8 @@ def plot(runs: list[dict], name: str = NAME) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = dict(zip(LRS, ("black", "tab:red", "tab:orange", "tab:blue", "tab:gray", "tab:green", "tab:purple")))
-    best = {}  # each method's best learning rate only: a diverged grid point would flatten every other curve
-    for r in runs:
-        if r["method"] not in best or r["curve"][-1]["instruct_val_loss"] < best[r["method"]]["curve"][-1]["instruct_val_loss"]:
-            best[r["method"]] = r
-    for r in best.values():
+    # each method's best learning rate only: a diverged grid point would flatten every other curve
+    for r in best_runs(runs).values():
         curve = r["curve"]
         label = f"{LABELS[r['method']]} lr={r['lr']:g}"
         axes[0].plot([p["step"] for p in curve], [p["instruct_val_loss"] for p in curve], color=colors[r["method"]], label=label)

@@ -57,9 +57,7 @@ class FusedStrategy(Strategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        """Register ``cls.strategy_name`` (``Trainer(strategy="lomo")``), as Lightning's own strategies do."""
-        if "strategy_name" in cls.__dict__:  # a subclass that names itself registers itself
-            strategy_registry.register(cls.strategy_name, cls, description=cls.description, override=True)
+        register_own_name(cls, strategy_registry)
 
     @override
     def connect(self, model: LightningModule) -> None:
@@ -207,6 +205,12 @@ _MODULE_HOOKS_WITHOUT_GRADIENTS = {
     "configure_gradient_clipping": "the engine clips, by the global norm it measures in a first backward pass: set "
     "Trainer(gradient_clip_val=...) or the strategy's clip_grad_norm / clip_grad_value",
 }
+
+
+def register_own_name(cls: type[Strategy], strategy_registry: _StrategyRegistry) -> None:
+    """Register ``cls.strategy_name`` (``Trainer(strategy="lomo")``) if ``cls`` names itself, not its parent's name."""
+    if "strategy_name" in cls.__dict__:
+        strategy_registry.register(cls.__dict__["strategy_name"], cls, description=cls.__dict__["description"], override=True)
 
 
 def refuse_hooks_without_gradients(trainer: Trainer) -> None:

@@ -39,7 +39,7 @@ from lomo_lightning.fused import FusedUpdater
 from lomo_lightning.placement import Shards
 from lomo_lightning.selection.sft import SparseDeltaLinear, merge_sparse_deltas
 from lomo_lightning.selection.sft.quantize import is_quantized
-from lomo_lightning.strategies.base import FusedStrategy
+from lomo_lightning.strategies.base import FusedStrategy, register_own_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -172,8 +172,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        if "strategy_name" in cls.__dict__:
-            strategy_registry.register(cls.strategy_name, cls, description=cls.description, override=True)
+        register_own_name(cls, strategy_registry)
 
     @override
     def setup_environment(self) -> None:
