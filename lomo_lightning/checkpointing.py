@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -27,6 +28,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lomo_lightning.files import atomic_file, remove_entry, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +76,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one writer per path in a process
-        try:
-            with open(temporary, "wb") as file:
-                self.write(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as file:  # never through a link planted at the temporary name
+            self.write(checkpoint, file)
         fsync_path(path.parent)
 
     def write(self, checkpoint: dict[str, Any], file: IO[bytes]) -> None:
@@ -104,14 +99,14 @@ def publish_directory(staging: Path, path: Path) -> None:
     """
     fsync_path(staging)
     aside = path.with_name(f".{path.name}.replaced")
-    shutil.rmtree(aside, ignore_errors=True)
+    remove_entry(aside)
     if path.is_dir() and not path.is_symlink():
         os.replace(path, aside)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    else:
+        remove_entry(path)  # a link is removed, never followed
     os.replace(staging, path)
     fsync_path(path.parent)
-    shutil.rmtree(aside, ignore_errors=True)
+    remove_entry(aside)
 
 
 def link_atomically(target: _PATH, link: _PATH) -> None:
@@ -120,13 +115,121 @@ def link_atomically(target: _PATH, link: _PATH) -> None:
     if link.is_dir() and not link.is_symlink():
         shutil.rmtree(link)  # a full checkpoint directory written here by save_last=True
     temporary = link.with_name(f".{link.name}.{os.getpid()}.link")
-    temporary.unlink(missing_ok=True)
+    remove_entry(temporary)
     os.symlink(os.path.relpath(target, link.parent), temporary)
     os.replace(temporary, link)
     fsync_path(link.parent)
 
 
-class PeriodicCheckpoint(ModelCheckpoint):
+METADATA_FILE = ".metadata"
+METADATA_DIGEST_FILE = ".metadata.sha256"
+
+
+class UntrustedCheckpoint(ValueError):
+    """A checkpoint that loading could turn into code: refused before anything of it is read."""
+
+
+def write_metadata_digest(directory: Path) -> None:
+    """Write the SHA-256 of a distributed checkpoint's ``.metadata`` beside it, as text (not pickle)."""
+    digest = hashlib.sha256((directory / METADATA_FILE).read_bytes()).hexdigest()
+    write_atomically(directory / METADATA_DIGEST_FILE, f"{digest}  {METADATA_FILE}\n")
+
+
+def metadata_problem(directory: Path) -> str | None:
+    """Why a distributed checkpoint directory's ``.metadata`` cannot be trusted (``None``: it is the one written at save)."""
+    metadata, recorded = directory / METADATA_FILE, directory / METADATA_DIGEST_FILE
+    if not metadata.is_file():
+        return f"no {METADATA_FILE}"
+    if not recorded.is_file():
+        return f"no {METADATA_DIGEST_FILE} (the digest written when it was saved)"
+    expected = recorded.read_text().split()[:1]
+    if expected != [hashlib.sha256(metadata.read_bytes()).hexdigest()]:
+        return f"its {METADATA_FILE} is not the one saved (the digest in {METADATA_DIGEST_FILE} differs)"
+    return None
+
+
+def check_metadata_digest(directory: Path) -> None:
+    """Refuse a distributed checkpoint whose ``.metadata`` changed since it was saved.
+
+    torch's distributed-checkpoint reader unpickles ``.metadata`` with plain ``pickle.load``
+    (``weights_only`` does not apply), so a planted one would run code: check it before loading.
+    """
+    problem = metadata_problem(directory)
+    if problem is not None:
+        raise UntrustedCheckpoint(
+            f"checkpoint {directory}: {problem}; refused: torch reads {METADATA_FILE} with pickle, which can run code"
+        )
+
+
+def _inside(path: str, directory: Path) -> bool:
+    resolved = Path(path).resolve()
+    return resolved == directory or directory in resolved.parents
+
+
+class ContainedCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that deletes and links only inside its ``dirpath``, and follows a moved run.
+
+    The paths a checkpoint's callback state lists (``best_k_models``, ``kth_best_model_path``,
+    ``last_model_path``...) are what pruning deletes later. Restored from a checkpoint, each is resolved
+    (symbolic links and ``..`` included; Lightning compares ``absolute()`` paths) and kept only if it lies
+    inside ``dirpath``; anything else is dropped with a warning, and no removal ever leaves ``dirpath``.
+    Paths under the checkpoint's own former ``dirpath`` (a run directory moved or copied) are rebased
+    onto the current one, so a continued copy prunes its own files and never the original's.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.dirpath is None:
+            super().load_state_dict(state_dict)
+            return
+        state = self._rebased(dict(state_dict), str(state_dict.get("dirpath") or self.dirpath), str(self.dirpath))
+        super().load_state_dict(self._contained(state, Path(self.dirpath).resolve()))
+
+    @staticmethod
+    def _rebased(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+        def rebase(path: Any) -> Any:
+            if isinstance(path, str) and old != new and path.startswith(old.rstrip(os.sep) + os.sep):
+                return new.rstrip(os.sep) + path[len(old.rstrip(os.sep)) :]
+            return path
+
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in state:
+                state[key] = rebase(state[key])
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {rebase(path): value for path, value in state["best_k_models"].items()}
+        state["dirpath"] = new
+        return state
+
+    def _contained(self, state: dict[str, Any], dirpath: Path) -> dict[str, Any]:
+        dropped = []
+        models = state.get("best_k_models")
+        if isinstance(models, dict):
+            kept = {path: value for path, value in models.items() if isinstance(path, str) and _inside(path, dirpath)}
+            dropped += [str(path) for path in models if path not in kept]
+            state["best_k_models"] = kept
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            path = state.get(key)
+            if path and not (isinstance(path, str) and _inside(path, dirpath)):
+                dropped.append(str(path))
+                state[key] = ""
+        if dropped:
+            log.warning(
+                "The checkpoint's callback state names paths outside %s (%s): dropped, nothing there will be deleted",
+                dirpath, ", ".join(sorted(set(dropped))),
+            )
+            remaining: dict[str, Any] = state.get("best_k_models") or {}
+            if remaining and not state.get("kth_best_model_path"):  # the worst kept one is the next to go
+                ranked = sorted(remaining, key=lambda path: float(remaining[path]), reverse=self.mode == "min")
+                state["kth_best_model_path"], state["kth_value"] = ranked[0], remaining[ranked[0]]
+        return state
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if self.dirpath is not None and _is_local_file_protocol(filepath) and not _inside(filepath, Path(self.dirpath).resolve()):
+            log.warning("Not removing %s: it is outside the checkpoint directory %s", filepath, self.dirpath)
+            return
+        super()._remove_checkpoint(trainer, filepath)
+
+
+class PeriodicCheckpoint(ContainedCheckpoint):
     """Save the training state every N steps and/or M minutes, at the end, and on SIGINT/SIGTERM; keep the last k.
 
     Files go to ``dirpath``: ``step-000070.ckpt`` for step 70, and ``last.ckpt``, a symbolic link to the
@@ -276,6 +379,11 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
 __all__ = [
     "AtomicCheckpointIO",
+    "ContainedCheckpoint",
+    "UntrustedCheckpoint",
+    "check_metadata_digest",
+    "metadata_problem",
+    "write_metadata_digest",
     "PeriodicCheckpoint",
     "Preempted",
     "link_atomically",

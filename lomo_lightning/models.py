@@ -51,6 +51,18 @@ def smollm2_directory(cache_dir: str | os.PathLike | None = None) -> str:
     return converted_gguf(smollm2_gguf_directory(), SMOLLM2_GGUF, cache_dir)
 
 
+def converted_gguf_directory(name_or_path: str, gguf_file: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`converted_gguf` keeps the conversion of ``name_or_path``/``gguf_file`` (its path, size and time)."""
+    from lomo_lightning.data.tokenizer import resolve_cache_dir
+
+    source = Path(name_or_path) / gguf_file
+    if not source.is_file():
+        raise ConfigError(f"model.gguf_file: {source} not found: give model.name_or_path=<directory of the file>")
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return resolve_cache_dir(cache_dir) / "models" / f"{source.stem}-{digest}"
+
+
 def converted_gguf(name_or_path: str, gguf_file: str, cache_dir: str | os.PathLike | None = None) -> str:
     """The directory of ``name_or_path``/``gguf_file`` converted to a Hugging Face checkpoint, built once.
 
@@ -59,14 +71,8 @@ def converted_gguf(name_or_path: str, gguf_file: str, cache_dir: str | os.PathLi
     entry, tokenizer with its chat template) is renamed into place atomically, so a crash never leaves
     a half-written directory. The cache entry is keyed by the file's path, size and modification time.
     """
-    from lomo_lightning.data.tokenizer import resolve_cache_dir
-
     source = Path(name_or_path) / gguf_file
-    if not source.is_file():
-        raise ConfigError(f"model.gguf_file: {source} not found: give model.name_or_path=<directory of the file>")
-    stat = source.stat()
-    digest = hashlib.sha256(f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = resolve_cache_dir(cache_dir) / "models" / f"{source.stem}-{digest}"
+    target = converted_gguf_directory(name_or_path, gguf_file, cache_dir)
     if (target / "config.json").is_file():
         return str(target)
     from transformers import AutoTokenizer
@@ -193,6 +199,7 @@ __all__ = [
     "build_causal_lm",
     "check_fits",
     "converted_gguf",
+    "converted_gguf_directory",
     "smollm2_directory",
     "smollm2_gguf_directory",
 ]

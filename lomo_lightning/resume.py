@@ -11,6 +11,7 @@ resume (Hydra records them: ``HydraConfig.get().overrides.task``), and writes in
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
@@ -19,7 +20,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lomo_lightning.checkpointing import metadata_problem
 from lomo_lightning.models import ConfigError
+from lomo_lightning.rundir import relative_to_run
+from lomo_lightning.trust import check_resume_trusted
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 # Set on the command line to continue a run, never taken from the saved config.
-RESUME_KEYS = ("resume", "ckpt_path")
+RESUME_KEYS = ("resume", "ckpt_path", "overwrite", "resume_trusted")
 
 
 def run_directory(resume: str | None, ckpt_path: str | None) -> Path | None:
@@ -54,11 +58,54 @@ def hydra_output_subdir(resume: str | None, ckpt_path: str | None) -> str | None
 
 def last_checkpoint(directory: Path) -> Path | None:
     """``checkpoints/last.ckpt`` of a run, else its newest ``step-*.ckpt``, else ``None``."""
+    candidates = checkpoints_newest_first(directory)
+    return candidates[0] if candidates else None
+
+
+def checkpoints_newest_first(directory: Path) -> list[Path]:
+    """``checkpoints/last.ckpt`` (if its link is not dangling), then every ``step-*.ckpt``, the newest first."""
     checkpoints = directory / CHECKPOINT_DIR
-    if (checkpoints / LAST_CHECKPOINT).exists():  # follows the symbolic link: a dangling one does not count
-        return checkpoints / LAST_CHECKPOINT
-    steps = sorted(checkpoints.glob("step-*.ckpt"))
-    return steps[-1] if steps else None
+    last = [checkpoints / LAST_CHECKPOINT] if (checkpoints / LAST_CHECKPOINT).exists() else []
+    return last + sorted(checkpoints.glob("step-*.ckpt"), reverse=True)
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be loaded (``None``: it reads whole), without unpickling anything.
+
+    A single-file checkpoint is a zip archive (``torch.save``): its directory and every member's CRC are
+    checked, which finds a file cut short (a full disk, a copy interrupted) or damaged. A distributed
+    checkpoint directory needs its ``.metadata`` to be the one saved (:func:`~lomo_lightning.checkpointing.metadata_problem`).
+    """
+    if checkpoint.is_dir():
+        return metadata_problem(checkpoint)
+    try:
+        with zipfile.ZipFile(checkpoint) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"unreadable ({' '.join(str(error).split()) or type(error).__name__})"
+    return f"damaged ({broken})" if broken is not None else None
+
+
+def intact_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint of the run that reads whole; one line says so when a newer one is damaged.
+
+    Raises:
+        ConfigError: when there are checkpoints and none of them is intact.
+    """
+    candidates = checkpoints_newest_first(directory)
+    problems: list[str] = []
+    for checkpoint in candidates:
+        problem = damage(checkpoint)
+        if problem is None:
+            if problems:
+                log.warning(
+                    "%s: continuing from %s, the newest intact checkpoint", "; ".join(problems), checkpoint.name
+                )
+            return checkpoint
+        problems.append(f"{checkpoint.relative_to(directory)}: {problem}")
+    if problems:
+        raise ConfigError(f"resume={directory}: no intact checkpoint ({'; '.join(problems)}): start a new run, or restore one")
+    return None
 
 
 def continued_config(cfg: DictConfig, overrides: Iterable[str], groups: Iterable[str]) -> tuple[DictConfig, list[str]]:
@@ -89,20 +136,39 @@ def continued_config(cfg: DictConfig, overrides: Iterable[str], groups: Iterable
         return cfg, []
     if not (directory / CONFIG_FILE).is_file():
         raise ConfigError(f"resume={directory}: no {CONFIG_FILE} there: give the output_dir of a lomo-train run")
-    saved = cast(DictConfig, OmegaConf.load(directory / CONFIG_FILE))  # a run's config: a mapping
-    if Path(saved.output_dir).resolve() != directory.resolve():
-        raise ConfigError(
-            f"resume={directory}: its {CONFIG_FILE} belongs to output_dir={saved.output_dir}: resume from there"
-        )
-    checkpoint = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else last_checkpoint(directory)
-    if checkpoint is not None and not checkpoint.exists():
-        raise ConfigError(f"ckpt_path={checkpoint}: no such checkpoint: give <run dir>/checkpoints/last.ckpt")
+    saved = saved_config(directory)
+    if not cfg.get("resume_trusted"):
+        check_resume_trusted(saved, directory)
+    checkpoint = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else intact_checkpoint(directory)
+    if cfg.get("ckpt_path") and checkpoint is not None:
+        if not checkpoint.exists():
+            raise ConfigError(f"ckpt_path={checkpoint}: no such checkpoint: give <run dir>/checkpoints/last.ckpt")
+        problem = damage(checkpoint)
+        if problem is not None:
+            raise ConfigError(f"ckpt_path={checkpoint}: {problem}: give an intact checkpoint, or resume={directory}")
     continued = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(saved)))
     _apply_overrides(continued, cfg, overrides, set(groups))
     with open_dict(continued):
         continued.resume = str(directory)
         continued.ckpt_path = str(checkpoint) if checkpoint is not None else None
+        for key in ("overwrite", "resume_trusted"):  # how to continue: today's command line, never the saved value
+            continued[key] = cfg.get(key, False)
     return continued, _differences(saved, continued)
+
+
+def saved_config(directory: Path) -> DictConfig:
+    """The run's ``config.yaml``, its paths in the run directory where the directory now is.
+
+    A run saves its paths as ``${output_dir}/...`` (:func:`~lomo_lightning.rundir.savable_config`); older
+    runs saved them absolute, and those under the saved ``output_dir`` are rebased too. So a run directory
+    moved or copied elsewhere continues in place, and never writes into the original.
+    """
+    loaded = OmegaConf.to_container(OmegaConf.load(directory / CONFIG_FILE), resolve=False)
+    if not isinstance(loaded, dict) or "output_dir" not in loaded:
+        raise ConfigError(f"resume={directory}: its {CONFIG_FILE} is not a lomo-train run's config")
+    rebased = relative_to_run(loaded, str(loaded["output_dir"]))
+    rebased["output_dir"] = str(directory.absolute())
+    return cast(DictConfig, OmegaConf.create(rebased))
 
 
 def _apply_overrides(continued: DictConfig, composed: DictConfig, overrides: Iterable[str], groups: set[str]) -> None:
@@ -157,9 +223,12 @@ __all__ = [
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
     "LAST_CHECKPOINT",
+    "checkpoints_newest_first",
     "continued_config",
+    "damage",
     "hydra_output_subdir",
     "hydra_run_dir",
+    "intact_checkpoint",
     "last_checkpoint",
     "run_directory",
 ]

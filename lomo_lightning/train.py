@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -34,9 +33,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lomo_lightning.checkpointing import PeriodicCheckpoint, Preempted
+from lomo_lightning.checkpointing import PeriodicCheckpoint, Preempted, publish_directory
 from lomo_lightning.data import PreferencePairs, TokenizedDataModule
 from lomo_lightning.dpo_module import DPOModule, FusedDPOModule
+from lomo_lightning.files import fresh_directory, write_atomically
 from lomo_lightning.loss import check_chunked_loss
 from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
@@ -51,6 +51,7 @@ from lomo_lightning.preflight import (
     one_line,
 )
 from lomo_lightning.resume import CONFIG_FILE, continued_config, hydra_output_subdir, hydra_run_dir
+from lomo_lightning.rundir import check_fresh, discard_created, is_first_process, savable_config
 from lomo_lightning.selection import Selection, SparseFineTuning
 from lomo_lightning.strategies import save_pretrained_consolidated
 
@@ -70,6 +71,7 @@ OmegaConf.register_new_resolver("smollm2_gguf_dir", smollm2_gguf_directory, repl
 # conf/config.yaml: a continued run writes into its own directory, and leaves its .hydra/ as it was
 OmegaConf.register_new_resolver("lomo_run_dir", hydra_run_dir, replace=True)
 OmegaConf.register_new_resolver("lomo_hydra_subdir", hydra_output_subdir, replace=True)
+OmegaConf.register_new_resolver("lomo_pid", os.getpid, replace=True)
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
@@ -81,6 +83,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     """
     check_config(cfg)
     output_dir = writable_directory(cfg.output_dir)
+    if not (cfg.get("resume") or cfg.get("ckpt_path")) and rank_zero_only.rank == 0 and is_first_process():  # type: ignore[attr-defined]
+        check_fresh(output_dir, bool(cfg.get("overwrite")), ignored=written_by_hydra(output_dir))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     use_converted_gguf(cfg)
@@ -227,12 +231,26 @@ def identify_wandb_runs(cfg: DictConfig) -> None:
 
 
 def save_config(cfg: DictConfig, output_dir: Path, trainer: pl.Trainer) -> None:
-    """Write the resolved config as ``config.yaml`` (what a resumed run restores) and log it to every logger."""
-    resolved = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
+    """Write the resolved config as ``config.yaml`` (what a resumed run restores) and log it to every logger.
+
+    Without secrets, and with the run's paths as ``${output_dir}/...`` (:func:`~lomo_lightning.rundir.savable_config`);
+    written to a temporary name and renamed, never through a link.
+    """
+    saved = savable_config(cfg)
     for logger in trainer.loggers:
-        logger.log_hyperparams(resolved)
+        logger.log_hyperparams(saved)
     if trainer.is_global_zero:
-        OmegaConf.save(resolved, output_dir / CONFIG_FILE)
+        write_atomically(output_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(saved)))
+
+
+def written_by_hydra(output_dir: Path) -> tuple[str, ...]:
+    """What Hydra itself wrote into ``output_dir`` for this job (after checking that it was empty: :class:`RunDirectoryGuard`)."""
+    if not HydraConfig.initialized():
+        return ()
+    hydra_cfg = HydraConfig.get()
+    if Path(hydra_cfg.runtime.output_dir).absolute() != output_dir.absolute():
+        return ()
+    return tuple(filter(None, [hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"]))
 
 
 def train(cfg: DictConfig, trainer: pl.Trainer, module: CausalLMModule, datamodule: TokenizedDataModule) -> dict[str, float]:
@@ -269,16 +287,14 @@ def save_model(
     """
     staging = directory.with_name(f".{directory.name}.partial")
     if trainer.is_global_zero:
-        shutil.rmtree(staging, ignore_errors=True)
+        fresh_directory(staging)  # whatever a killed run (or anyone) left there, a link included, is gone first
     save_pretrained_consolidated(trainer, staging)
     if isinstance(selector, SparseFineTuning):
         selector.export_delta(staging / "sparse_delta.safetensors")  # collective under FSDP; rank zero writes
     if not trainer.is_global_zero:
         return
     tokenizer.save_pretrained(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
+    publish_directory(staging, directory)
 
 
 def report(output_dir: Path, model_dir: Path, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -333,7 +349,7 @@ def task(cfg: DictConfig) -> float | None:
             mark_failed(output_dir, error)
             return None
         print(f"lomo-train: {one_line(error)}", file=sys.stderr)
-        if fresh:
+        if fresh and is_first_process():
             discard_run_directory(hydra_cfg, output_dir)
         sys.exit(EXIT_CONFIG_ERROR)
     except Preempted as stop:
@@ -372,28 +388,22 @@ def continue_run(cfg: DictConfig, hydra_cfg: Any) -> DictConfig:
 def mark_failed(output_dir: Path, error: BaseException) -> None:
     """Leave ``FAILED`` (the reason) in a run directory whose run failed after it started writing; a success removes it."""
     if rank_zero_only.rank == 0 and output_dir.is_dir():  # type: ignore[attr-defined]
-        (output_dir / FAILED_MARKER).write_text(f"{type(error).__name__}: {one_line(error)}\n")
+        write_atomically(output_dir / FAILED_MARKER, f"{type(error).__name__}: {one_line(error)}\n")
 
 
 def discard_run_directory(hydra_cfg: Any, output_dir: Path) -> None:
     """Remove what a run that failed to start wrote: Hydra's ``.hydra/`` and log, then its directory if empty.
 
-    Empty parents go too, up to the working directory (``outputs/<date>/`` when it held only this run).
+    Only what this run created goes (:func:`~lomo_lightning.rundir.discard_created`): a file or folder that
+    was there before it (a user's own ``train.log``) stays, and so do the directories that existed.
     """
     hydra_dir = Path(hydra_cfg.runtime.output_dir)
+    created = [hydra_dir / f"{hydra_cfg.job.name}.log"]
     if hydra_cfg.output_subdir:
-        shutil.rmtree(hydra_dir / hydra_cfg.output_subdir, ignore_errors=True)
-    (hydra_dir / f"{hydra_cfg.job.name}.log").unlink(missing_ok=True)
-    cwd = Path.cwd().resolve()
-    for directory in {hydra_dir.resolve(), output_dir.resolve()}:
-        while True:
-            try:
-                directory.rmdir()  # only when empty
-            except OSError:
-                break
-            directory = directory.parent
-            if directory == cwd or cwd not in directory.parents:
-                break
+        created.append(hydra_dir / hydra_cfg.output_subdir)
+    discard_created(hydra_dir, created)
+    if output_dir.absolute() != hydra_dir.absolute():
+        discard_created(output_dir, [])
 
 
 def main() -> None:
@@ -409,7 +419,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         task()
-    except (HydraException, OmegaConfBaseException) as error:
+    except (ConfigError, HydraException, OmegaConfBaseException) as error:  # ConfigError: RunDirectoryGuard's
         print(f"lomo-train: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
     finally:

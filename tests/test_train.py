@@ -406,7 +406,7 @@ def test_a_continued_run_restores_its_config_and_applies_only_the_values_typed_w
     run_dir = tmp_path / "run"
     saved = config(run_dir, cache_dir, "method.optimizer.lr=0.01", "trainer.max_steps=5")
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"global_step": 0}, run_dir / "checkpoints" / "last.ckpt")  # an intact (if empty) checkpoint
     OmegaConf.save(OmegaConf.to_container(saved, resolve=True), run_dir / "config.yaml")
 
     for resume in (f"resume={run_dir}", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"):

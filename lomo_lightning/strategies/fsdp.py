@@ -14,7 +14,6 @@ before the rule runs, and every rank takes the same step.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -34,7 +33,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lomo_lightning.checkpointing import publish_directory, staging_path
+from lomo_lightning.checkpointing import check_metadata_digest, publish_directory, staging_path, write_metadata_digest
+from lomo_lightning.files import remove_entry
 from lomo_lightning.fused import FusedUpdater
 from lomo_lightning.placement import Shards
 from lomo_lightning.selection.sft import SparseDeltaLinear, merge_sparse_deltas
@@ -241,13 +241,23 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(filepath)))
         staging = staging_path(path)
         if self.is_global_zero:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a process killed while writing it
+            remove_entry(staging)  # left by a process killed while writing it (a link: removed, not followed)
         self.barrier()
         super().save_checkpoint(checkpoint, staging, storage_options=storage_options)
         self.barrier()
         if self.is_global_zero:
+            write_metadata_digest(staging)  # checked before loading: torch unpickles .metadata
             publish_directory(staging, path)
         self.barrier()
+
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load as Lightning does, after checking a distributed checkpoint's ``.metadata`` against its saved digest."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_dir():
+            check_metadata_digest(path)
+        return super().load_checkpoint(path, weights_only=weights_only)
 
 
 class LomoFSDPStrategy(FusedStrategy, FSDP2Strategy):
