@@ -12,8 +12,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,28 +69,28 @@ def converted_gguf(name_or_path: str, gguf_file: str, cache_dir: str | os.PathLi
     entry, tokenizer with its chat template) is renamed into place atomically, so a crash never leaves
     a half-written directory. The cache entry is keyed by the file's path, size and modification time.
     """
+    from lomo_lightning.data.cache import UnsafeCache, store_entry, verified_entry
+
     source = Path(name_or_path) / gguf_file
     target = converted_gguf_directory(name_or_path, gguf_file, cache_dir)
-    if (target / "config.json").is_file():
-        return str(target)
-    from transformers import AutoTokenizer
-
-    log.info("Converting %s to a Hugging Face checkpoint in %s (once)", source, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        if verified_entry(target):  # its digest checked: a planted or damaged conversion is converted again
+            return str(target)
+    except UnsafeCache as error:
+        raise ConfigError(str(error)) from None
+
+    def convert(staging: Path) -> None:
+        from transformers import AutoTokenizer
+
         model = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch.float32)
         model.config.quantization_config = None  # the weights below are dequantized: a plain checkpoint
         del model.config.quantization_config
         model.hf_quantizer = None  # type: ignore[assignment]  # an attribute from_pretrained sets
         model.save_pretrained(staging)
         AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file).save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "config.json").is_file():  # another process finishing first is fine
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    log.info("Converting %s to a Hugging Face checkpoint in %s (once)", source, target)
+    store_entry(target, convert)
     return str(target)
 
 

@@ -19,7 +19,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
@@ -353,7 +353,7 @@ def read_records(
         raise FileNotFoundError(f"{kind} file not found: {path}: check train_file/val_file")
     if path.suffix not in (".json", ".jsonl", ".parquet"):
         raise ValueError(f"unsupported {kind} file {path}: use .json, .jsonl or .parquet")
-    if not path.read_bytes().strip():
+    if path.stat().st_size == 0 or (path.suffix != ".parquet" and not check_json_records(path)):
         raise ValueError(f"{kind} file {path} is empty: it must hold {kind} records")
     builder = "parquet" if path.suffix == ".parquet" else "json"
     try:
@@ -362,6 +362,66 @@ def read_records(
     except DatasetGenerationError:
         raise ValueError(f"{path} cannot be read as {builder}{json_error(path) if builder == 'json' else ''}") from None
     return check(records, str(path))
+
+
+MAX_RECORD_BYTES = 16 * 2**20  # one JSON line; a record of instruction data is text, far below this
+MAX_DOCUMENT_BYTES = 2**30  # a .json list is parsed whole: beyond this, use JSON lines
+MAX_NESTING = 32  # records are flat: deeper nesting is malformed or hostile (parsers recurse on it)
+
+
+def check_json_records(path: Path) -> int:
+    """Parse ``path`` (a JSON list or JSON lines) with the stdlib, record by record; the number of records.
+
+    Only a file this accepts reaches ``datasets``, whose JSON reader falls back to parsers that crash
+    (a segmentation fault) on input the stdlib rejects. Raises ``ValueError`` naming the line for a record
+    that is malformed, nested deeper than :data:`MAX_NESTING` levels (a ``RecursionError`` in a parser)
+    or larger than :data:`MAX_RECORD_BYTES`.
+    """
+    with open(path, "rb") as file:
+        start = file.read(4096).lstrip()
+    if start.startswith(b"["):
+        size = path.stat().st_size
+        if size > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"{path} is a {size / 2**30:.1f} GiB JSON list: write it as JSON lines (.jsonl), one record a line")
+        records = _parsed(path.read_bytes(), path, 1)
+        return len(records) if isinstance(records, list) else 1
+    count = 0
+    with open(path, "rb") as file:
+        for number, line in enumerate(iter(lambda: file.readline(MAX_RECORD_BYTES + 1), b""), start=1):
+            if len(line) > MAX_RECORD_BYTES:
+                raise ValueError(f"{path} cannot be read as json: line {number} is over {MAX_RECORD_BYTES // 2**20} MiB: records are capped there")
+            if line.strip():
+                _parsed(line, path, number)
+                count += 1
+    return count
+
+
+def _parsed(text: bytes, path: Path, line: int) -> Any:
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path} cannot be read as json: line {line}: nested too deeply: fix or remove that record") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        where = line + (error.lineno - 1 if isinstance(error, json.JSONDecodeError) else 0)
+        message = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise ValueError(f"{path} cannot be read as json: line {where}: {message}: fix or remove that record") from None
+    if _depth(value) > MAX_NESTING:
+        raise ValueError(
+            f"{path} cannot be read as json: line {line}: nested deeper than {MAX_NESTING} levels: fix or remove that record"
+        )
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion (a hostile value can be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_NESTING + 1:
+                stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def json_error(path: Path) -> str:

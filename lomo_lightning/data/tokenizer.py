@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lomo_lightning.data.cache import store_entry, verified_entry
 from lomo_lightning.data.stdlib import split_files, stdlib_source_files
 
 log = logging.getLogger(__name__)
@@ -67,20 +66,6 @@ def train_stdlib_bpe(vocab_size: int = 8192, max_files: int | None = None) -> Pr
     )
 
 
-def _save_atomically(tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    """Save into a temporary sibling directory and rename it, so no reader ever sees a half-written cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not target.is_dir():  # a concurrent process winning the rename is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def load_tokenizer(
     name_or_path: str | None = None,
     *,
@@ -101,9 +86,9 @@ def load_tokenizer(
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
     target = stdlib_tokenizer_dir(vocab_size, max_files, cache_dir)
-    if not target.is_dir():
+    if not verified_entry(target):  # absent, or not what was stored (planted, damaged): trained again
         log.info("Training a byte-level BPE (vocab %d) on the stdlib into %s", vocab_size, target)
-        _save_atomically(train_stdlib_bpe(vocab_size, max_files), target)
+        store_entry(target, train_stdlib_bpe(vocab_size, max_files).save_pretrained)
     return PreTrainedTokenizerFast.from_pretrained(target)
 
 

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lomo_lightning.data.cache import cache_key
+from lomo_lightning.data.cache import cache_key, store_entry, verified_entry
 from lomo_lightning.objectives.causal_lm import sequence_log_probs
 from lomo_lightning.objectives.dpo import PAIR_COLUMNS, REFERENCE_KEY
 
@@ -66,7 +65,7 @@ def reference_log_probs(
     if rank == 0:
         key = reference_cache_key(model, dataset, batch_size=batch_size, chunk_tokens=chunk_tokens)
         path = Path(cache_dir) / CACHE_SUBDIRECTORY / f"{key}.safetensors"
-        cached = load_file(path)[REFERENCE_KEY] if path.is_file() else None
+        cached = load_file(path)[REFERENCE_KEY] if verified_entry(path) else None  # its digest checked first
     cached = _broadcast(cached, world)
     if cached is not None:
         return cached
@@ -160,15 +159,10 @@ def _compute_share(
 
 
 def _save_atomically(values: Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
+    def write(staging: Path) -> None:
         save_file({REFERENCE_KEY: values}, staging, metadata={"columns": json.dumps(["chosen", "rejected"])})
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+
+    store_entry(path, write, directory=False)
 
 
 def _rank_and_world() -> tuple[int, int]:
