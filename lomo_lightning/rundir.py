@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lomo_lightning.files import remove_entry
 from lomo_lightning.models import ConfigError
+from lomo_lightning.preflight import one_line
 
+EXIT_CONFIG_ERROR = 2  # lomo-train's exit code for a configuration error
 OUTPUT_DIR_REFERENCE = "${output_dir}"
 MASK = "<masked>"
 # Keys whose string values are credentials: ``api_key``, ``hf_token``, ``password``... (not ``pad_token``, a tokenizer's).
@@ -88,6 +91,16 @@ class RunDirectoryGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_first_process():
             return
+        try:
+            self.check(config)
+        except ConfigError as error:
+            # Hydra turns a callback's Exception into a warning and goes on writing: stop here, as lomo-train
+            # reports a configuration error (one line, exit code 2)
+            print(f"lomo-train: {one_line(error)}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
+
+    @staticmethod
+    def check(config: DictConfig) -> None:
         from lomo_lightning.resume import CONFIG_FILE, run_directory
 
         directory = Path(str(config.hydra.run.dir))

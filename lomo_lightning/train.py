@@ -51,13 +51,12 @@ from lomo_lightning.preflight import (
     one_line,
 )
 from lomo_lightning.resume import CONFIG_FILE, continued_config, hydra_output_subdir, hydra_run_dir
-from lomo_lightning.rundir import check_fresh, discard_created, is_first_process, savable_config
+from lomo_lightning.rundir import EXIT_CONFIG_ERROR, check_fresh, discard_created, is_first_process, savable_config
 from lomo_lightning.selection import Selection, SparseFineTuning
 from lomo_lightning.strategies import save_pretrained_consolidated
 
 log = logging.getLogger("lomo_lightning.train")
 
-EXIT_CONFIG_ERROR = 2
 FAILED_MARKER = "FAILED"
 
 # cfg.objective.name -> its module with ordinary optimization, and with fused updates
@@ -419,7 +418,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         task()
-    except (ConfigError, HydraException, OmegaConfBaseException) as error:  # ConfigError: RunDirectoryGuard's
+    except (HydraException, OmegaConfBaseException) as error:
         print(f"lomo-train: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
     finally:
