@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lomo_lightning.checkpointing import metadata_problem
 from lomo_lightning.models import ConfigError
-from lomo_lightning.rundir import relative_to_run
+from lomo_lightning.rundir import ENVIRONMENT_REFERENCE, is_secret_key, relative_to_run
 from lomo_lightning.trust import check_resume_trusted
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,16 @@ def _apply_overrides(continued: DictConfig, composed: DictConfig, overrides: Ite
         value: Any = OmegaConf.select(composed, key)
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
+        typed = _unresolved(composed, key)
+        if isinstance(typed, str) and ENVIRONMENT_REFERENCE.search(typed):  # a secret stays a reference
+            value = typed
         OmegaConf.update(continued, key, value, merge=False, force_add=True)
+
+
+def _unresolved(cfg: DictConfig, key: str) -> Any:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return node._get_node(leaf)._value() if isinstance(node, DictConfig) and leaf in node else None  # type: ignore[union-attr]
 
 
 def _differences(before: DictConfig, after: DictConfig) -> list[str]:
@@ -198,6 +207,9 @@ def _differences(before: DictConfig, after: DictConfig) -> list[str]:
     lines = []
     for key in sorted(old.keys() | new.keys()):
         if key in RESUME_KEYS or old.get(key, _ABSENT) == new.get(key, _ABSENT):
+            continue
+        if is_secret_key(key.rpartition(".")[2]):
+            lines.append(f"{key}: changed (not shown: it looks like a secret)")
             continue
         lines.append(f"{key}: {_show(old.get(key, _ABSENT))} -> {_show(new.get(key, _ABSENT))}")
     return lines

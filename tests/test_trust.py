@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_train import cache_dir, config, subprocess_env, tiny  # noqa: F401  (cache_dir: a fixture)
@@ -345,6 +346,13 @@ def test_row9_no_secret_lands_in_a_file_the_run_writes(finished_run):
     saved = OmegaConf.to_container(OmegaConf.load(finished_run / "config.yaml"), resolve=False)
     assert saved["hf_token"] == "${oc.env:LOMO_TEST_TOKEN}" and saved["service"]["api_key"] == MASK
     assert saved["model"]["llama"]["num_key_value_heads"] == 2  # a key with "key" in it that is no secret
+
+    typed = [f"resume={finished_run}", "+service.api_key=${oc.env:LOMO_TEST_TOKEN}"]  # given again when resuming
+    with initialize_config_module("lomo_lightning.conf", version_base="1.3"):
+        composed = compose("config", overrides=typed, return_hydra_config=True)
+    continued, changes = continued_config(composed, typed, composed.hydra.runtime.choices.keys())
+    assert SECRET not in "\n".join(changes) and changes == ["service.api_key: changed (not shown: it looks like a secret)"]
+    assert OmegaConf.to_container(continued, resolve=False)["service"]["api_key"] == "${oc.env:LOMO_TEST_TOKEN}"
 
 
 # -- row 10: data files ------------------------------------------------------------------------------
