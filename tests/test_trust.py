@@ -113,6 +113,28 @@ def test_row1_resume_refuses_a_config_yaml_edited_to_build_or_load_other_code(tm
     assert OmegaConf.select(continued, key) == OmegaConf.select(saved, key)  # accepted knowingly
 
 
+def test_row1_a_run_of_a_gguf_model_saved_with_its_cached_conversion_passes_the_check(tmp_path):
+    """model=smollm2 trains on (and saves) the cached conversion of its GGUF file: that is what recomposing gives too."""
+    from lomo_lightning.models import SMOLLM2_INSTALL, converted_gguf_directory
+    from lomo_lightning.trust import check_resume_trusted
+
+    overrides = ["model=smollm2", "data=py_instruct", f"data.cache_dir={tmp_path / 'cache'}"]
+    try:
+        saved = config(tmp_path / "run", tmp_path / "cache", *overrides)
+    except Exception:
+        pytest.skip(f"SmolLM2-135M-Instruct is not installed: {SMOLLM2_INSTALL}")
+    converted = str(converted_gguf_directory(saved.model.name_or_path, saved.model.gguf_file, tmp_path / "cache"))
+    saved.model.name_or_path, saved.model.gguf_file = converted, None  # as train.use_converted_gguf leaves it
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in tiny(*overrides)))
+    saved = OmegaConf.create(OmegaConf.to_container(saved, resolve=True))
+
+    check_resume_trusted(saved, tmp_path / "run")
+    saved.data.tokenizer = str(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="sets data.tokenizer="):
+        check_resume_trusted(saved, tmp_path / "run")
+
+
 # -- row 2: FSDP checkpoints' .metadata (pickle) -----------------------------------------------------
 
 
