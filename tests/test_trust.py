@@ -326,6 +326,7 @@ def test_row5_a_new_run_into_an_existing_run_is_refused_and_changes_nothing(tmp_
     assert snapshot(copy) == before
 
 
+@pytest.mark.slow  # two fresh interpreters import torch, Lightning and transformers
 def test_row5_two_runs_started_in_the_same_second_get_different_directories(tmp_path):
     script = (
         "from hydra import compose, initialize_config_module; import lomo_lightning.train\n"
