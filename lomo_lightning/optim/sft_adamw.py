@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lomo_lightning.layout import local_tensor
 from lomo_lightning.optim.base import PerParameterOptimizer
-from lomo_lightning.placement import local_tensor
 
 
 class SftAdamW(PerParameterOptimizer):

@@ -4,7 +4,7 @@ FSDP2 reduce-scatters each block's gradients in its post-backward and then runs 
 ``register_post_accumulate_grad_hook`` hooks of the *sharded* parameters (``DTensor`` on ``Shard(0)``),
 so the engine's ordinary hook sees the final, averaged gradient of the local shard and nothing else.
 The update rule acts on that shard; statistics spanning a whole tensor are completed inside the rule
-(:class:`~lomo_lightning.placement.ShardLayout`), and the global gradient norm and the skip verdict here.
+(:class:`~lomo_lightning.layout.ShardLayout`), and the global gradient norm and the skip verdict here.
 
 Sparse fine-tuning's values are small and stay out of ``fully_shard`` (``ignored_params``): replicated,
 whole on every rank. FSDP2 does not reduce their gradients, so the engine averages them over the ranks
@@ -58,7 +58,7 @@ class ShardedFusedUpdater(FusedUpdater):
     """
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, group: dist.ProcessGroup | None = None, **kwargs: Any):
-        super().__init__(model, optimizer, placement=Shards(group), **kwargs)
+        super().__init__(model, optimizer, placement=Shards(group, replicated=replicated_parameters(model)), **kwargs)
 
 
 def transformer_roots(module: nn.Module) -> list[nn.Module]:

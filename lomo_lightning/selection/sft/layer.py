@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lomo_lightning.optim.sm3 import MATRIX_ENTRIES
+from lomo_lightning.layout import MATRIX_ENTRIES
 from lomo_lightning.selection.sft.quantize import dense_weight
 
 # Called once per autograd node with the layer's output gradient and input as 2-D (tokens x features)
@@ -41,7 +41,7 @@ class SparseDeltaLinear(nn.Module):
     and :math:`X` once per autograd node, so a second backward over the same graph (the norm-measuring
     pass of two-pass clipping) is not counted twice.
 
-    ``values`` carries ``matrix_entries`` (see :func:`lomo_lightning.optim.sm3.matrix_entries`), so that
+    ``values`` carries ``matrix_entries`` (see :func:`lomo_lightning.layout.matrix_entries`), so that
     SM3 keeps row and column accumulators of the whole matrix for it.
     """
 
