@@ -157,7 +157,7 @@ def build_method(method: str, model, spec: dict[str, Any]):
 
     def forward(batch, model=model):
         if spec.get("loss_chunk_tokens"):  # the LM head and loss a chunk of tokens at a time, for every method
-            from lomo_lightning.loss import chunked_causal_lm_loss
+            from lomo_lightning import chunked_causal_lm_loss
 
             base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the LM
             return chunked_causal_lm_loss(base, batch, batch, chunk_tokens=spec["loss_chunk_tokens"])
@@ -574,7 +574,7 @@ def run_preset(preset: str, methods: list[str], threads: int, timed_steps: int |
         "lora": f"peft LoRA rank {spec['lora_rank']} on q,k,v,o,gate,up,down; AdamW on the LoRA parameters",
         "lomo_optim": "reference lomo-optim AdaLomo (loss_scale=None); torch.Tensor.cuda mapped to a no-op on CPU",
         "timing": "medians of the timed steps; all methods back to back in one invocation, each in a fresh process",
-        "loss": f"lomo_lightning.loss.chunked_causal_lm_loss, {loss_chunk_tokens} tokens a chunk, for every method"
+        "loss": f"lomo_lightning.chunked_causal_lm_loss, {loss_chunk_tokens} tokens a chunk, for every method"
         if loss_chunk_tokens else "model(input_ids, labels=...).loss (Hugging Face: the full fp32 logits)",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -37,9 +37,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lomo_lightning.checkpointing import PeriodicCheckpoint, Preempted
 from lomo_lightning.data import PreferencePairs, TokenizedDataModule
 from lomo_lightning.dpo_module import DPOModule, FusedDPOModule
-from lomo_lightning.loss import check_chunked_loss
 from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
+from lomo_lightning.objectives.causal_lm import check_chunked_loss
 from lomo_lightning.optim import SM3
 from lomo_lightning.preflight import (
     build,

@@ -27,8 +27,8 @@ from lomo_lightning import SM3, AdaLomo, FusedOptimizationMixin, Lomo, SftAdamW 
 from lomo_lightning.callbacks import HFTResampleCallback, SFTReselectionCallback  # noqa: E402
 from lomo_lightning.data import PreferenceCollator, PreferencePairs  # noqa: E402
 from lomo_lightning.dpo_module import FusedDPOModule  # noqa: E402
-from lomo_lightning.loss import chunked_causal_lm_loss  # noqa: E402
 from lomo_lightning.objectives import DPOObjective, sequence_log_probs  # noqa: E402
+from lomo_lightning.objectives.causal_lm import chunked_causal_lm_loss  # noqa: E402
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
 from lomo_lightning.strategies import LomoFSDPStrategy, save_pretrained_consolidated  # noqa: E402
 
