@@ -32,8 +32,8 @@ from lomo_lightning.data.base import TokenizedDataModule
 from lomo_lightning.data.cache import cache_key, cached_dataset_dict, quiet_progress_bars
 from lomo_lightning.data.stdlib import relative_key, split_files, stdlib_source_files
 from lomo_lightning.data.tokenizer import tokenizer_fingerprint
+from lomo_lightning.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
