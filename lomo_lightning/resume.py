@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lomo_lightning.models import ConfigError
+from lomo_lightning.preflight import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -37,11 +37,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lomo_lightning.checkpointing import PeriodicCheckpoint, Preempted
 from lomo_lightning.data import PreferencePairs, TokenizedDataModule
 from lomo_lightning.dpo_module import DPOModule, FusedDPOModule
-from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
+from lomo_lightning.models import converted_gguf, smollm2_gguf_directory
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
 from lomo_lightning.objectives.causal_lm import check_chunked_loss
 from lomo_lightning.optim import SM3
 from lomo_lightning.preflight import (
+    ConfigError,
     build,
     check_fused_accumulation,
     check_loggers,
@@ -76,7 +77,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     """Train as ``cfg`` says; return the final metrics (``val/loss``, ``val/ppl``, ``val/loss_before``...) and the module.
 
     Everything that can be checked is checked before any validation pass or file is written, each
-    problem as one :class:`~lomo_lightning.models.ConfigError`. ``ckpt_path`` continues training from a
+    problem as one :class:`~lomo_lightning.preflight.ConfigError`. ``ckpt_path`` continues training from a
     checkpoint with this config (``lomo-train`` also restores the run's own config: :mod:`lomo_lightning.resume`).
     """
     check_config(cfg)
