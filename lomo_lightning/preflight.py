@@ -20,6 +20,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lomo_lightning._compat import full_key
+
 # What to pass for a required value, by key; others get <value>.
 REQUIRED_VALUE_HINTS = {
     "model.name_or_path": "<a directory written by save_pretrained, or a hub name>",
@@ -53,7 +55,7 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 def argument_error(node: DictConfig, error: BaseException) -> str:
     """A one-line message for ``error`` raised while building ``node``, naming the key at fault where it can."""
-    key = node._get_full_key(None) or "config"
+    key = full_key(node) or "config"
     message = one_line(error)
     unexpected = re.search(r"unexpected keyword argument '(\w+)'", message)
     if unexpected:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import Strategy
@@ -15,7 +13,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lomo_lightning._compat import PathLike, grad_scaler_scale, trainer_of
 from lomo_lightning.fused import DynamicLossScaler, FusedUpdater
+
+if TYPE_CHECKING:
+    from lomo_lightning._compat import StrategyRegistry
 
 CHECKPOINT_KEY = "lomo_lightning"
 
@@ -56,14 +58,14 @@ class FusedStrategy(Strategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         register_own_name(cls, strategy_registry)
 
     @override
     def connect(self, model: LightningModule) -> None:
         # before Lightning's own check, whose message for manual optimization does not say why
-        if model._trainer is not None:
-            _refuse_accumulation(model._trainer)
+        if trainer_of(model) is not None:
+            _refuse_accumulation(trainer_of(model))
         super().connect(model)
 
     @override
@@ -125,7 +127,7 @@ class FusedStrategy(Strategy):
             return None
         scaler = precision.scaler
         loss_scaler = DynamicLossScaler(
-            scale=float(scaler.get_scale()) if scaler._scale is not None else float(scaler._init_scale),
+            scale=grad_scaler_scale(scaler),
             growth_factor=scaler.get_growth_factor(),
             backoff_factor=scaler.get_backoff_factor(),
             growth_interval=scaler.get_growth_interval(),
@@ -168,13 +170,13 @@ class FusedStrategy(Strategy):
     # -- checkpoints -------------------------------------------------------------------------------
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: PathLike, storage_options: Any | None = None) -> None:
         if self.fused_updater is not None:
             checkpoint[CHECKPOINT_KEY] = self.fused_updater.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is not None:
@@ -207,7 +209,7 @@ _MODULE_HOOKS_WITHOUT_GRADIENTS = {
 }
 
 
-def register_own_name(cls: type[Strategy], strategy_registry: _StrategyRegistry) -> None:
+def register_own_name(cls: type[Strategy], strategy_registry: StrategyRegistry) -> None:
     """Register ``cls.strategy_name`` (``Trainer(strategy="lomo")``) if ``cls`` names itself, not its parent's name."""
     if "strategy_name" in cls.__dict__:
         strategy_registry.register(cls.__dict__["strategy_name"], cls, description=cls.__dict__["description"], override=True)

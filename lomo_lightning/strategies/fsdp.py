@@ -23,9 +23,6 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.init import _materialize_distributed_module
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -34,6 +31,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lomo_lightning._compat import materialize_distributed_module, optimizers_to_device, set_device_mesh
 from lomo_lightning.checkpointing import publish_directory, staging_path
 from lomo_lightning.fused import FusedUpdater
 from lomo_lightning.placement import Shards
@@ -43,6 +41,8 @@ from lomo_lightning.strategies.base import FusedStrategy, register_own_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from lomo_lightning._compat import StrategyRegistry
 
 
 class ShardedFusedUpdater(FusedUpdater):
@@ -171,7 +171,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         register_own_name(cls, strategy_registry)
 
     @override
@@ -185,7 +185,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("data_parallel",))
         assert self.lightning_module is not None
-        self.lightning_module._device_mesh = self._device_mesh
+        set_device_mesh(self.lightning_module, self._device_mesh)
 
     @property
     @override
@@ -206,7 +206,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                 mp_policy=self._mixed_precision_policy(),
                 reshard_after_forward=self.reshard_after_forward,
             )
-        _materialize_distributed_module(self.model, self.root_device)
+        materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()
@@ -214,7 +214,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            optimizers_to_device(self.optimizers, self.root_device)
 
     def _mixed_precision_policy(self) -> Any:
         if self.mp_policy is not None:
