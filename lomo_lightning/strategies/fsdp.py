@@ -1,10 +1,17 @@
-"""strategy="lomo_fsdp": fused updates on FSDP2 shards.
+"""FSDP2 for Hugging Face models: strategy="fsdp2" (unfused) and strategy="lomo_fsdp" (fused updates on shards).
+
+What the module holds: :class:`ShardedFusedUpdater` (the engine on FSDP2 shards, usable without Lightning),
+:func:`shard_transformers` (``fully_shard`` per transformer block, then each model root, leaving
+:func:`replicated_parameters` whole), :class:`FSDP2Strategy` (Lightning's ``ModelParallelStrategy`` on a
+1-D mesh that shards the model itself, the unfused baseline), :class:`LomoFSDPStrategy` (the same with
+the fused engine) and :func:`save_pretrained_consolidated` (a plain Hugging Face checkpoint from shards).
 
 FSDP2 reduce-scatters each block's gradients in its post-backward and then runs the
 ``register_post_accumulate_grad_hook`` hooks of the *sharded* parameters (``DTensor`` on ``Shard(0)``),
 so the engine's ordinary hook sees the final, averaged gradient of the local shard and nothing else.
 The update rule acts on that shard; statistics spanning a whole tensor are completed inside the rule
-(:class:`~lomo_lightning.layout.ShardLayout`), and the global gradient norm and the skip verdict here.
+(:class:`~lomo_lightning.layout.ShardLayout`), the global gradient norm and the skip verdict by the
+placement (:class:`~lomo_lightning.placement.Shards`).
 
 Sparse fine-tuning's values are small and stay out of ``fully_shard`` (``ignored_params``): replicated,
 whole on every rank. FSDP2 does not reduce their gradients, so the engine averages them over the ranks
