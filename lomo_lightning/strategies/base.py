@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import Strategy
@@ -88,7 +87,6 @@ class FusedStrategy(Strategy):
         clip_norm, clip_value = self._resolve_clipping(trainer)
         assert self.lightning_module is not None
         self.fused_updater = self.make_fused_updater(
-            self.lightning_module,
             self.optimizers[0],
             clip_grad_norm=clip_norm,
             clip_grad_value=clip_value,
@@ -98,9 +96,10 @@ class FusedStrategy(Strategy):
             self.fused_updater.load_state_dict(self._restored_engine_state)
             self._restored_engine_state = None
 
-    def make_fused_updater(self, module: torch.nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
-        """The engine for this placement: a plain :class:`FusedUpdater` on one device."""
-        return FusedUpdater(module, optimizer, **kwargs)
+    def make_fused_updater(self, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+        """The engine for this placement, over the LightningModule: a plain :class:`FusedUpdater` on one device."""
+        assert self.lightning_module is not None
+        return FusedUpdater(self.lightning_module, optimizer, **kwargs)
 
     def _resolve_clipping(self, trainer: Trainer) -> tuple[float | None, float | None]:
         """The strategy's own clipping, else ``Trainer(gradient_clip_val=..., gradient_clip_algorithm=...)``."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
@@ -86,7 +85,7 @@ class LomoDDPStrategy(FusedStrategy, DDPStrategy):
         super().__init__(clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, **kwargs)
 
     @override
-    def make_fused_updater(self, module: torch.nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+    def make_fused_updater(self, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
         if not isinstance(self.model, DistributedDataParallel):
             raise RuntimeError(f"strategy='lomo_ddp' expected the model wrapped in DistributedDataParallel, got {type(self.model)}.")
         return ReplicatedFusedUpdater(self.model, optimizer, **kwargs)

@@ -278,8 +278,9 @@ class LomoFSDPStrategy(FusedStrategy, FSDP2Strategy):
         super().__init__(clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, **kwargs)
 
     @override
-    def make_fused_updater(self, module: nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
-        return ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
+    def make_fused_updater(self, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+        assert self.lightning_module is not None
+        return ShardedFusedUpdater(self.lightning_module, optimizer, group=self.device_mesh.get_group(), **kwargs)
 
 
 def save_pretrained_consolidated(trainer_or_module: Trainer | LightningModule | nn.Module, directory: str | os.PathLike) -> None:
