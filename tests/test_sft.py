@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, LomoStrategy, SftAdamW
 from lomo_lightning.callbacks import SFTReselectionCallback
 from lomo_lightning.selection import SparseFineTuning, apply_sparse_delta, delta_size_report
-from lomo_lightning.selection.sft import SftConfig, SparseDeltaLinear, merge_sparse_deltas
+from lomo_lightning.selection.sft import SFTConfig, SparseDeltaLinear, merge_sparse_deltas
 from lomo_lightning.strategies import save_pretrained_consolidated
 
 BATCHES = batches(24)
@@ -496,7 +496,7 @@ def test_bad_settings_fail_with_one_clear_line():
         (dict(quantize_base="int3"), "quantize_base"),
     ]:
         with pytest.raises(ValueError, match=match):
-            SftConfig(**options)
+            SFTConfig(**options)
     with pytest.raises(ValueError, match="budget"):
         SparseFineTuning(num_tunable_weights=10**9).apply(tiny_llama())
     with pytest.raises(ValueError, match="nn.Linear"):
