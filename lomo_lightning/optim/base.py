@@ -95,10 +95,13 @@ class PerParameterOptimizer(Optimizer):
         known = self._facts.get(param)
         if known is not None:
             return known
+        position = next((i for i, p in enumerate(p for group in self.param_groups for p in group["params"]) if p is param), None)
+        if position is None:
+            raise KeyError(f"{type(self).__name__}: the parameter of shape {tuple(param.shape)} is in none of its param groups.")
         facts = ParameterFacts(
             layout=ShardLayout.of(param),
             offset=flat_offset(param),
-            position=next(i for i, p in enumerate(p for group in self.param_groups for p in group["params"]) if p is param),
+            position=position,
             distributed=is_distributed(param),
             low_precision=needs_write_back(param),
         )
