@@ -72,7 +72,7 @@ LABELS = {
     "lomo": "LOMO (fused SGD)",
     "adalomo": "AdaLomo (fused)",
     "adalomo_hft": "AdaLomo + HFT (fused)",
-    "sft_ag": "SFT-AG + SftAdamW (fused), LoRA's budget",
+    "sft_ag": "SFT-AG + SFTAdamW (fused), LoRA's budget",
     "sft_sm3": "SFT-MA + SM3 (fused), LoRA's budget",
     "lora": "LoRA + AdamW (peft)",
     "lomo_optim_adalomo": "AdaLomo (reference lomo-optim)",
@@ -148,7 +148,7 @@ def build_method(method: str, model, spec: dict[str, Any]):
     """Returns ``(model, step(batch) -> None, tracked tensors by category, trainable count, track_steps)``."""
     import torch
 
-    from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SftAdamW
+    from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SFTAdamW
     from lomo_lightning.selection import HalfFineTuning, SparseFineTuning
 
     lr = 1e-3
@@ -157,7 +157,7 @@ def build_method(method: str, model, spec: dict[str, Any]):
 
     def forward(batch, model=model):
         if spec.get("loss_chunk_tokens"):  # the LM head and loss a chunk of tokens at a time, for every method
-            from lomo_lightning.loss import chunked_causal_lm_loss
+            from lomo_lightning import chunked_causal_lm_loss
 
             base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the LM
             return chunked_causal_lm_loss(base, batch, batch, chunk_tokens=spec["loss_chunk_tokens"])
@@ -228,7 +228,7 @@ def build_method(method: str, model, spec: dict[str, Any]):
         params = sft.parameters()
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-    rules = {"lomo": Lomo, "sft_ag": SftAdamW, "sft_sm3": SM3}  # SpIEL's rules for SFT's values
+    rules = {"lomo": Lomo, "sft_ag": SFTAdamW, "sft_sm3": SM3}  # SpIEL's rules for SFT's values
     rule = rules.get(method, AdaLomo)(params, lr=lr)
     updater = FusedUpdater(model, rule)  # no clipping: one backward pass for every method
     trainable = sft.budget if sft is not None else sum(p.numel() for p in params)
@@ -568,13 +568,13 @@ def run_preset(preset: str, methods: list[str], threads: int, timed_steps: int |
         "standard": "adamw/sgd: loss.backward(); opt.step(); opt.zero_grad(set_to_none=True), as Lightning's automatic optimization",
         "fused": "FusedUpdater without gradient clipping (one backward pass); lr 1e-3",
         "sft": "num_tunable_weights = LoRA's trainable count; the values are parameters, fp32, their rule fused (AG: "
-        "SftAdamW, MA: SM3); the tracked step opens an AG window (a dense weight gradient per layer chooses the "
+        "SFTAdamW, MA: SM3); the tracked step opens an AG window (a dense weight gradient per layer chooses the "
         "candidates), the heaviest kind; timed steps are ordinary ones; the indices and the window's statistics are "
         "counted as optimizer state",
         "lora": f"peft LoRA rank {spec['lora_rank']} on q,k,v,o,gate,up,down; AdamW on the LoRA parameters",
         "lomo_optim": "reference lomo-optim AdaLomo (loss_scale=None); torch.Tensor.cuda mapped to a no-op on CPU",
         "timing": "medians of the timed steps; all methods back to back in one invocation, each in a fresh process",
-        "loss": f"lomo_lightning.loss.chunked_causal_lm_loss, {loss_chunk_tokens} tokens a chunk, for every method"
+        "loss": f"lomo_lightning.chunked_causal_lm_loss, {loss_chunk_tokens} tokens a chunk, for every method"
         if loss_chunk_tokens else "model(input_ids, labels=...).loss (Hugging Face: the full fp32 logits)",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -187,7 +187,11 @@ def drop_gradients(model) -> list:
 
 
 class RuleClock:
-    """Time spent in the rule (``step_parameter``, wrapped before the engine looks it up) and in the write-back."""
+    """Time spent in the rule and in the write-back.
+
+    The rule is wrapped before the engine looks it up: ``step_parameter``, and for a rule that splits its
+    step (AdaLomo, which the engine drives itself) ``begin_step_parameter`` and both halves of its update.
+    """
 
     write_back_s = 0.0  # one write-back runs at a time: a class-wide counter, read around each step
 
@@ -201,6 +205,29 @@ class RuleClock:
             self.rule_s += time.perf_counter() - began
 
         optimizer.step_parameter = timed_step
+        begin_step_parameter = getattr(optimizer, "begin_step_parameter", None)
+        if begin_step_parameter is None:
+            return
+
+        def timed_halves(update):
+            began = time.perf_counter()
+            partial = next(update)
+            self.rule_s += time.perf_counter() - began
+            sums = yield partial
+            began = time.perf_counter()
+            try:
+                update.send(sums)
+            except StopIteration:
+                pass
+            self.rule_s += time.perf_counter() - began
+
+        def timed_begin(*args, **kwargs):
+            began = time.perf_counter()
+            update = begin_step_parameter(*args, **kwargs)
+            self.rule_s += time.perf_counter() - began
+            return timed_halves(update)
+
+        optimizer.begin_step_parameter = timed_begin
 
     @classmethod
     def time_write_backs(cls) -> None:

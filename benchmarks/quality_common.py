@@ -133,7 +133,7 @@ class Trainer:
                  sft_budget: int = 10_000, lora_rank: int = 4, hft_seed: int = 0):
         import torch
 
-        from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SftAdamW
+        from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SFTAdamW
         from lomo_lightning.selection import HalfFineTuning, SparseFineTuning
 
         self.method = method
@@ -163,7 +163,7 @@ class Trainer:
                 total_steps=total_steps,
             ).apply(model)
             # SpIEL's rules for the values, fused here one tensor at a time: AdamW with per-entry ages (AG), SM3 (MA)
-            rule = SftAdamW if method == "sft_ag" else SM3
+            rule = SFTAdamW if method == "sft_ag" else SM3
             self.optimizer = rule(self.sft.parameters(), lr=lr, weight_decay=0.0)
         else:
             if method in ("hft", "hft_adalomo"):

@@ -45,7 +45,7 @@ LABELS = {
     "lomo": "LOMO (fused)",
     "hft": "HFT + AdaLomo (fused)",
     "lora": f"LoRA r={LORA_RANK} + AdamW (peft)",
-    "sft_ag": "SFT-AG (SpIEL) + SftAdamW (fused)",
+    "sft_ag": "SFT-AG (SpIEL) + SFTAdamW (fused)",
     "sft_ma": "SFT-MA (SpIEL) + SM3 (fused)",
 }
 SEQ_LEN, BATCH, VAL_EXAMPLES = 256, 4, 64

@@ -3,7 +3,7 @@
 The base is the small Llama pre-trained on half of python_stdlib (cached; the same as ``quality_pretrain.py``).
 Both fine-tune it on ``py_instruct``: LoRA (peft, rank r on q,k,v,o,gate,up,down) trains its adapters with
 AdamW; SFT trains exactly as many entries of the same matrices (``num_tunable_weights``), with SpIEL's rules
-(SftAdamW for AG, SM3 for MA). SpIEL's claim (Ansell et al.): SFT at least as good as LoRA at equal budget.
+(SFTAdamW for AG, SM3 for MA). SpIEL's claim (Ansell et al.): SFT at least as good as LoRA at equal budget.
 The same comparison on the real SmolLM2-135M-Instruct: ``sft_vs_lora_smollm2.py``.
 
     python benchmarks/quality_sft_vs_lora.py         # ~7 minutes on 2 CPU cores
@@ -19,7 +19,7 @@ from quality_pretrain import BASE
 
 LORA_RANK = 2
 LRS = {"lora": [3e-3, 1e-2, 3e-2], "sft_ag": [3e-3, 1e-2, 3e-2], "sft_sm3": [3e-3, 1e-2, 3e-2]}
-LABELS = {"lora": "LoRA (peft) + AdamW", "sft_ag": "SFT-AG (SpIEL) + SftAdamW", "sft_sm3": "SFT-MA (SpIEL) + SM3"}
+LABELS = {"lora": "LoRA (peft) + AdamW", "sft_ag": "SFT-AG (SpIEL) + SFTAdamW", "sft_sm3": "SFT-MA (SpIEL) + SM3"}
 
 
 def budget() -> tuple[int, float]:

@@ -7,7 +7,7 @@ Two measurements, fp32, batch 2 x 128 tokens of ``py_instruct`` through SmolLM2'
 masked out of the loss):
 
 - **step time**: LoRA (peft, rank 8 on q,k,v,o,gate,up,down, AdamW, ordinary backward and step) and SFT
-  with exactly as many trainable entries (AG: SftAdamW, MA: SM3, both fused into backward), built in one
+  with exactly as many trainable entries (AG: SFTAdamW, MA: SM3, both fused into backward), built in one
   process and stepped in turns, so that load from other processes hits them alike; medians and ratios.
 - **held-out loss** after ``--steps`` steps, for a small LR grid per method (linear warm-up, cosine decay),
   each run in its own process: the mean loss per predicted token on held-out functions.
@@ -29,7 +29,7 @@ from memory_speed import lora_parameter_count
 SEQ_LEN, BATCH = 128, 2
 LORA_RANK = 8
 LRS = {"lora": [1e-4, 3e-4, 1e-3], "sft_ag": [3e-5, 1e-4, 3e-4], "sft_sm3": [1e-4, 3e-4, 1e-3]}
-LABELS = {"lora": "LoRA r=8 (peft) + AdamW", "sft_ag": "SFT-AG + SftAdamW (fused)", "sft_sm3": "SFT-MA + SM3 (fused)"}
+LABELS = {"lora": "LoRA r=8 (peft) + AdamW", "sft_ag": "SFT-AG + SFTAdamW (fused)", "sft_sm3": "SFT-MA + SM3 (fused)"}
 
 
 def load_model():

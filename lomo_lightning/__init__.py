@@ -23,7 +23,8 @@ _EXPORTS = {
     "AdaLomo": "lomo_lightning.optim",
     "Lomo": "lomo_lightning.optim",
     "SM3": "lomo_lightning.optim",
-    "SftAdamW": "lomo_lightning.optim",
+    "SFTAdamW": "lomo_lightning.optim",
+    "SftAdamW": "lomo_lightning.optim",  # the name before one casing of acronyms
     "DynamicLossScaler": "lomo_lightning.fused",
     "FusedUpdater": "lomo_lightning.fused",
     "HalfFineTuning": "lomo_lightning.selection",
@@ -59,6 +60,7 @@ __all__ = [  # the names of _EXPORTS (tests/test_package.py checks they agree)
     "LomoStrategy",
     "SFTReselectionCallback",
     "SM3",
+    "SFTAdamW",
     "SftAdamW",
     "SparseFineTuning",
     "ValidateAtEnd",
@@ -87,7 +89,7 @@ if TYPE_CHECKING:
     from lomo_lightning.fused import DynamicLossScaler, FusedUpdater
     from lomo_lightning.module import CausalLMModule, FusedCausalLMModule, FusedOptimizationMixin
     from lomo_lightning.objectives.causal_lm import chunked_causal_lm_loss
-    from lomo_lightning.optim import SM3, AdaLomo, Lomo, SftAdamW
+    from lomo_lightning.optim import SM3, AdaLomo, Lomo, SFTAdamW, SftAdamW
     from lomo_lightning.selection import HalfFineTuning, SparseFineTuning, apply_sparse_delta
     from lomo_lightning.strategies import (
         FSDP2Strategy,

@@ -25,10 +25,9 @@ from typing import IO, Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lomo_lightning._compat import PathLike, is_local_path
 from lomo_lightning.files import atomic_file, remove_entry, write_atomically
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the checkpoint. Paths on remote file systems (``s3://``...) are left to ``TorchCheckpointIO``.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not is_local_path(path):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         path = Path(path)
@@ -85,7 +84,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, file)
 
 
-def staging_path(path: _PATH) -> Path:
+def staging_path(path: PathLike) -> Path:
     """Where a checkpoint directory is written before :func:`publish_directory` moves it to ``path``."""
     path = Path(path)
     return path.with_name(f".{path.name}.partial")
@@ -109,7 +108,7 @@ def publish_directory(staging: Path, path: Path) -> None:
     remove_entry(aside)
 
 
-def link_atomically(target: _PATH, link: _PATH) -> None:
+def link_atomically(target: PathLike, link: PathLike) -> None:
     """Make ``link`` a relative symbolic link to ``target``, replacing what was there in one rename."""
     target, link = Path(target), Path(link)
     if link.is_dir() and not link.is_symlink():
@@ -223,7 +222,7 @@ class ContainedCheckpoint(ModelCheckpoint):
         return state
 
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        if self.dirpath is not None and _is_local_file_protocol(filepath) and not _inside(filepath, Path(self.dirpath).resolve()):
+        if self.dirpath is not None and is_local_path(filepath) and not _inside(filepath, Path(self.dirpath).resolve()):
             log.warning("Not removing %s: it is outside the checkpoint directory %s", filepath, self.dirpath)
             return
         super()._remove_checkpoint(trainer, filepath)
@@ -249,7 +248,7 @@ class PeriodicCheckpoint(ContainedCheckpoint):
 
     def __init__(
         self,
-        dirpath: _PATH,
+        dirpath: PathLike,
         every_n_steps: int | None = None,
         every_minutes: float | None = None,
         keep_last: int = 2,

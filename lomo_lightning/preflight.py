@@ -1,7 +1,7 @@
 """Check a run's configuration before any work, so that every mistake is one line naming the key and the fix.
 
 lomo-train runs these before it validates, trains or writes a file. Each raises
-:class:`~lomo_lightning.models.ConfigError`: values left missing (``???``), settings that cannot work
+:class:`ConfigError`, the error of a run that cannot start as configured (defined here, raised by the whole app): values left missing (``???``), settings that cannot work
 together, objects that cannot be built from their config node (an unknown argument, a bad value: the
 optimizer and the LR schedule are built on a dummy parameter to find out), a model path that holds
 no model, and a logger without its credentials.
@@ -20,7 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lomo_lightning.models import ConfigError
+from lomo_lightning._compat import full_key
 
 # What to pass for a required value, by key; others get <value>.
 REQUIRED_VALUE_HINTS = {
@@ -29,6 +29,10 @@ REQUIRED_VALUE_HINTS = {
     "data.name": "<a datasets name or a local dataset directory>",
 }
 WANDB_OFFLINE_MODES = ("offline", "disabled", "dryrun")
+
+
+class ConfigError(ValueError):
+    """A run cannot start as configured; the message names the problem and the fix."""
 
 
 def one_line(text: object) -> str:
@@ -51,7 +55,7 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 def argument_error(node: DictConfig, error: BaseException) -> str:
     """A one-line message for ``error`` raised while building ``node``, naming the key at fault where it can."""
-    key = node._get_full_key(None) or "config"
+    key = full_key(node) or "config"
     message = one_line(error)
     unexpected = re.search(r"unexpected keyword argument '(\w+)'", message)
     if unexpected:
@@ -161,6 +165,7 @@ def check_loggers(loggers: list[Any]) -> None:
 
 
 __all__ = [
+    "ConfigError",
     "argument_error",
     "build",
     "check_fused_accumulation",

@@ -11,6 +11,7 @@ resume (Hydra records them: ``HydraConfig.get().overrides.task``), and writes in
 from __future__ import annotations
 
 import logging
+import sys
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,11 +19,20 @@ from typing import Any, cast
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lomo_lightning.checkpointing import metadata_problem
-from lomo_lightning.models import ConfigError
-from lomo_lightning.rundir import ENVIRONMENT_REFERENCE, is_secret_key, relative_to_run
+from lomo_lightning.preflight import ConfigError, one_line
+from lomo_lightning.rundir import (
+    ENVIRONMENT_REFERENCE,
+    EXIT_CONFIG_ERROR,
+    check_fresh,
+    is_first_process,
+    is_secret_key,
+    record_found,
+    relative_to_run,
+)
 from lomo_lightning.trust import check_resume_trusted
 
 log = logging.getLogger(__name__)
@@ -232,6 +242,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 __all__ = [
+    "RunDirectoryGuard",
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
     "LAST_CHECKPOINT",
@@ -244,3 +255,32 @@ __all__ = [
     "last_checkpoint",
     "run_directory",
 ]
+
+
+class RunDirectoryGuard(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): checks the run directory before Hydra writes to it.
+
+    A new run into a non-empty directory is refused (``overwrite=true`` replaces it); ``resume=`` a directory
+    without a run's ``config.yaml`` is refused. Both before Hydra creates ``.hydra/`` or its log there.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_first_process():
+            return
+        try:
+            self.check(config)
+        except ConfigError as error:
+            # Hydra turns a callback's Exception into a warning and goes on writing: stop here, as lomo-train
+            # reports a configuration error (one line, exit code 2)
+            print(f"lomo-train: {one_line(error)}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
+
+    @staticmethod
+    def check(config: DictConfig) -> None:
+        directory = Path(str(config.hydra.run.dir))
+        resumed = run_directory(config.get("resume"), config.get("ckpt_path"))
+        if config.get("resume") and not (Path(config.resume) / CONFIG_FILE).is_file():
+            raise ConfigError(f"resume={config.resume}: no {CONFIG_FILE} there: give the output_dir of a lomo-train run")
+        if resumed is None:
+            check_fresh(directory, bool(config.get("overwrite")))
+        record_found(directory)

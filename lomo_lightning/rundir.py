@@ -1,7 +1,7 @@
 """A run directory that cannot be turned against its user: fresh or refused, written atomically, portable, secret-free.
 
 - A new run refuses a directory that already holds something (another run, a user's files) unless
-  ``overwrite=true``; :class:`RunDirectoryGuard` checks it before Hydra writes its own ``.hydra/`` and log,
+  ``overwrite=true``; :class:`~lomo_lightning.resume.RunDirectoryGuard` checks it before Hydra writes its own ``.hydra/`` and log,
   and remembers what was there, so that cleaning up after a failed start removes only what the run wrote.
 - Every file the app writes goes through :mod:`lomo_lightning.files` (a temporary name that is never a
   planted link, renamed into place).
@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lomo_lightning.files import remove_entry
-from lomo_lightning.models import ConfigError
-from lomo_lightning.preflight import one_line
+from lomo_lightning.preflight import ConfigError
 
 EXIT_CONFIG_ERROR = 2  # lomo-train's exit code for a configuration error
 OUTPUT_DIR_REFERENCE = "${output_dir}"
@@ -79,37 +76,6 @@ def record_found(directory: Path) -> Found:
     entries = frozenset(os.listdir(directory)) if directory.is_dir() else frozenset()
     FOUND = Found(directory.absolute(), entries, existing.absolute())
     return FOUND
-
-
-class RunDirectoryGuard(Callback):
-    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): checks the run directory before Hydra writes to it.
-
-    A new run into a non-empty directory is refused (``overwrite=true`` replaces it); ``resume=`` a directory
-    without a run's ``config.yaml`` is refused. Both before Hydra creates ``.hydra/`` or its log there.
-    """
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not is_first_process():
-            return
-        try:
-            self.check(config)
-        except ConfigError as error:
-            # Hydra turns a callback's Exception into a warning and goes on writing: stop here, as lomo-train
-            # reports a configuration error (one line, exit code 2)
-            print(f"lomo-train: {one_line(error)}", file=sys.stderr)
-            raise SystemExit(EXIT_CONFIG_ERROR) from None
-
-    @staticmethod
-    def check(config: DictConfig) -> None:
-        from lomo_lightning.resume import CONFIG_FILE, run_directory
-
-        directory = Path(str(config.hydra.run.dir))
-        resumed = run_directory(config.get("resume"), config.get("ckpt_path"))
-        if config.get("resume") and not (Path(config.resume) / CONFIG_FILE).is_file():
-            raise ConfigError(f"resume={config.resume}: no {CONFIG_FILE} there: give the output_dir of a lomo-train run")
-        if resumed is None:
-            check_fresh(directory, bool(config.get("overwrite")))
-        record_found(directory)
 
 
 def discard_created(directory: Path, created: list[Path]) -> None:
@@ -182,7 +148,6 @@ def _without_secrets(raw: Any, resolved: Any, key: object = None) -> Any:
 
 
 __all__ = [
-    "RunDirectoryGuard",
     "check_fresh",
     "discard_created",
     "is_first_process",

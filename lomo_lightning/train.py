@@ -37,11 +37,12 @@ from lomo_lightning.checkpointing import PeriodicCheckpoint, Preempted, publish_
 from lomo_lightning.data import PreferencePairs, TokenizedDataModule
 from lomo_lightning.dpo_module import DPOModule, FusedDPOModule
 from lomo_lightning.files import fresh_directory, write_atomically
-from lomo_lightning.loss import check_chunked_loss
-from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
+from lomo_lightning.models import converted_gguf, smollm2_gguf_directory
 from lomo_lightning.module import CausalLMModule, FusedCausalLMModule
+from lomo_lightning.objectives.causal_lm import check_chunked_loss
 from lomo_lightning.optim import SM3
 from lomo_lightning.preflight import (
+    ConfigError,
     build,
     check_fused_accumulation,
     check_loggers,
@@ -77,7 +78,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     """Train as ``cfg`` says; return the final metrics (``val/loss``, ``val/ppl``, ``val/loss_before``...) and the module.
 
     Everything that can be checked is checked before any validation pass or file is written, each
-    problem as one :class:`~lomo_lightning.models.ConfigError`. ``ckpt_path`` continues training from a
+    problem as one :class:`~lomo_lightning.preflight.ConfigError`. ``ckpt_path`` continues training from a
     checkpoint with this config (``lomo-train`` also restores the run's own config: :mod:`lomo_lightning.resume`).
     """
     check_config(cfg)
@@ -243,7 +244,7 @@ def save_config(cfg: DictConfig, output_dir: Path, trainer: pl.Trainer) -> None:
 
 
 def written_by_hydra(output_dir: Path) -> tuple[str, ...]:
-    """What Hydra itself wrote into ``output_dir`` for this job (after checking that it was empty: :class:`RunDirectoryGuard`)."""
+    """What Hydra itself wrote into ``output_dir`` for this job (after checking that it was empty: :class:`~lomo_lightning.resume.RunDirectoryGuard`)."""
     if not HydraConfig.initialized():
         return ()
     hydra_cfg = HydraConfig.get()

@@ -27,7 +27,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lomo_lightning.models import ConfigError
+from lomo_lightning.models import converted_gguf_directory
+from lomo_lightning.preflight import ConfigError
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 CODE_KEYS = frozenset({"_target_", "trust_remote_code", "name_or_path", "gguf_file", "tokenizer"})
@@ -76,8 +77,6 @@ def recomposed(directory: Path, saved: DictConfig) -> DictConfig:
         model = fresh.get("model")
         if isinstance(model, DictConfig) and model.get("gguf_file") and not saved.get("model", {}).get("gguf_file"):
             # the run trained on the cached conversion of the GGUF file, and saved that (train.use_converted_gguf)
-            from lomo_lightning.models import converted_gguf_directory
-
             model.name_or_path = str(converted_gguf_directory(model.name_or_path, model.gguf_file, fresh.data.get("cache_dir")))
             model.gguf_file = None
     return fresh

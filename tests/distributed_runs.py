@@ -23,12 +23,12 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # n
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from lomo_lightning import SM3, AdaLomo, FusedOptimizationMixin, Lomo, SftAdamW  # noqa: E402
+from lomo_lightning import SM3, AdaLomo, FusedOptimizationMixin, Lomo, SFTAdamW  # noqa: E402
 from lomo_lightning.callbacks import HFTResampleCallback, SFTReselectionCallback  # noqa: E402
 from lomo_lightning.data import PreferenceCollator, PreferencePairs  # noqa: E402
 from lomo_lightning.dpo_module import FusedDPOModule  # noqa: E402
-from lomo_lightning.loss import chunked_causal_lm_loss  # noqa: E402
 from lomo_lightning.objectives import DPOObjective, sequence_log_probs  # noqa: E402
+from lomo_lightning.objectives.causal_lm import chunked_causal_lm_loss  # noqa: E402
 from lomo_lightning.selection import HalfFineTuning, SparseFineTuning  # noqa: E402
 from lomo_lightning.strategies import LomoFSDPStrategy, save_pretrained_consolidated  # noqa: E402
 
@@ -37,7 +37,7 @@ STEPS = 3
 RULES = {
     "adalomo": lambda params: AdaLomo(params, lr=1e-2, weight_decay=0.01),
     "lomo": lambda params: Lomo(params, lr=0.05, weight_decay=0.01),
-    "sftadamw": lambda params: SftAdamW(params, lr=1e-2, weight_decay=0.01),
+    "sftadamw": lambda params: SFTAdamW(params, lr=1e-2, weight_decay=0.01),
     "sm3": lambda params: SM3(params, lr=1e-2, weight_decay=0.01),
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01),  # unfused, under strategy="fsdp2"
 }

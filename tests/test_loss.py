@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB, batches, tiny_llama
 
-from lomo_lightning import AdaLomo, FusedUpdater
-from lomo_lightning.loss import chunked_causal_lm_loss
+from lomo_lightning import AdaLomo, FusedUpdater, chunked_causal_lm_loss
 from lomo_lightning.module import CausalLMModule
 
 

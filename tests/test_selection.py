@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from lomo_lightning.selection import HalfFineTuning, HftConfig, Selection, SftConfig, SparseFineTuning, modules_matching
+from lomo_lightning.selection import HalfFineTuning, HFTConfig, Selection, SFTConfig, SparseFineTuning, modules_matching
 
 SELECTIONS = {
     "hft": lambda seed: HalfFineTuning(seed=seed),
@@ -46,10 +46,10 @@ def test_a_selection_meets_the_contract_and_its_state_restores_the_same_selectio
 @pytest.mark.parametrize(
     "config, message",
     [
-        (lambda: HftConfig(ratio=1.5), "ratio"),
-        (lambda: HftConfig(preset="bert"), "preset"),
-        (lambda: SftConfig(density=0.0), "density"),
-        (lambda: SftConfig(regrowth="magnitude"), "regrowth"),
+        (lambda: HFTConfig(ratio=1.5), "ratio"),
+        (lambda: HFTConfig(preset="bert"), "preset"),
+        (lambda: SFTConfig(density=0.0), "density"),
+        (lambda: SFTConfig(regrowth="magnitude"), "regrowth"),
     ],
 )
 def test_a_bad_config_is_refused_naming_its_field(config, message):
@@ -58,9 +58,9 @@ def test_a_bad_config_is_refused_naming_its_field(config, message):
 
 
 def test_a_selection_takes_a_config_or_its_fields_not_both():
-    assert HalfFineTuning(HftConfig(ratio=0.25)).config.ratio == 0.25
-    assert HalfFineTuning(ratio=0.25).config == HftConfig(ratio=0.25)
-    for selection, config in ((HalfFineTuning, HftConfig()), (SparseFineTuning, SftConfig())):
+    assert HalfFineTuning(HFTConfig(ratio=0.25)).config.ratio == 0.25
+    assert HalfFineTuning(ratio=0.25).config == HFTConfig(ratio=0.25)
+    for selection, config in ((HalfFineTuning, HFTConfig()), (SparseFineTuning, SFTConfig())):
         with pytest.raises(TypeError, match="not both"):
             selection(config, seed=1)
 

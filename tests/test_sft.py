@@ -18,15 +18,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, LomoStrategy, SftAdamW
+from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, LomoStrategy, SFTAdamW
 from lomo_lightning.callbacks import SFTReselectionCallback
 from lomo_lightning.selection import SparseFineTuning, apply_sparse_delta, delta_size_report
-from lomo_lightning.selection.sft import SftConfig, SparseDeltaLinear, merge_sparse_deltas
+from lomo_lightning.selection.sft import SFTConfig, SparseDeltaLinear, merge_sparse_deltas
 from lomo_lightning.strategies import save_pretrained_consolidated
 
 BATCHES = batches(24)
 RULES = {
-    "sft_adamw": lambda params: SftAdamW(params, lr=1e-2, weight_decay=0.1),
+    "sft_adamw": lambda params: SFTAdamW(params, lr=1e-2, weight_decay=0.1),
     "sm3": lambda params: SM3(params, lr=1e-2, momentum=0.5, weight_decay=0.1),
     "adalomo": lambda params: AdaLomo(params, lr=1.0, weight_decay=0.1),  # relative to RMS(delta), floored at 1e-3
     "lomo": lambda params: Lomo(params, lr=0.05, weight_decay=0.1),
@@ -115,7 +115,7 @@ def test_only_active_entries_leave_the_base_and_pruned_entries_return_to_it_exac
     model = tiny_llama()
     base = {name: p.detach().clone() for name, p in model.named_parameters()}
     sft = sparse().apply(model)
-    optimizer = SftAdamW(model.parameters(), lr=1e-2)
+    optimizer = SFTAdamW(model.parameters(), lr=1e-2)
     train(model, sft, optimizer, range(9))  # reselections after steps 2 and 6
     before = {name: active(layer) for name, layer in sft.layers.items()}
     moved = effective_weights(sft)
@@ -156,7 +156,7 @@ def test_reselections_follow_the_reference_schedule(schedule):
 def test_accumulated_gradients_are_watched_over_the_reference_windows():
     model = tiny_llama()
     sft = sparse(reselection_steps=5, selection_accumulation_steps=2, total_steps=14).apply(model)
-    optimizer = SftAdamW(model.parameters(), lr=1e-2)
+    optimizer = SFTAdamW(model.parameters(), lr=1e-2)
     watched = []
     for step in range(1, 18):
         if next(iter(sft.layers.values())).gradient_observer is not None:
@@ -171,7 +171,7 @@ def test_the_first_reselection_replaces_at_least_90_percent_of_the_random_start(
     model = tiny_llama()
     sft = sparse(regrowth, density=0.02).apply(model)
     initial = {name: active(layer) for name, layer in sft.layers.items()}
-    optimizer = (SM3 if regrowth == "sm3" else SftAdamW)(model.parameters(), lr=1e-2)
+    optimizer = (SM3 if regrowth == "sm3" else SFTAdamW)(model.parameters(), lr=1e-2)
     train(model, sft, optimizer, range(2))
     kept = sum(len(initial[name] & active(layer)) for name, layer in sft.layers.items())
     assert kept <= 0.1 * sft.budget
@@ -202,7 +202,7 @@ def test_a_zero_gradient_with_weight_decay_leaves_every_weight_bit_identical(rul
 def test_a_bf16_base_learns_every_active_entry_and_the_exported_delta_reproduces_its_logits(tmp_path):
     model = tiny_llama(dtype=torch.bfloat16)
     sft = sparse(reselection_steps=8, selection_accumulation_steps=3, total_steps=20).apply(model)
-    optimizer = SftAdamW(model.parameters(), lr=1e-5)
+    optimizer = SFTAdamW(model.parameters(), lr=1e-5)
     train(model, sft, optimizer, range(20))  # the last reselection, after step 19, leaves one update to its entries
     for name, layer in sft.layers.items():
         assert layer.weight.dtype == torch.bfloat16 and layer.values.dtype == torch.float32
@@ -271,7 +271,7 @@ def test_accumulated_gradient_regrowth_seeds_moments_for_a_bias_correction_by_ea
     A, lr, (beta1, beta2), eps = 3, 1e-3, (0.9, 0.999), 1e-8
     model = tiny_llama()
     sft = sparse(reselection_steps=8, selection_accumulation_steps=A, total_steps=16).apply(model)
-    optimizer = SftAdamW(model.parameters(), lr=lr, betas=(beta1, beta2), eps=eps)
+    optimizer = SFTAdamW(model.parameters(), lr=lr, betas=(beta1, beta2), eps=eps)
     updater = FusedUpdater(model, optimizer)
     initial = {name: layer.indices.long().clone() for name, layer in sft.layers.items()}
     window: dict[str, list[torch.Tensor]] = {name: [] for name in sft.layers}
@@ -335,7 +335,7 @@ def test_a_quantized_base_learns_and_its_delta_merges_into_the_full_precision_ba
     with torch.no_grad():
         start = model(**batch).loss.item()
         quantization_gap = (model(**batch).logits - full(**batch).logits).abs().max().item()
-    optimizer = SftAdamW(model.parameters(), lr=1e-2)
+    optimizer = SFTAdamW(model.parameters(), lr=1e-2)
     updater = FusedUpdater(model, optimizer)
     for _ in range(12):  # the same batch: the loss must fall
         updater.backward(model(**batch).loss)
@@ -368,7 +368,7 @@ def test_fused_training_with_reselection_equals_unfused(rule):
 def test_fused_norm_clipping_measures_each_active_gradient_once():
     models = [tiny_llama(), tiny_llama()]
     sfts = [sparse().apply(model) for model in models]
-    optimizers = [SftAdamW(model.parameters(), lr=1e-2) for model in models]
+    optimizers = [SFTAdamW(model.parameters(), lr=1e-2) for model in models]
     train(models[0], sfts[0], optimizers[0], range(5), fused=False, clip_grad_norm=1e-3)
     train(models[1], sfts[1], optimizers[1], range(5), clip_grad_norm=1e-3)  # two backward passes a step
     for (name, expected), actual in zip(models[0].state_dict().items(), models[1].state_dict().values()):
@@ -380,7 +380,7 @@ def test_fused_norm_clipping_measures_each_active_gradient_once():
 def test_resuming_from_state_dicts_mid_window_continues_bit_identically():
     model = tiny_llama()
     sft = sparse(reselection_steps=5, selection_accumulation_steps=2).apply(model)
-    optimizer = SftAdamW(model.parameters(), lr=1e-2)
+    optimizer = SFTAdamW(model.parameters(), lr=1e-2)
     train(model, sft, optimizer, range(6))  # inside the window of steps 5..7
     assert sft.windows and next(iter(sft.windows.values())).samples == 2
     saved = {"model": model.state_dict(), "sft": sft.state_dict(), "optimizer": optimizer.state_dict()}
@@ -390,7 +390,7 @@ def test_resuming_from_state_dicts_mid_window_continues_bit_identically():
     resumed = sparse(reselection_steps=5, selection_accumulation_steps=2, seed=123).apply(resumed_model)
     resumed_model.load_state_dict(saved["model"])
     resumed.load_state_dict(saved["sft"])
-    resumed_optimizer = SftAdamW(resumed_model.parameters(), lr=1e-2)
+    resumed_optimizer = SFTAdamW(resumed_model.parameters(), lr=1e-2)
     resumed_optimizer.load_state_dict(saved["optimizer"])
     train(model, sft, optimizer, range(6, 14))
     train(resumed_model, resumed, resumed_optimizer, range(6, 14))
@@ -408,7 +408,7 @@ class SparseLM(pl.LightningModule):
         return self.model(**batch).loss
 
     def configure_optimizers(self):
-        return SftAdamW(self.model.parameters(), lr=self.lr)
+        return SFTAdamW(self.model.parameters(), lr=self.lr)
 
 
 def lightning_fit(tmp_path, epochs: int, strategy="auto", ckpt_path=None, seed: int = 0, total_steps: int | None = 10) -> tuple[nn.Module, SparseFineTuning, pl.Trainer]:
@@ -449,7 +449,7 @@ def test_the_consolidated_export_is_a_plain_model_with_the_deltas_merged(tmp_pat
 
     model = tiny_llama()
     sft = sparse().apply(model)
-    train(model, sft, SftAdamW(model.parameters(), lr=1e-2), range(5))
+    train(model, sft, SFTAdamW(model.parameters(), lr=1e-2), range(5))
     save_pretrained_consolidated(model, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
     assert not any(isinstance(m, SparseDeltaLinear) for m in reloaded.modules())
@@ -496,7 +496,7 @@ def test_bad_settings_fail_with_one_clear_line():
         (dict(quantize_base="int3"), "quantize_base"),
     ]:
         with pytest.raises(ValueError, match=match):
-            SftConfig(**options)
+            SFTConfig(**options)
     with pytest.raises(ValueError, match="budget"):
         SparseFineTuning(num_tunable_weights=10**9).apply(tiny_llama())
     with pytest.raises(ValueError, match="nn.Linear"):
@@ -506,6 +506,6 @@ def test_bad_settings_fail_with_one_clear_line():
     with pytest.raises(ValueError, match="once"):
         sparse().apply(model)
     with pytest.raises(TypeError, match="SM3"):
-        sft.step(SftAdamW(model.parameters()))
+        sft.step(SFTAdamW(model.parameters()))
     with pytest.raises(ValueError, match="total_steps"):
         SparseFineTuning(density=0.05, selection_accumulation_steps=1, reselection_steps=3).apply(tiny_llama()).step(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))

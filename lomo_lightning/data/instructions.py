@@ -28,12 +28,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from lomo_lightning._compat import dataset_fingerprint
 from lomo_lightning.data.base import TokenizedDataModule
 from lomo_lightning.data.cache import cache_key, cached_dataset_dict, quiet_progress_bars
 from lomo_lightning.data.stdlib import relative_key, split_files, stdlib_source_files
 from lomo_lightning.data.tokenizer import tokenizer_fingerprint
+from lomo_lightning.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -118,7 +119,7 @@ def map_tokenized(
     """``records.map(tokenize, batched=True)`` into new columns, cached under a name that says what it depends on."""
     # Name the result after everything it depends on, so datasets' own map cache can never mix tokenizers.
     fingerprint = cache_key(
-        records=records._fingerprint,
+        records=dataset_fingerprint(records),
         tokenize=tokenize.__qualname__,
         tokenizer=tokenizer_fingerprint(tokenizer),
         seq_len=seq_len,

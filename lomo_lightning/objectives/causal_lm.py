@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lomo_lightning.labels import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-IGNORE_INDEX = -100
 
 # Config attributes of models whose logits are not ``lm_head(hidden)``: their own forward must make them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")

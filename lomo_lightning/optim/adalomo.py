@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lomo_lightning.optim.base import PerParameterOptimizer, finish_update, needs_write_back
+from lomo_lightning.layout import ShardLayout, local_tensor
+from lomo_lightning.optim.base import PerParameterOptimizer, finish_update
 from lomo_lightning.optim.rounding import WriteBack
-from lomo_lightning.placement import ShardLayout, local_tensor
 
 
 class AdaLomo(PerParameterOptimizer):
@@ -88,7 +88,7 @@ class AdaLomo(PerParameterOptimizer):
         it right after), which saves a temporary the size of the parameter.
         """
         update = self.begin_step_parameter(param, grad, group, grad_is_scratch=grad_is_scratch)
-        finish_update(update, ShardLayout.of(param).sum_(next(update)))
+        finish_update(update, self.facts(param).layout.sum_(next(update)))
 
     def begin_step_parameter(
         self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False
@@ -99,24 +99,20 @@ class AdaLomo(PerParameterOptimizer):
         fp32 tensor); :func:`finish_update` sends them back summed over the group and runs it to the end.
         On a plain tensor the partial sums are already whole. The state's step count advances here.
         """
-        shard = ShardLayout.of(param)
-        local_param, local_grad = local_tensor(param), local_tensor(grad)
+        facts = self._facts.get(param) or self.facts(param)
+        shard = facts.layout
         state = self.state[param]
         if not state:
-            state["step"] = torch.tensor(0.0)
-            if param.dim() >= 2:
-                # under FSDP2 each rank keeps the statistics of its own rows and of one chunk of the columns
-                rows, cols = local_param.shape[0], math.prod(param.shape[1:])
-                device = local_param.device
-                state["exp_avg_sq_row"] = shard.like_rows(torch.zeros(rows, dtype=torch.float32, device=device), param)
-                state["exp_avg_sq_col"] = shard.column_chunk(torch.zeros(cols, dtype=torch.float32, device=device), param)
-            else:
-                state["exp_avg_sq"] = shard.like_rows(torch.zeros_like(local_param, dtype=torch.float32), param)
+            self._init_state(param, state, shard)
         state["step"] += 1
+        write_back = self.write_back(param, group, state) if facts.low_precision else None
+        if facts.distributed:  # elementwise work on the local shards, the state's included
+            param, grad = local_tensor(param), local_tensor(grad)
+            state = {key: local_tensor(value) for key, value in state.items()}
         return adalomo_update(
-            local_param,
-            local_grad.to(torch.float32, copy=not grad_is_scratch),
-            {key: local_tensor(value) for key, value in state.items()},
+            param,
+            grad.to(torch.float32, copy=not grad_is_scratch),
+            state,
             step=state["step"].item(),
             lr=group["lr"],
             eps=group["eps"],
@@ -124,8 +120,22 @@ class AdaLomo(PerParameterOptimizer):
             decay_rate=group["decay_rate"],
             weight_decay=group["weight_decay"],
             shard=shard,
-            write_back=self.write_back(param, group, state) if needs_write_back(param) else None,
+            write_back=write_back,
         )
+
+    @staticmethod
+    def _init_state(param: Tensor, state: dict[str, Any], shard: ShardLayout) -> None:
+        """The fp32 statistics of a parameter's first step; under FSDP2 each rank keeps those of its own
+        rows and of one chunk of the columns."""
+        local_param = local_tensor(param)
+        state["step"] = torch.tensor(0.0)
+        if param.dim() >= 2:
+            rows, cols = local_param.shape[0], math.prod(param.shape[1:])
+            device = local_param.device
+            state["exp_avg_sq_row"] = shard.like_rows(torch.zeros(rows, dtype=torch.float32, device=device), param)
+            state["exp_avg_sq_col"] = shard.column_chunk(torch.zeros(cols, dtype=torch.float32, device=device), param)
+        else:
+            state["exp_avg_sq"] = shard.like_rows(torch.zeros_like(local_param, dtype=torch.float32), param)
 
 
 # Rows per block times columns: 1 MiB of fp32, a temporary small enough to stay in cache.

@@ -1,17 +1,20 @@
-"""What every rule here shares: ``step()`` is a loop over parameters calling ``step_parameter``,
-and 16-bit parameters are written back with the rounding of their param group."""
+"""What the update rules share: the protocols the fused engine calls (:class:`FusableRule`,
+:class:`SplitStepRule`), their base class :class:`PerParameterOptimizer` (``step()`` is a loop over
+parameters calling ``step_parameter``, each parameter's fixed facts learned once), the write-back of a
+16-bit parameter's fp32 result (:func:`write_back_of`), state dtypes kept through ``load_state_dict``, and
+:func:`finish_update`, which completes a split step."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, Protocol, overload, runtime_checkable
+from typing import Any, NamedTuple, Protocol, overload, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lomo_lightning.layout import ShardLayout, flat_offset, is_distributed, local_tensor
 from lomo_lightning.optim.rounding import WriteBack, check_rounding, is_low_precision
-from lomo_lightning.placement import flat_offset, local_tensor
 
 
 @runtime_checkable
@@ -33,13 +36,24 @@ class SplitStepRule(FusableRule, Protocol):
     """A rule whose step needs sums over a whole sharded tensor, and can split it around them.
 
     ``begin_step_parameter`` is ``step_parameter`` as a generator: it yields its partial sums once (a 1-D
-    fp32 tensor) and finishes when sent them summed over :func:`~lomo_lightning.placement.shard_group`
-    (:func:`finish_update`). On FSDP2 shards the engine batches those collectives, one per unit.
+    fp32 tensor) and finishes when sent them summed over :func:`~lomo_lightning.layout.shard_group`
+    (:func:`finish_update`). On FSDP2 shards the engine batches those collectives, one per unit. ``grad``
+    may be the local shard of a ``DTensor`` parameter's gradient.
     """
 
     def begin_step_parameter(
         self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False
     ) -> Generator[Tensor, Tensor, None]: ...
+
+
+class ParameterFacts(NamedTuple):
+    """What a rule needs to know about one parameter that does not change between steps."""
+
+    layout: ShardLayout  # where its whole-tensor statistics are completed
+    offset: int  # the position of its local shard's first element in the whole flattened tensor
+    position: int  # its index among all parameters of all param groups (stochastic rounding's key)
+    distributed: bool  # a DTensor: elementwise work runs on its local shard (asked each step: FSDP2 may replace it)
+    low_precision: bool  # bf16/fp16: updated on an fp32 working copy and written back
 
 
 class PerParameterOptimizer(Optimizer):
@@ -51,7 +65,9 @@ class PerParameterOptimizer(Optimizer):
     A bf16/fp16 parameter is updated on an fp32 working copy, written back with the group's
     ``rounding`` (:mod:`lomo_lightning.optim.rounding`; ``"stochastic"`` draws its bits from the group's
     ``seed``, the parameter's step and its position in the param groups). The state stays in the dtype it
-    was made in, also when loaded from a checkpoint.
+    was made in, also when loaded from a checkpoint. What is fixed about a parameter
+    (:class:`ParameterFacts`) is learned once (:meth:`learn_facts`, which the fused engine calls when it
+    attaches) and forgotten when the param groups change.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]):
@@ -62,11 +78,35 @@ class PerParameterOptimizer(Optimizer):
             defaults["seed"] = torch.initial_seed()
         super().__init__(params, defaults)
         keep_state_dtypes(self)
-        self._positions: dict[Tensor, int] = {}
+        self._facts: dict[Tensor, ParameterFacts] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_rounding(param_group.get("rounding", self.defaults["rounding"]), type(self).__name__)
         super().add_param_group(param_group)
+        self._facts = {}  # positions moved
+
+    def learn_facts(self, params: Iterable[Tensor]) -> None:
+        """Learn the fixed facts of ``params`` now rather than at their first step."""
+        for param in params:
+            self.facts(param)
+
+    def facts(self, param: Tensor) -> ParameterFacts:
+        """The fixed facts of ``param``, learned at the first call (a rule's hot path reads ``self._facts`` first)."""
+        known = self._facts.get(param)
+        if known is not None:
+            return known
+        position = next((i for i, p in enumerate(p for group in self.param_groups for p in group["params"]) if p is param), None)
+        if position is None:
+            raise KeyError(f"{type(self).__name__}: the parameter of shape {tuple(param.shape)} is in none of its param groups.")
+        facts = ParameterFacts(
+            layout=ShardLayout.of(param),
+            offset=flat_offset(param),
+            position=position,
+            distributed=is_distributed(param),
+            low_precision=needs_write_back(param),
+        )
+        self._facts[param] = facts
+        return facts
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -95,14 +135,15 @@ class PerParameterOptimizer(Optimizer):
     def write_back(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> WriteBack:
         """How the fp32 result for ``param`` (bf16/fp16) is written back; stochastic rounding keys its
         bits on ``state["step"]``, which the rule has advanced for this update."""
-        step = int(state["step"]) if group["rounding"] == "stochastic" else 0
-        return write_back_of(param, group, state, step=step, position=self.position(param))
+        facts = self._facts.get(param) or self.facts(param)
+        if group["rounding"] == "stochastic":
+            key = (group["seed"], int(state["step"]), facts.position)
+            return WriteBack("stochastic", key=key, offset=facts.offset, numel=facts.layout.numel)
+        return write_back_of(param, group, state, step=0, position=facts.position)
 
     def position(self, param: Tensor) -> int:
         """The index of ``param`` among all parameters of all param groups, in order."""
-        if param not in self._positions:
-            self._positions = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
-        return self._positions[param]
+        return (self._facts.get(param) or self.facts(param)).position
 
 
 def write_back_of(

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lomo_lightning.optim.base import PerParameterOptimizer, needs_write_back
+from lomo_lightning.layout import local_tensor
+from lomo_lightning.optim.base import PerParameterOptimizer
 from lomo_lightning.optim.rounding import WriteBack
-from lomo_lightning.placement import local_tensor
 
 
 class Lomo(PerParameterOptimizer):
@@ -51,17 +51,18 @@ class Lomo(PerParameterOptimizer):
     @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
         """Update ``param`` alone from ``grad`` with the hyper-parameters of ``group``."""
+        facts = self._facts.get(param) or self.facts(param)
         write_back = None
-        if needs_write_back(param):
+        if facts.low_precision:
             state = self.state[param]
             if group["rounding"] == "stochastic":
                 state.setdefault("step", torch.tensor(0.0))
                 state["step"] += 1
             write_back = self.write_back(param, group, state)
         # elementwise: a shard (FSDP2 DTensor) is updated through its local tensor, without DTensor dispatch
-        lomo_update(
-            local_tensor(param), local_tensor(grad), lr=group["lr"], weight_decay=group["weight_decay"], write_back=write_back
-        )
+        if facts.distributed:
+            param, grad = local_tensor(param), local_tensor(grad)
+        lomo_update(param, grad, lr=group["lr"], weight_decay=group["weight_decay"], write_back=write_back)
 
 
 def lomo_update(param: Tensor, grad: Tensor, *, lr: float, weight_decay: float, write_back: WriteBack | None = None) -> None:

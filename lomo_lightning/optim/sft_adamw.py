@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lomo_lightning.layout import local_tensor
 from lomo_lightning.optim.base import PerParameterOptimizer
-from lomo_lightning.placement import local_tensor
 
 
-class SftAdamW(PerParameterOptimizer):
-    r"""AdamW with a per-entry step count, the update rule of SpIEL's reference (``SftAdamW``).
+class SFTAdamW(PerParameterOptimizer):
+    r"""AdamW with a per-entry step count, the update rule of SpIEL's reference (its ``SftAdamW``).
 
     Each entry keeps an ``age`` :math:`a` (the number of steps its moments have seen, 1 at its first
     step). For the gradient :math:`g`:
@@ -54,13 +54,13 @@ class SftAdamW(PerParameterOptimizer):
         seed: int | None = None,
     ):
         if lr < 0.0:
-            raise ValueError(f"SftAdamW: lr must be >= 0, got {lr}.")
+            raise ValueError(f"SFTAdamW: lr must be >= 0, got {lr}.")
         if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"SftAdamW: betas must be in [0, 1), got {betas}.")
+            raise ValueError(f"SFTAdamW: betas must be in [0, 1), got {betas}.")
         if eps < 0.0:
-            raise ValueError(f"SftAdamW: eps must be >= 0, got {eps}.")
+            raise ValueError(f"SFTAdamW: eps must be >= 0, got {eps}.")
         if weight_decay < 0.0:
-            raise ValueError(f"SftAdamW: weight_decay must be >= 0, got {weight_decay}.")
+            raise ValueError(f"SFTAdamW: weight_decay must be >= 0, got {weight_decay}.")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rounding=rounding, seed=seed))
 
     @torch.no_grad()
@@ -93,4 +93,7 @@ class SftAdamW(PerParameterOptimizer):
         age.add_(1.0)
 
 
-__all__ = ["SftAdamW"]
+# The name before one casing of acronyms (issue 20), still importable: it was public.
+SftAdamW = SFTAdamW
+
+__all__ = ["SFTAdamW", "SftAdamW"]

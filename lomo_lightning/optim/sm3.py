@@ -6,27 +6,14 @@ fine-tuning, where its row and column accumulators also score which inactive ent
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lomo_lightning.layout import matrix_entries, shard_group
 from lomo_lightning.optim.base import PerParameterOptimizer
-from lomo_lightning.placement import shard_group
-
-MATRIX_ENTRIES = "matrix_entries"
-
-
-def matrix_entries(param: Tensor) -> tuple[Tensor, tuple[int, int]] | None:
-    """``(flat indices, matrix shape)`` when ``param`` holds entries of a larger matrix, else ``None``.
-
-    A 1-D parameter that stands for ``k`` entries of an ``(rows, cols)`` matrix (the ``values`` of
-    :class:`~lomo_lightning.selection.sft.SparseDeltaLinear`) carries an attribute ``matrix_entries``:
-    a callable returning its current flat indices (which change when entries are regrown) and the shape.
-    """
-    locate: Callable[[], tuple[Tensor, tuple[int, int]]] | None = getattr(param, MATRIX_ENTRIES, None)
-    return None if locate is None else locate()
 
 
 class SM3(PerParameterOptimizer):

@@ -13,7 +13,7 @@ from torch import nn
 class Selection(Protocol):
     """Which parameters, or which entries of them, learn: what HFT and SFT (and a new selection) provide.
 
-    - ``config``: the settings, a dataclass that checks itself (:class:`HftConfig`, :class:`SftConfig`);
+    - ``config``: the settings, a dataclass that checks itself (:class:`HFTConfig`, :class:`SFTConfig`);
       the selection is built from one, or from its fields as keyword arguments (Hydra's ``_target_``).
     - ``apply(model)``: decide what learns, in place, before the optimizer is built: ``requires_grad``
       (HFT), or new trainable tensors beside frozen weights (SFT). It never does the update's arithmetic:

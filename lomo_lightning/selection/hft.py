@@ -108,7 +108,7 @@ class HFTMask:
 
 
 @dataclass
-class HftConfig:
+class HFTConfig:
     """The settings of :class:`HalfFineTuning`.
 
     Args:
@@ -140,14 +140,14 @@ class HalfFineTuning:
     """Freeze about ``1 - ratio`` of each transformer block's parameters, per category (see module docstring).
 
     Args:
-        config: an :class:`HftConfig`; or pass its fields as keyword arguments
+        config: an :class:`HFTConfig`; or pass its fields as keyword arguments
             (``HalfFineTuning(ratio=0.5, seed=0)``).
     """
 
-    def __init__(self, config: HftConfig | None = None, **options: Any) -> None:
+    def __init__(self, config: HFTConfig | None = None, **options: Any) -> None:
         if config is not None and options:
             raise TypeError("HalfFineTuning takes a config or keyword arguments, not both")
-        self.config = config if config is not None else HftConfig(**options)
+        self.config = config if config is not None else HFTConfig(**options)
         self.seed = self.config.seed  # the seed of the mask in force: resample() moves it on
         self.mask: HFTMask | None = None
 
@@ -326,4 +326,7 @@ def _model_type(model: nn.Module) -> str | None:
     return None
 
 
-__all__ = ["HalfFineTuning", "HftConfig", "HFTMask", "HFTPatterns", "PRESETS"]
+# The name before one casing of acronyms (issue 20), still importable: it was public.
+HftConfig = HFTConfig
+
+__all__ = ["HFTConfig", "HFTMask", "HFTPatterns", "PRESETS", "HalfFineTuning", "HftConfig"]

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import Strategy
@@ -15,7 +12,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lomo_lightning._compat import PathLike, grad_scaler_scale, trainer_of
 from lomo_lightning.fused import DynamicLossScaler, FusedUpdater
+
+if TYPE_CHECKING:
+    from lomo_lightning._compat import StrategyRegistry
 
 CHECKPOINT_KEY = "lomo_lightning"
 
@@ -56,14 +57,14 @@ class FusedStrategy(Strategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         register_own_name(cls, strategy_registry)
 
     @override
     def connect(self, model: LightningModule) -> None:
         # before Lightning's own check, whose message for manual optimization does not say why
-        if model._trainer is not None:
-            _refuse_accumulation(model._trainer)
+        if trainer_of(model) is not None:
+            _refuse_accumulation(trainer_of(model))
         super().connect(model)
 
     @override
@@ -86,7 +87,6 @@ class FusedStrategy(Strategy):
         clip_norm, clip_value = self._resolve_clipping(trainer)
         assert self.lightning_module is not None
         self.fused_updater = self.make_fused_updater(
-            self.lightning_module,
             self.optimizers[0],
             clip_grad_norm=clip_norm,
             clip_grad_value=clip_value,
@@ -96,9 +96,10 @@ class FusedStrategy(Strategy):
             self.fused_updater.load_state_dict(self._restored_engine_state)
             self._restored_engine_state = None
 
-    def make_fused_updater(self, module: torch.nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
-        """The engine for this placement: a plain :class:`FusedUpdater` on one device."""
-        return FusedUpdater(module, optimizer, **kwargs)
+    def make_fused_updater(self, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+        """The engine for this placement, over the LightningModule: a plain :class:`FusedUpdater` on one device."""
+        assert self.lightning_module is not None
+        return FusedUpdater(self.lightning_module, optimizer, **kwargs)
 
     def _resolve_clipping(self, trainer: Trainer) -> tuple[float | None, float | None]:
         """The strategy's own clipping, else ``Trainer(gradient_clip_val=..., gradient_clip_algorithm=...)``."""
@@ -125,7 +126,7 @@ class FusedStrategy(Strategy):
             return None
         scaler = precision.scaler
         loss_scaler = DynamicLossScaler(
-            scale=float(scaler.get_scale()) if scaler._scale is not None else float(scaler._init_scale),
+            scale=grad_scaler_scale(scaler),
             growth_factor=scaler.get_growth_factor(),
             backoff_factor=scaler.get_backoff_factor(),
             growth_interval=scaler.get_growth_interval(),
@@ -168,13 +169,13 @@ class FusedStrategy(Strategy):
     # -- checkpoints -------------------------------------------------------------------------------
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: PathLike, storage_options: Any | None = None) -> None:
         if self.fused_updater is not None:
             checkpoint[CHECKPOINT_KEY] = self.fused_updater.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is not None:
@@ -207,7 +208,7 @@ _MODULE_HOOKS_WITHOUT_GRADIENTS = {
 }
 
 
-def register_own_name(cls: type[Strategy], strategy_registry: _StrategyRegistry) -> None:
+def register_own_name(cls: type[Strategy], strategy_registry: StrategyRegistry) -> None:
     """Register ``cls.strategy_name`` (``Trainer(strategy="lomo")``) if ``cls`` names itself, not its parent's name."""
     if "strategy_name" in cls.__dict__:
         strategy_registry.register(cls.__dict__["strategy_name"], cls, description=cls.__dict__["description"], override=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -35,6 +35,28 @@ class ReplicatedFusedUpdater(FusedUpdater):
 
     def __init__(self, ddp_model: DistributedDataParallel, optimizer: Optimizer, **kwargs: Any):
         super().__init__(ddp_model.module, optimizer, placement=Replicas(ddp_model), **kwargs)
+        ddp_model.register_comm_hook(state=self, hook=allreduce_then_update)
+
+
+def allreduce_then_update(engine, bucket):
+    """DDP communication hook: average the bucket, then update (or measure) each of its parameters.
+
+    (Unannotated: DDP checks the annotations by identity, which postponed annotations would fail.)
+    """
+    placement = engine.placement
+    buffer = bucket.buffer()
+    buffer.div_(dist.get_world_size(placement.group))
+    reduced = dist.all_reduce(buffer, group=placement.group, async_op=True).get_future()
+    trainable = placement.reduced  # the engine's trainable set (Replicas.attach checks)
+
+    def update(future):
+        averaged = future.value()[0]
+        for param, grad in zip(bucket.parameters(), bucket.gradients()):
+            if param in trainable:
+                engine.apply_gradient(param, grad)
+        return averaged.zero_()
+
+    return reduced.then(update)
 
 
 class LomoDDPStrategy(FusedStrategy, DDPStrategy):
@@ -63,7 +85,7 @@ class LomoDDPStrategy(FusedStrategy, DDPStrategy):
         super().__init__(clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, **kwargs)
 
     @override
-    def make_fused_updater(self, module: torch.nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+    def make_fused_updater(self, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
         if not isinstance(self.model, DistributedDataParallel):
             raise RuntimeError(f"strategy='lomo_ddp' expected the model wrapped in DistributedDataParallel, got {type(self.model)}.")
         return ReplicatedFusedUpdater(self.model, optimizer, **kwargs)

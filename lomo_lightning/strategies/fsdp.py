@@ -1,10 +1,17 @@
-"""strategy="lomo_fsdp": fused updates on FSDP2 shards.
+"""FSDP2 for Hugging Face models: strategy="fsdp2" (unfused) and strategy="lomo_fsdp" (fused updates on shards).
+
+What the module holds: :class:`ShardedFusedUpdater` (the engine on FSDP2 shards, usable without Lightning),
+:func:`shard_transformers` (``fully_shard`` per transformer block, then each model root, leaving
+:func:`replicated_parameters` whole), :class:`FSDP2Strategy` (Lightning's ``ModelParallelStrategy`` on a
+1-D mesh that shards the model itself, the unfused baseline), :class:`LomoFSDPStrategy` (the same with
+the fused engine) and :func:`save_pretrained_consolidated` (a plain Hugging Face checkpoint from shards).
 
 FSDP2 reduce-scatters each block's gradients in its post-backward and then runs the
 ``register_post_accumulate_grad_hook`` hooks of the *sharded* parameters (``DTensor`` on ``Shard(0)``),
 so the engine's ordinary hook sees the final, averaged gradient of the local shard and nothing else.
 The update rule acts on that shard; statistics spanning a whole tensor are completed inside the rule
-(:class:`~lomo_lightning.placement.ShardLayout`), and the global gradient norm and the skip verdict here.
+(:class:`~lomo_lightning.layout.ShardLayout`), the global gradient norm and the skip verdict by the
+placement (:class:`~lomo_lightning.placement.Shards`).
 
 Sparse fine-tuning's values are small and stay out of ``fully_shard`` (``ignored_params``): replicated,
 whole on every rank. FSDP2 does not reduce their gradients, so the engine averages them over the ranks
@@ -22,9 +29,6 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.init import _materialize_distributed_module
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -33,6 +37,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lomo_lightning._compat import materialize_distributed_module, optimizers_to_device, set_device_mesh
 from lomo_lightning.checkpointing import check_metadata_digest, publish_directory, staging_path, write_metadata_digest
 from lomo_lightning.files import remove_entry
 from lomo_lightning.fused import FusedUpdater
@@ -43,6 +48,8 @@ from lomo_lightning.strategies.base import FusedStrategy, register_own_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from lomo_lightning._compat import StrategyRegistry
 
 
 class ShardedFusedUpdater(FusedUpdater):
@@ -58,7 +65,7 @@ class ShardedFusedUpdater(FusedUpdater):
     """
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, group: dist.ProcessGroup | None = None, **kwargs: Any):
-        super().__init__(model, optimizer, placement=Shards(group), **kwargs)
+        super().__init__(model, optimizer, placement=Shards(group, replicated=replicated_parameters(model)), **kwargs)
 
 
 def transformer_roots(module: nn.Module) -> list[nn.Module]:
@@ -171,7 +178,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         register_own_name(cls, strategy_registry)
 
     @override
@@ -185,7 +192,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("data_parallel",))
         assert self.lightning_module is not None
-        self.lightning_module._device_mesh = self._device_mesh
+        set_device_mesh(self.lightning_module, self._device_mesh)
 
     @property
     @override
@@ -206,7 +213,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                 mp_policy=self._mixed_precision_policy(),
                 reshard_after_forward=self.reshard_after_forward,
             )
-        _materialize_distributed_module(self.model, self.root_device)
+        materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()
@@ -214,7 +221,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            optimizers_to_device(self.optimizers, self.root_device)
 
     def _mixed_precision_policy(self) -> Any:
         if self.mp_policy is not None:
@@ -281,8 +288,9 @@ class LomoFSDPStrategy(FusedStrategy, FSDP2Strategy):
         super().__init__(clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, **kwargs)
 
     @override
-    def make_fused_updater(self, module: nn.Module, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
-        return ShardedFusedUpdater(module, optimizer, group=self.device_mesh.get_group(), **kwargs)
+    def make_fused_updater(self, optimizer: Optimizer, **kwargs: Any) -> FusedUpdater:
+        assert self.lightning_module is not None
+        return ShardedFusedUpdater(self.lightning_module, optimizer, group=self.device_mesh.get_group(), **kwargs)
 
 
 def save_pretrained_consolidated(trainer_or_module: Trainer | LightningModule | nn.Module, directory: str | os.PathLike) -> None:

@@ -10,8 +10,8 @@ BASE_QUANTIZATIONS = ("int8", "nf4")
 
 
 @dataclass
-class SftConfig:
-    """The settings of :class:`~lomo_lightning.selection.sft.SparseFineTuning` (SpIEL's ``SftConfig``).
+class SFTConfig:
+    """The settings of :class:`~lomo_lightning.selection.sft.SparseFineTuning` (SpIEL's ``SFTConfig``).
 
     Args:
         density: the budget as a fraction of **all** the model's parameters (tied ones counted once),
@@ -68,4 +68,7 @@ class SftConfig:
             raise ValueError(f"unknown quantize_base {self.quantize_base!r}; choose one of {BASE_QUANTIZATIONS} or null")
 
 
-__all__ = ["BASE_QUANTIZATIONS", "PRUNE_SCHEDULES", "REGROWTH_RULES", "SftConfig"]
+# The name before one casing of acronyms (issue 20), still importable: it was public.
+SftConfig = SFTConfig
+
+__all__ = ["BASE_QUANTIZATIONS", "PRUNE_SCHEDULES", "REGROWTH_RULES", "SFTConfig", "SftConfig"]

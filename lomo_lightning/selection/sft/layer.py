@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lomo_lightning.optim.sm3 import MATRIX_ENTRIES
+from lomo_lightning._compat import csr_row_pointers, version_counter
+from lomo_lightning.layout import MATRIX_ENTRIES
 from lomo_lightning.selection.sft.quantize import dense_weight
 
 # Called once per autograd node with the layer's output gradient and input as 2-D (tokens x features)
@@ -41,7 +42,7 @@ class SparseDeltaLinear(nn.Module):
     and :math:`X` once per autograd node, so a second backward over the same graph (the norm-measuring
     pass of two-pass clipping) is not counted twice.
 
-    ``values`` carries ``matrix_entries`` (see :func:`lomo_lightning.optim.sm3.matrix_entries`), so that
+    ``values`` carries ``matrix_entries`` (see :func:`lomo_lightning.layout.matrix_entries`), so that
     SM3 keeps row and column accumulators of the whole matrix for it.
     """
 
@@ -72,8 +73,8 @@ class SparseDeltaLinear(nn.Module):
 
     def sparsity_pattern(self) -> Tensor:
         """The active entries as an ``(out, in)`` CSR tensor, rebuilt only after ``indices`` changed."""
-        if self._pattern is None or self._pattern[0] is not self.indices or self._pattern[1] != self.indices._version:
-            self._pattern = (self.indices, self.indices._version, csr_pattern(self.indices, self.weight_shape))
+        if self._pattern is None or self._pattern[0] is not self.indices or self._pattern[1] != version_counter(self.indices):
+            self._pattern = (self.indices, version_counter(self.indices), csr_pattern(self.indices, self.weight_shape))
         return self._pattern[2]
 
     @property
@@ -103,7 +104,7 @@ def csr_pattern(indices: Tensor, shape: tuple[int, int]) -> Tensor:
     """A CSR tensor of ``shape`` with zeros at the sorted flat ``indices`` (``sampled_addmm`` multiplies them by beta=0)."""
     rows = torch.div(indices, shape[1], rounding_mode="floor")
     cols = indices - rows * shape[1]
-    crow = torch._convert_indices_from_coo_to_csr(rows, shape[0], out_int32=indices.dtype == torch.int32)
+    crow = csr_row_pointers(rows, shape[0], out_int32=indices.dtype == torch.int32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from lomo_lightning.optim.sm3 import SM3
 from lomo_lightning.selection.base import modules_matching
-from lomo_lightning.selection.sft.config import SftConfig
+from lomo_lightning.selection.sft.config import SFTConfig
 from lomo_lightning.selection.sft.layer import SparseDeltaLinear, index_dtype, merged_weight
 from lomo_lightning.selection.sft.quantize import quantize_weight
 from lomo_lightning.selection.sft.regrowth import CandidateWindow, regrow_by_accumulated_gradients, regrow_by_sm3
@@ -39,13 +39,13 @@ class SparseFineTuning:
     opens it after step ``R*n - 1``).
 
     Args:
-        config: an :class:`SftConfig`; or pass its fields as keyword arguments.
+        config: an :class:`SFTConfig`; or pass its fields as keyword arguments.
     """
 
-    def __init__(self, config: SftConfig | None = None, **options: Any) -> None:
+    def __init__(self, config: SFTConfig | None = None, **options: Any) -> None:
         if config is not None and options:
             raise TypeError("SparseFineTuning takes a config or keyword arguments, not both")
-        self.config = config if config is not None else SftConfig(**options)
+        self.config = config if config is not None else SFTConfig(**options)
         self.completed_steps = 0
         # backward passes per optimizer step (gradient accumulation): an AG sample counts 1/accumulation_steps of a step
         self.accumulation_steps = 1

@@ -9,7 +9,7 @@ so the weight there is ``W0`` again) and grow as many inactive ones, whose value
   active entry that is pruned and is also among them survives instead: it keeps its value and state.
   A regrown entry's AdamW moments start from the window's mean gradient and mean squared gradient,
   counter-corrected for a per-entry ``age`` (the number of steps they average), so that the rule's
-  per-entry bias correction (:class:`~lomo_lightning.optim.sft_adamw.SftAdamW`) recovers the means.
+  per-entry bias correction (:class:`~lomo_lightning.optim.sft_adamw.SFTAdamW`) recovers the means.
 - SpIEL-MA (:func:`regrow_by_sm3`): the inactive entries with the largest ``row_i * col_j`` of the SM3
   rule's accumulators (fed by the active entries, never reset) grow; SM3's statistics stay as they are.
 
