@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lomo_lightning.objectives.causal_lm import check_chunked_loss, chunked_causal_lm_loss
+from lomo_lightning.objectives.causal_lm import ChunkTokens, auto_chunk_tokens, check_chunked_loss, chunked_causal_lm_loss
 from lomo_lightning.strategies import fused_updater_of
 
 IGNORE_INDEX = -100
@@ -115,7 +115,9 @@ class CausalLMModule(LightningModule):
             (frozen ones included, so that a selection may unfreeze them later).
         loss_chunk_tokens: compute the LM head and the loss this many tokens at a time
             (:func:`~lomo_lightning.objectives.causal_lm.chunked_causal_lm_loss`), so that the full fp32 logits never
-            exist; ``None`` calls ``model(**batch).loss``.
+            exist; ``None`` calls ``model(**batch).loss``; ``"auto"`` (default) chunks a batch whose logits would
+            take more than 2% of the device's memory (:func:`~lomo_lightning.objectives.causal_lm.auto_chunk_tokens`),
+            and calls ``model(**batch).loss`` otherwise.
     """
 
     def __init__(
@@ -124,11 +126,11 @@ class CausalLMModule(LightningModule):
         optimizer: Callable[[Iterable[Tensor]], Optimizer],
         scheduler: Callable[..., Any] | None = None,
         trainable: list[Tensor] | None = None,
-        loss_chunk_tokens: int | None = None,
+        loss_chunk_tokens: ChunkTokens = "auto",
     ) -> None:
         super().__init__()
-        if loss_chunk_tokens is not None:
-            check_chunked_loss(model, loss_chunk_tokens)
+        if loss_chunk_tokens not in (None, "auto"):
+            check_chunked_loss(model, cast(int, loss_chunk_tokens))
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -137,9 +139,12 @@ class CausalLMModule(LightningModule):
         self.val_loss = MeanMetric()
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        if self.loss_chunk_tokens is None:
+        chunk_tokens = self.loss_chunk_tokens
+        if chunk_tokens == "auto":
+            chunk_tokens = auto_chunk_tokens(self.model, batch["input_ids"])
+        if chunk_tokens is None:
             return self.model(**batch).loss
-        return chunked_causal_lm_loss(self.model, chunk_tokens=self.loss_chunk_tokens, **batch)
+        return chunked_causal_lm_loss(self.model, chunk_tokens=chunk_tokens, **batch)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.compute_loss(batch)

@@ -91,7 +91,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     callbacks = [build(callback) for callback in cfg.callbacks.values() if callback is not None]
     if selector is not None:
         callbacks.append(build(cfg.selection.callback)(selector))
-    if cfg.get("loss_chunk_tokens") is not None:
+    if cfg.get("loss_chunk_tokens") not in (None, "auto"):
         try:
             check_chunked_loss(model, cfg.loss_chunk_tokens)
         except (TypeError, ValueError) as error:

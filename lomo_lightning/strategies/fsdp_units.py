@@ -14,12 +14,13 @@ or :data:`GATHERED_FRACTION` of the device's memory, for the unit at work plus t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
+
+from lomo_lightning.device_memory import device_memory_bytes
 
 Unit = Literal["block", "projection", "auto"]
 UNITS: tuple[str, ...] = ("block", "projection", "auto")
@@ -53,15 +54,6 @@ def units_of(blocks: Iterable[nn.Module], unit: str) -> list[nn.Module]:
 def gathered_bytes(module: nn.Module, param_dtype: torch.dtype | None = None) -> int:
     """Bytes of ``module``'s parameters once all-gathered, in ``param_dtype`` (the mixed-precision policy's) if set."""
     return sum(p.numel() * (param_dtype or p.dtype).itemsize for p in module.parameters())
-
-
-def device_memory_bytes(device: torch.device) -> int:
-    """Total memory of ``device``: an accelerator's own, or the host's physical memory for the CPU."""
-    if device.type != "cpu":
-        module: Any = torch.get_device_module(device.type)
-        if hasattr(module, "get_device_properties"):
-            return int(module.get_device_properties(device).total_memory)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def gathered_budget(device: torch.device, max_gathered_bytes: int | None = None) -> int:
@@ -113,7 +105,6 @@ __all__ = [
     "UNITS",
     "Unit",
     "choose_unit",
-    "device_memory_bytes",
     "gathered_budget",
     "gathered_bytes",
     "projections",
