@@ -49,8 +49,9 @@ class DPOModule(CausalLMModule):
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
+        activation_offloading: bool | str = "auto",
     ) -> None:
-        super().__init__(model, optimizer, scheduler, trainable, loss_chunk_tokens)
+        super().__init__(model, optimizer, scheduler, trainable, loss_chunk_tokens, activation_offloading)
         self.objective = DPOObjective(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         self.val_rewards = nn.ModuleDict({name: MeanMetric() for name in REWARD_METRICS})
 

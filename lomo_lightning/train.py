@@ -138,6 +138,7 @@ def build_module(
             optimizer=optimizer,
             scheduler=scheduler,
             loss_chunk_tokens=cfg.get("loss_chunk_tokens"),
+            activation_offloading=cfg.get("activation_offloading", "auto"),
             **options,
         )
     except ValueError as error:
