@@ -579,19 +579,15 @@ def _measure_key(key: tuple) -> tuple[tuple, dict[str, Any]]:
 
 def _cache_key(key: tuple) -> str:
     size, method, layers, setting, adalomo_blocks = key
-    return json.dumps([size, method, layers, asdict(setting), adalomo_blocks, _code_version()])
-
-
-def _code_version() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return json.dumps([size, method, layers, asdict(setting), adalomo_blocks])
 
 
 def measure_ahead(build: Callable[[], Any], workers: int, log: Callable[[str], None], cache: Path | None = None) -> None:
     """Run every measurement ``build()`` asks for in ``workers`` processes (deepest first), then keep the results
     for ``measure_llama``. ``build`` runs once to plan, on stand-ins; measurements are independent steps.
 
-    ``cache``: a JSON-lines file of earlier results of the same commit, reused; each new result is appended as it
-    comes, so an interrupted run loses nothing measured."""
+    ``cache``: a JSON-lines file of earlier results, reused (delete it when the code changes); each new result is
+    appended as it comes, so an interrupted run loses nothing measured."""
     global _PLANNED
     _PLANNED = []
     try:
@@ -976,7 +972,7 @@ def main() -> None:
     parser.add_argument("--fsdp-option-methods", nargs="*", choices=["lomo", "adalomo", "adamw"], default=["lomo"])
     parser.add_argument("--fsdp-options", nargs="*", choices=list(FSDP_OPTIONS), default=list(FSDP_OPTIONS))
     parser.add_argument("--jobs", type=int, default=1, help="measure in this many processes (each a core and a few GiB)")
-    parser.add_argument("--cache", type=Path, help="with --jobs: a JSON-lines file of results kept across runs of one commit")
+    parser.add_argument("--cache", type=Path, help="with --jobs: a JSON-lines file of results kept across runs (of the same code)")
     parser.add_argument("--world", type=int, default=LOMO_65B_ON_8.world)
     parser.add_argument("--tag", help="write memory_scale_<tag>.* (required when the setting differs from the LOMO table's)")
     args = parser.parse_args()
