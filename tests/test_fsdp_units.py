@@ -89,7 +89,7 @@ def fake_mesh(world: int):
 
 
 @pytest.mark.parametrize("budget_blocks, expected", [(2, "block"), (1, "projection")])
-def test_shard_transformers_shards_the_chosen_units_with_prefetching(budget_blocks, expected):
+def test_shard_transformers_shards_the_chosen_units_with_backward_prefetching(budget_blocks, expected):
     from torch.distributed.fsdp import FSDPModule
 
     model = tiny_llama()
@@ -101,6 +101,6 @@ def test_shard_transformers_shards_the_chosen_units_with_prefetching(budget_bloc
         units = units_of(blocks, expected)
         assert sharded == [model] + units, "the root and each unit, nothing else"
         ahead = PREFETCH[expected]
-        assert units[0]._get_fsdp_state()._states_to_forward_prefetch == [  # type: ignore[attr-defined]
-            u._get_fsdp_state() for u in units[1 : 1 + ahead]
-        ]
+        last = units[-1]._get_fsdp_state()  # type: ignore[attr-defined]
+        assert last._states_to_backward_prefetch == [u._get_fsdp_state() for u in units[-1 - ahead : -1][::-1]]
+        assert last._states_to_forward_prefetch == [], "forward prefetching would fire in checkpoint recomputation"
