@@ -549,6 +549,7 @@ class MeasurementError(Exception):
 # Measurements made ahead by worker processes, and the list that records them while the report is only planned.
 _MEASURED: dict[tuple, dict[str, Any]] = {}
 _PLANNED: list[tuple] | None = None
+_CACHED_ONLY = False  # --cached-only: what the cache lacks is reported as not measured
 
 
 def measure_llama(size: str, method: str, layers: int, setting: Setting, **kwargs: Any) -> dict[str, Any]:
@@ -564,6 +565,8 @@ def measure_llama(size: str, method: str, layers: int, setting: Setting, **kwarg
         if "error" in result:
             raise MeasurementError(result["error"])
         return result
+    if _CACHED_ONLY:
+        raise MeasurementError("not measured (not in the cache)")
     return dict(measure(llama_config(size, layers), method, setting, **kwargs), size=size)
 
 
@@ -605,6 +608,8 @@ def measure_ahead(build: Callable[[], Any], workers: int, log: Callable[[str], N
                 _MEASURED[key] = earlier[_cache_key(key)]
         keys = [key for key in keys if key not in _MEASURED]
         log(f"{len(_MEASURED)} measurements from {cache}")
+    if _CACHED_ONLY:
+        return
     keys.sort(key=lambda k: -k[2] * (3 if k[3].world > 1 else 1))  # the longest first, so they do not finish last
     log(f"{len(keys)} measurements in {workers} processes")
     import multiprocessing
@@ -973,6 +978,7 @@ def main() -> None:
     parser.add_argument("--fsdp-options", nargs="*", choices=list(FSDP_OPTIONS), default=list(FSDP_OPTIONS))
     parser.add_argument("--jobs", type=int, default=1, help="measure in this many processes (each a core and a few GiB)")
     parser.add_argument("--cache", type=Path, help="with --jobs: a JSON-lines file of results kept across runs (of the same code)")
+    parser.add_argument("--cached-only", action="store_true", help="with --cache: render what it holds, measure nothing")
     parser.add_argument("--world", type=int, default=LOMO_65B_ON_8.world)
     parser.add_argument("--tag", help="write memory_scale_<tag>.* (required when the setting differs from the LOMO table's)")
     args = parser.parse_args()
@@ -988,7 +994,9 @@ def main() -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
-    if args.jobs > 1:
+    global _CACHED_ONLY
+    _CACHED_ONLY = args.cached_only
+    if args.jobs > 1 or args.cached_only:
         measure_ahead(lambda: build_report(args, setting, lambda message: None), args.jobs, log, args.cache)
     report = build_report(args, setting, log)
     report["wall_s"] = round(time.perf_counter() - started)
