@@ -174,12 +174,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         self,
         mp_policy: Any = None,
         layer_classes: Iterable[str] | None = None,
-        unit: str = "auto",
-        max_gathered_bytes: int | None = None,
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        unit: str = "auto",
+        max_gathered_bytes: int | None = None,
     ):
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint,
