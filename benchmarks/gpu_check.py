@@ -1,4 +1,5 @@
-"""bf16 memory and speed on one CUDA GPU: the floor, AdamW and fused AdaLomo / LOMO, on SmolLM2-135M and a 1.1B Llama.
+"""bf16 memory and speed on one CUDA GPU: the floor, AdamW and fused AdaLomo / LOMO (and AdaLomo with activation
+offloading), on SmolLM2-135M and a 1.1B Llama.
 
     python benchmarks/gpu_check.py            # ~3 minutes on one H100/H200 (benchmarks/gpu_check.sh runs it)
 
@@ -9,6 +10,9 @@ tokens, activation checkpointing. The **floor** is forward and backward with eve
 moment it is ready and no update. Results: ``benchmarks/results/gpu_check.{json,md}``.
 
 Targets (the README's): fused AdaLomo's peak within 1.05x of the floor and step time within 1.10x of it.
+``adalomo_offload`` is fused AdaLomo with :class:`~lomo_lightning.activations.ActivationOffloading` around the
+forward (what ``activation_offloading="auto"`` does on a GPU with checkpointing): the real cost of the copies to
+and from pinned host memory, and the device memory they free, which fake tensors (``memory_scale.py``) cannot time.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ["floor", "adamw", "adalomo", "lomo"]
+METHODS = ["floor", "adamw", "adalomo", "lomo", "adalomo_offload"]
 
 
 def build(name: str) -> torch.nn.Module:
@@ -58,8 +62,17 @@ def step_function(method: str, model: torch.nn.Module):
             optimizer.zero_grad(set_to_none=True)
 
         return adamw_step
-    rule = AdaLomo(params, lr=1e-3) if method == "adalomo" else Lomo(params, lr=1e-3)
+    rule = Lomo(params, lr=1e-3) if method == "lomo" else AdaLomo(params, lr=1e-3)
     updater = FusedUpdater(model, rule)
+    if method == "adalomo_offload":
+        from lomo_lightning.activations import ActivationOffloading
+
+        def offloaded_step(batch):
+            with ActivationOffloading():
+                loss = model(**batch).loss
+            updater.backward(loss)
+
+        return offloaded_step
     return lambda batch: updater.backward(model(**batch).loss)
 
 

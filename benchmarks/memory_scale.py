@@ -65,34 +65,51 @@ VOCAB = 32000
 
 @dataclass(frozen=True)
 class Setting:
-    """One training configuration: tokens per step, parameter dtype, activation checkpointing."""
+    """One training configuration: tokens per step, parameter dtype, activation checkpointing, memory options.
+
+    The memory options are the library's: ``loss_chunk_tokens`` and ``fsdp_units`` default to ``"auto"``, decided
+    for a card of ``device_gib`` GiB (:func:`lomo_lightning.device_memory.assumed_device_memory`);
+    ``offloading`` is activation offloading, which ``"auto"`` turns on for a GPU with checkpointing (on a CPU it
+    frees nothing, so the default here is off and the script's runs turn it on, as a GPU would).
+    """
 
     batch: int
     seq: int
     dtype: str = "float16"
     checkpointing: bool = True
     world: int = 1  # ranks of the fake process group; 1: one device, no FSDP
-    fsdp_units: str = "block"  # what one FSDP2 unit gathers: a transformer block or one projection (FSDP_UNITS)
+    fsdp_units: str = "auto"  # what one FSDP2 unit gathers: "block", "projection", or "auto" (LomoFSDPStrategy's unit)
+    loss_chunk_tokens: int | str | None = "auto"  # the modules' loss_chunk_tokens
+    offloading: bool = False  # ActivationOffloading around the forward (the saved tensors counted apart, as host memory)
+    device_gib: int = 24  # the card the "auto" options decide for (an RTX 3090, as in the LOMO paper)
 
     def describe(self) -> str:
-        where = f"per rank of {self.world} (FSDP2, a unit per {self.fsdp_units})" if self.world > 1 else "on one device"
+        where = f"per rank of {self.world} (FSDP2, unit {self.fsdp_units})" if self.world > 1 else "on one device"
+        chunks = {"auto": "loss chunking auto", None: "full logits"}.get(self.loss_chunk_tokens, f"loss in chunks of {self.loss_chunk_tokens} tokens")  # type: ignore[arg-type]
         return (
             f"{self.dtype} parameters, batch {self.batch} x {self.seq} tokens {where}, "
-            f"activation checkpointing {'on' if self.checkpointing else 'off'}"
+            f"activation checkpointing {'on' if self.checkpointing else 'off'}, {chunks}, "
+            f"activation offloading {'on' if self.offloading else 'off'} (auto options for a {self.device_gib} GiB card)"
         )
 
 
 # The LOMO paper's memory table (Lv et al., 2023, Table 1): LLaMA-7B, fp16, batch 8 x 512, with and without
 # activation checkpointing (the "with" rows are compared). Its "GB" are GiB: 12.55 = 6.74e9 parameters x 2 bytes.
-LOMO_TABLE = Setting(batch=8, seq=512)
+LOMO_TABLE = Setting(batch=8, seq=512, offloading=True)
 # LOMO's 65B claim (8 x RTX 3090, 24 GiB each): its throughput runs used 1024 tokens a step per GPU
 # (OpenLMLab/LOMO#2) and fp16 weights without fp32 master copies.
-LOMO_65B_ON_8 = Setting(batch=1, seq=1024, world=8)
+LOMO_65B_ON_8 = Setting(batch=1, seq=1024, world=8, offloading=True)
 GPU_24GB = 24 * GIB
-# FSDP2 units (LomoFSDPStrategy's layer_classes): None shards every transformer block (the default); "Linear"
-# every projection, closer to DeepSpeed ZeRO-3 in LOMO's runs, which gathers at most 1e8 parameters at a time
-# (stage3_max_live_parameters in OpenLMLab/LOMO's lomo/config/ds_config.json).
-FSDP_UNITS = {"block": None, "projection": ["Linear"]}
+# FSDP2 units (LomoFSDPStrategy's unit): "auto" (the default) takes the largest that fits 8% of the card; "block"
+# shards every transformer block; "projection" every weight matrix, closer to DeepSpeed ZeRO-3 in LOMO's runs,
+# which gathers at most 1e8 parameters at a time (stage3_max_live_parameters in OpenLMLab/LOMO's ds_config.json).
+FSDP_UNITS = ["auto", "block", "projection"]
+# Rows per memory option: each one turned back off from the defaults (loss chunking auto, offloading on).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "offloading off": dict(offloading=False),
+    "offloading off, full logits": dict(offloading=False, loss_chunk_tokens=None),
+}
+FSDP_OPTIONS: dict[str, dict[str, Any]] = {"unit block": dict(fsdp_units="block"), "unit projection": dict(fsdp_units="projection"), **OPTIONS}
 
 # Lv et al. (2023), Table 1, activation checkpointing on. The totals are the paper's; the split follows from
 # them and from the bytes per parameter it names (fp16 weights and gradients; AdamW: fp32 master weights and
@@ -104,9 +121,9 @@ PAPER_7B = {
     "lomo": dict(total=14.58, parameters=12.55, gradients=0.24, optimizer_state=0.0, activations=1.79),
 }
 
-# SFT is not among them: its backward samples the weight gradient through a sparse CSR tensor
-# (torch.sparse.sampled_addmm), which fake tensors do not support in torch 2.13
-METHODS = ["floor", "adamw", "sgd", "lomo", "adalomo", "hft", "lora"]
+# SFT's backward samples the weight gradient through a sparse CSR tensor (torch.sparse.sampled_addmm), which fake
+# tensors do not support; the library runs it as a custom operator with a fake implementation (its result, k floats)
+METHODS = ["floor", "adamw", "sgd", "lomo", "adalomo", "hft", "sft", "lora"]
 LABELS = {
     "floor": "floor (backward, gradients dropped, no update)",
     "adamw": "AdamW, fp32 master weights (standard)",
@@ -175,11 +192,6 @@ def peak_by_category(step: Callable[[], None], model: nn.Module, optimizers: lis
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
     from torch.distributed.fsdp import FSDPModule
 
-    if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from memory_speed import track_sparse_compressed_tensors
-
-    track_sparse_compressed_tensors()  # SFT's backward samples its weight gradient through a sparse CSR tensor
     if isinstance(model, FSDPModule):
         tracker = _peak_only(FSDPMemTracker)(model)
         categories = {
@@ -216,7 +228,9 @@ def peak_by_category(step: Callable[[], None], model: nn.Module, optimizers: lis
         # the fused engine frees each gradient before MemTracker's own gradient hook looks at it (and warns)
         warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
         step()
-    (snapshot,) = tracker.get_tracker_snapshot("peak").values()
+    peaks = tracker.get_tracker_snapshot("peak")
+    # the device's memory only: offloaded activations wait on the meta device, standing for the host
+    snapshot = next(peak for device, peak in peaks.items() if device.type != "meta")
     return {name: sum(snapshot.get(kind, 0) for kind in kinds) for name, kinds in categories.items()}
 
 
@@ -342,9 +356,28 @@ def sft_density(config) -> float:
     return lora_parameter_count(config) / (config.num_hidden_layers * (4 * h * h + 3 * h * i))
 
 
-def prepare(method: str, model: nn.Module, group: Any = None) -> Training:
+def training_loss(model: nn.Module, batch: dict[str, Tensor], setting: Setting) -> Tensor:
+    """The loss as ``CausalLMModule.compute_loss`` computes it, with ``setting``'s ``loss_chunk_tokens``, in the forward
+    context of its ``training_step`` (activation offloading where ``setting.offloading``)."""
+    from lomo_lightning.loss import chunked_causal_lm_loss
+
+    from lomo_lightning.activations import ActivationOffloading
+    from lomo_lightning.objectives.causal_lm import auto_chunk_tokens
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's LoRA: the Llama inside
+    chunk_tokens = setting.loss_chunk_tokens
+    if chunk_tokens == "auto":
+        chunk_tokens = auto_chunk_tokens(causal_lm, batch["input_ids"])
+    # the host of the offloaded tensors is the meta device, so the tracker counts them apart from the device's
+    with ActivationOffloading(host="meta") if setting.offloading else contextlib.nullcontext():
+        if chunk_tokens is None:
+            return model(**batch).loss
+        return chunked_causal_lm_loss(causal_lm, chunk_tokens=int(chunk_tokens), **batch)
+
+
+def prepare(method: str, model: nn.Module, setting: Setting, group: Any = None) -> Training:
     """Set ``method`` up on ``model``; ``group``: the shard group when the model is sharded by FSDP2."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
     from lomo_lightning import AdaLomo, FusedUpdater, Lomo
     from lomo_lightning.optim import SM3
@@ -354,7 +387,7 @@ def prepare(method: str, model: nn.Module, group: Any = None) -> Training:
     from lomo_lightning.strategies.fsdp import ShardedFusedUpdater
 
     def loss(batch: dict[str, Tensor]) -> Tensor:
-        return model(**batch).loss
+        return training_loss(model, batch, setting)
 
     if method == "floor":
         for param in model.parameters():
@@ -395,6 +428,12 @@ def prepare(method: str, model: nn.Module, group: Any = None) -> Training:
         )
         with unset_fake_temporarily():  # the initial active sets are drawn with real random numbers
             sft.apply(model)
+        if isinstance(next(model.parameters()), FakeTensor):
+            # then made fake like the rest of the model: a real tensor that meets fake ones is converted on every
+            # use, and the tracker counts each conversion
+            for layer in sft.layers.values():
+                layer.indices = layer.indices.clone()
+                layer.values = nn.Parameter(layer.values.detach().clone())
     params = sft.parameters() if sft is not None else [p for p in model.parameters() if p.requires_grad]
     rule = {"lomo": Lomo, "sft": SM3}.get(method, AdaLomo)(params, lr=1e-3)  # SpIEL-MA's rule for SFT's values
     # stochastic rounding keys its bits on the step count and the shard's offset, values a fake tensor (and a
@@ -451,20 +490,31 @@ def measure(config, method: str, setting: Setting, *, fake: bool = True,
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from lomo_lightning.device_memory import assumed_device_memory
+
+    if setting.offloading and not fake:
+        raise ValueError("memory_scale: offloading is estimated on fake tensors only (its host is the meta device)")
     start = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with contextlib.ExitStack() as stack:
         mesh = stack.enter_context(fake_mesh(setting.world)) if setting.world > 1 else None
         stack.enter_context(mode)
         stack.enter_context(_adalomo_blocks(adalomo_blocks))
+        stack.enter_context(assumed_device_memory(setting.device_gib * GIB))
         torch.manual_seed(0)
         model = build_model(config, setting, lora=method == "lora")
         if mesh is not None:
             from lomo_lightning.strategies.fsdp import shard_transformers
 
-            # as strategy="lomo_fsdp" does: each unit (every block by default), then the model
-            shard_transformers(model, mesh, layer_classes=FSDP_UNITS[setting.fsdp_units])
-        training = prepare(method, model, group=mesh.get_group() if mesh is not None else None)
+            # as strategy="lomo_fsdp" does: each unit (chosen for the card under "auto"), then the model
+            shard_transformers(model, mesh, unit=setting.fsdp_units)
+        unit = None
+        if mesh is not None:
+            from torch.distributed.fsdp import FSDPModule
+
+            units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+            unit = "projection" if any(isinstance(m, nn.Linear) for m in units) else "block"
+        training = prepare(method, model, setting, group=mesh.get_group() if mesh is not None else None)
         batch = padded_batch(config.vocab_size, setting)
         training.step(batch)
         peak = peak_by_category(lambda: training.step(batch), training.model, training.optimizers, training.state())
@@ -475,6 +525,7 @@ def measure(config, method: str, setting: Setting, *, fake: bool = True,
         "peak_bytes": sum(peak.values()),
         "peak_by_category_bytes": peak,
         "wall_s": round(time.perf_counter() - start, 1),
+        **({"fsdp_unit": unit} if unit else {}),
     }
 
 
@@ -492,9 +543,88 @@ def padded_batch(vocab_size: int, setting: Setting) -> dict[str, Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class MeasurementError(Exception):
+    """A measurement made ahead (:func:`measure_ahead`) failed; the message is its error's."""
+
+
+# Measurements made ahead by worker processes, and the list that records them while the report is only planned.
+_MEASURED: dict[tuple, dict[str, Any]] = {}
+_PLANNED: list[tuple] | None = None
+_CACHED_ONLY = False  # --cached-only: what the cache lacks is reported as not measured
+
+
 def measure_llama(size: str, method: str, layers: int, setting: Setting, **kwargs: Any) -> dict[str, Any]:
-    """:func:`measure` on LLaMA-``size`` cut to ``layers`` blocks."""
+    """:func:`measure` on LLaMA-``size`` cut to ``layers`` blocks (made ahead by :func:`measure_ahead` if it was)."""
+    key = (size, method, layers, setting, kwargs.get("adalomo_blocks", ADALOMO_BLOCK_ELEMENTS))
+    if _PLANNED is not None:  # planning: a stand-in of the right shape, the request recorded
+        _PLANNED.append(key)
+        zeros = dict.fromkeys(CATEGORIES + ["gathered_parameters"], 0)
+        return {"method": method, "layers": layers, "trainable": 0, "peak_bytes": 1, "peak_by_category_bytes": zeros,
+                "wall_s": 0.0, "size": size}
+    if key in _MEASURED:
+        result = _MEASURED[key]
+        if "error" in result:
+            raise MeasurementError(result["error"])
+        return result
+    if _CACHED_ONLY:
+        raise MeasurementError("not measured (not in the cache)")
     return dict(measure(llama_config(size, layers), method, setting, **kwargs), size=size)
+
+
+def _measure_key(key: tuple) -> tuple[tuple, dict[str, Any]]:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    size, method, layers, setting, adalomo_blocks = key
+    try:
+        return key, measure_llama(size, method, layers, setting, adalomo_blocks=adalomo_blocks)
+    except Exception as error:  # noqa: BLE001 - a method that cannot run is a result, with its reason
+        return key, {"error": f"{type(error).__name__}: {error}"}
+
+
+def _cache_key(key: tuple) -> str:
+    size, method, layers, setting, adalomo_blocks = key
+    return json.dumps([size, method, layers, asdict(setting), adalomo_blocks])
+
+
+def measure_ahead(build: Callable[[], Any], workers: int, log: Callable[[str], None], cache: Path | None = None) -> None:
+    """Run every measurement ``build()`` asks for in ``workers`` processes (deepest first), then keep the results
+    for ``measure_llama``. ``build`` runs once to plan, on stand-ins; measurements are independent steps.
+
+    ``cache``: a JSON-lines file of earlier results, reused (delete it when the code changes); each new result is
+    appended as it comes, so an interrupted run loses nothing measured."""
+    global _PLANNED
+    _PLANNED = []
+    try:
+        build()
+        keys = list(dict.fromkeys(_PLANNED))
+    finally:
+        _PLANNED = None
+    if cache is not None and cache.is_file():
+        earlier = {}
+        for line in cache.read_text().splitlines():
+            entry = json.loads(line)
+            earlier[entry["key"]] = entry["result"]
+        for key in keys:
+            if _cache_key(key) in earlier:
+                _MEASURED[key] = earlier[_cache_key(key)]
+        keys = [key for key in keys if key not in _MEASURED]
+        log(f"{len(_MEASURED)} measurements from {cache}")
+    if _CACHED_ONLY:
+        return
+    keys.sort(key=lambda k: -k[2] * (3 if k[3].world > 1 else 1))  # the longest first, so they do not finish last
+    log(f"{len(keys)} measurements in {workers} processes")
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for key, result in pool.imap_unordered(_measure_key, keys):
+            _MEASURED[key] = result
+            if cache is not None:
+                with cache.open("a") as file:
+                    file.write(json.dumps({"key": _cache_key(key), "result": result}) + "\n")
+            size, method, layers, setting, _ = key
+            where = f"per rank of {setting.world}, unit {setting.fsdp_units}" if setting.world > 1 else "one device"
+            what = result.get("error") or f"{result['peak_bytes'] / GIB:.3f} GiB in {result['wall_s']:.0f} s"
+            log(f"  {size} {method} at {_blocks(layers)} ({where}, {_options_text(setting)}): {what}")
 
 
 def _parameter_count(size: str, layers: int) -> int:
@@ -632,6 +762,18 @@ def _category_cells(categories: dict[str, float], names: list[str]) -> str:
     return " | ".join(f"{gib(categories.get(name, 0.0)):.2f}" for name in names)
 
 
+def _unit_text(row: dict[str, Any]) -> str:
+    """``auto (projection)``: the unit asked for, and the one ``auto`` took."""
+    chosen = row.get("fsdp_unit") or next((m.get("fsdp_unit") for m in row.get("measured", []) if m.get("fsdp_unit")), None)
+    chosen = chosen or row.get("full_depth", {}).get("fsdp_unit")
+    return f"{row['fsdp_units']} ({chosen})" if row["fsdp_units"] == "auto" and chosen else row["fsdp_units"]
+
+
+def _options_text(setting: Setting) -> str:
+    chunks = {"auto": "loss chunking auto", None: "full logits"}.get(setting.loss_chunk_tokens, f"chunks of {setting.loss_chunk_tokens}")  # type: ignore[arg-type]
+    return f"{chunks}, offloading {'on' if setting.offloading else 'off'}"
+
+
 def _blocks(count: int) -> str:
     return f"{count} block" + ("s" if count != 1 else "")
 
@@ -700,13 +842,36 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {estimate['size'].upper()} | {LABELS[estimate['method']]} | {estimate['fsdp_units']} | error: {estimate['error']} |" + " |" * 7)
                 continue
             fits = "yes" if estimate["peak_bytes"] < GPU_24GB else "no"
-            lines.append(f"| {estimate['size'].upper()} | {LABELS[estimate['method']]} | {estimate['fsdp_units']} | **{gib(estimate['peak_bytes']):.2f}** | "
+            lines.append(f"| {estimate['size'].upper()} | {LABELS[estimate['method']]} | {_unit_text(estimate)} | **{gib(estimate['peak_bytes']):.2f}** | "
                          f"{_category_cells(estimate['peak_by_category_bytes'], names)} | {fits} |")
+        lines.append("")
+    if report.get("options"):
+        lines += [
+            "## Each memory option turned off",
+            "",
+            "The same step with one of the defaults' memory options off (the rows above have them all as the defaults "
+            "set them): what each option saves.",
+            "",
+            "| model | method | where | option | estimate | with the defaults | the option saves |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        defaults = {(e["size"], e["method"], 1): e for e in estimates}
+        defaults.update({(e["size"], e["method"], e.get("world", 8)): e for e in (report.get("fsdp") or {}).get("estimates", [])
+                         if e["fsdp_units"] == "auto" and "error" not in e})
+        for row in report["options"]:
+            where = "one device" if row["world"] == 1 else f"per rank of {row['world']}"
+            if "error" in row:
+                lines.append(f"| {row['size'].upper()} | {LABELS[row['method']]} | {where} | {row['option']} | error: {row['error']} | | |")
+                continue
+            default = defaults.get((row["size"], row["method"], row["world"]))
+            versus = (f"{gib(default['peak_bytes']):.2f} | {gib(row['peak_bytes'] - default['peak_bytes']):.2f}" if default else "– | –")
+            lines.append(f"| {row['size'].upper()} | {LABELS[row['method']]} | {where} | {row['option']} | "
+                         f"**{gib(row['peak_bytes']):.2f}** | {versus} |")
         lines.append("")
     lines += ["## Checks", "", "| check | extrapolated | measured | error |", "|---|---|---|---|"]
     for check in report["full_depth_checks"]:
         full = check["full_depth"]
-        where = f" per rank of {check['world']}, FSDP2 unit per {check['fsdp_units']}" if check.get("world", 1) > 1 else ""
+        where = f" per rank of {check['world']}, FSDP2 unit {_unit_text(check)}" if check.get("world", 1) > 1 else ""
         lines.append(f"| {check['size'].upper()} {LABELS[check['method']]}{where}, all {full['layers']} blocks ({full['wall_s']:.0f} s) | "
                      f"{gib(check['extrapolated_bytes']):.3f} | {gib(full['peak_bytes']):.3f} | {100 * check['relative_error']:+.3f}% |")
     blocks = report.get("adalomo_block_check")
@@ -798,21 +963,29 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=LOMO_TABLE.seq)
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=LOMO_TABLE.dtype)
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
-    parser.add_argument("--full-depth", nargs="*", default=["7b:lomo"], metavar="SIZE:METHOD",
+    parser.add_argument("--full-depth", nargs="*", default=["7b:adalomo"], metavar="SIZE:METHOD",
                         help="also run these at their real depth and compare with the extrapolation")
     parser.add_argument("--fsdp-sizes", nargs="*", choices=list(LLAMA1), default=["65b"], help="per-rank estimates under FSDP2")
     parser.add_argument("--fsdp-methods", nargs="+", choices=["lomo", "adalomo", "adamw"], default=["lomo", "adalomo", "adamw"])
     parser.add_argument("--fsdp-depths", nargs="+", type=int, default=FSDP_DEPTHS)
-    parser.add_argument("--fsdp-units", nargs="+", choices=list(FSDP_UNITS), default=list(FSDP_UNITS),
-                        help="what an FSDP2 unit gathers: a block (lomo_fsdp's default) or a projection")
+    parser.add_argument("--fsdp-units", nargs="+", choices=list(FSDP_UNITS), default=["auto", "block"],
+                        help="what an FSDP2 unit gathers: auto (lomo_fsdp's default), a block or a projection")
     parser.add_argument("--fsdp-full-depth", action="store_true",
                         help="also run FSDP2 LOMO (the first --fsdp-units) at its real depth (65B: ~6 min)")
+    parser.add_argument("--option-sizes", nargs="*", choices=list(LLAMA1), default=["7b", "65b"],
+                        help=f"sizes of the rows with one memory option off ({', '.join(OPTIONS)})")
+    parser.add_argument("--option-methods", nargs="+", choices=METHODS, default=["lomo", "adalomo"])
+    parser.add_argument("--fsdp-option-methods", nargs="*", choices=["lomo", "adalomo", "adamw"], default=["lomo"])
+    parser.add_argument("--fsdp-options", nargs="*", choices=list(FSDP_OPTIONS), default=list(FSDP_OPTIONS))
+    parser.add_argument("--jobs", type=int, default=1, help="measure in this many processes (each a core and a few GiB)")
+    parser.add_argument("--cache", type=Path, help="with --jobs: a JSON-lines file of results kept across runs (of the same code)")
+    parser.add_argument("--cached-only", action="store_true", help="with --cache: render what it holds, measure nothing")
     parser.add_argument("--world", type=int, default=LOMO_65B_ON_8.world)
     parser.add_argument("--tag", help="write memory_scale_<tag>.* (required when the setting differs from the LOMO table's)")
     args = parser.parse_args()
     if len(set(args.depths or DEPTHS)) < 2 or len(set(args.fsdp_depths)) < 2:
         raise SystemExit("memory_scale: a line needs at least two different --depths / --fsdp-depths")
-    setting = Setting(batch=args.batch, seq=args.seq, dtype=args.dtype, checkpointing=not args.no_checkpointing)
+    setting = replace(LOMO_TABLE, batch=args.batch, seq=args.seq, dtype=args.dtype, checkpointing=not args.no_checkpointing)
     if setting != LOMO_TABLE and not args.tag:
         raise SystemExit("memory_scale: a setting other than the LOMO table's needs --tag NAME (its results go to memory_scale_NAME.*)")
     warnings.filterwarnings("ignore")
@@ -822,6 +995,23 @@ def main() -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
+    global _CACHED_ONLY
+    _CACHED_ONLY = args.cached_only
+    if args.jobs > 1 or args.cached_only:
+        measure_ahead(lambda: build_report(args, setting, lambda message: None), args.jobs, log, args.cache)
+    report = build_report(args, setting, log)
+    report["wall_s"] = round(time.perf_counter() - started)
+    name = "memory_scale" + (f"_{args.tag}" if args.tag else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    (RESULTS / f"{name}.md").write_text(markdown(report))
+    plot(report, RESULTS / f"{name}.png")
+    log(f"wrote {RESULTS / name}.json, .md and .png")
+    print(markdown(report))
+
+
+def build_report(args: argparse.Namespace, setting: Setting, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every estimate, option row and check the arguments ask for, as the report's dictionary."""
     log(f"one device, {setting.describe()}")
     depths = {method: args.depths or (HFT_DEPTHS if method == "hft" else DEPTHS) for method in args.methods}
     estimates = sweep(args.sizes, depths, setting, log)
@@ -835,6 +1025,12 @@ def main() -> None:
         log("AdaLomo row-block check")
         block_check = check_adalomo_blocks("7b", setting, log)
     fsdp = None
+    options = []
+    for option, overrides in OPTIONS.items():
+        option_depths = {method: depths.get(method) or args.depths or (HFT_DEPTHS if method == "hft" else DEPTHS)
+                         for method in args.option_methods}
+        for estimate in sweep(args.option_sizes, option_depths, replace(setting, **overrides), log):
+            options.append(dict(estimate, option=option, world=1))
     if args.fsdp_sizes:
         fsdp = {"setting": asdict(replace(LOMO_65B_ON_8, dtype=args.dtype, world=args.world)),
                 "depths": sorted(args.fsdp_depths), "estimates": []}
@@ -849,7 +1045,12 @@ def main() -> None:
             estimates_of_units = [e for e in fsdp["estimates"] if e["fsdp_units"] == world_setting.fsdp_units]
             for check in check_full_depth([(size, "lomo") for size in args.fsdp_sizes], estimates_of_units, world_setting, log):
                 checks.append(dict(check, world=world_setting.world, fsdp_units=world_setting.fsdp_units))
-    report = {
+        world_setting = replace(LOMO_65B_ON_8, dtype=args.dtype, world=args.world)
+        fsdp_depths = {method: args.fsdp_depths for method in args.fsdp_option_methods}
+        for option in args.fsdp_options:
+            for estimate in sweep(args.fsdp_sizes, fsdp_depths, replace(world_setting, **FSDP_OPTIONS[option]), log):
+                options.append(dict(estimate, option=option, world=world_setting.world, fsdp_units=world_setting.fsdp_units))
+    return {
         "command_suffix": " " + " ".join(sys.argv[1:]) if sys.argv[1:] else "",
         "setting": asdict(setting),
         "sizes": args.sizes,
@@ -859,6 +1060,7 @@ def main() -> None:
         "full_depth_checks": checks,
         "adalomo_block_check": block_check,
         "fsdp": fsdp,
+        "options": options,
         "paper_7b_gib": PAPER_7B,
         "notes": {
             "units": "bytes in the JSON; GiB (2**30 bytes) in the tables; the LOMO paper's 'GB' are GiB",
@@ -868,18 +1070,14 @@ def main() -> None:
             "2**18, which only makes the fake-tensor step faster (see adalomo_block_check)",
             "lora": f"peft LoRA r={LORA_RANK}, alpha {2 * LORA_RANK} on {', '.join(LORA_TARGETS)}; AdamW on the (fp32) adapters",
             "sft": "SparseFineTuning(regrowth='sm3') at LoRA's trainable count (SpIEL-MA), the SM3 rule fused on its values; "
-            "an ordinary step (the reselection runs after backward, when no gradient exists)",
+            "an ordinary step (the reselection runs after backward, when no gradient exists); its sampled weight gradient "
+            "is the custom operator lomo_lightning::sampled_gradient, counted by its result (k floats)",
+            "defaults": "loss_chunk_tokens and the FSDP2 unit 'auto', decided for a card of device_gib GiB; activation "
+            "offloading on (what 'auto' does on a GPU with checkpointing), its tensors held on the meta device, standing "
+            "for the host, and left out of the figures",
         },
-        "wall_s": round(time.perf_counter() - started),
         "environment": environment(),
     }
-    name = "memory_scale" + (f"_{args.tag}" if args.tag else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
-    (RESULTS / f"{name}.md").write_text(markdown(report))
-    plot(report, RESULTS / f"{name}.png")
-    log(f"wrote {RESULTS / name}.json, .md and .png")
-    print(markdown(report))
 
 
 if __name__ == "__main__":

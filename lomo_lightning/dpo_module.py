@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from lomo_lightning.data.preferences import PreferencePairs
 from lomo_lightning.module import CausalLMModule, FusedOptimizationMixin
+from lomo_lightning.objectives.causal_lm import ChunkTokens
 from lomo_lightning.objectives.dpo import REWARD_METRICS, DPOObjective, reward_metrics
 from lomo_lightning.objectives.reference import add_reference_log_probs, reference_log_probs
 
@@ -44,12 +45,13 @@ class DPOModule(CausalLMModule):
         optimizer: Callable[[Iterable[Tensor]], Optimizer],
         scheduler: Callable[..., Any] | None = None,
         trainable: list[Tensor] | None = None,
-        loss_chunk_tokens: int | None = None,
+        loss_chunk_tokens: ChunkTokens = "auto",
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
+        activation_offloading: bool | str = "auto",
     ) -> None:
-        super().__init__(model, optimizer, scheduler, trainable, loss_chunk_tokens)
+        super().__init__(model, optimizer, scheduler, trainable, loss_chunk_tokens, activation_offloading)
         self.objective = DPOObjective(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         self.val_rewards = nn.ModuleDict({name: MeanMetric() for name in REWARD_METRICS})
 

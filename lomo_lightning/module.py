@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -14,8 +15,9 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from lomo_lightning.activations import saved_activations
 from lomo_lightning.labels import IGNORE_INDEX
-from lomo_lightning.objectives.causal_lm import check_chunked_loss, chunked_causal_lm_loss
+from lomo_lightning.objectives.causal_lm import ChunkTokens, auto_chunk_tokens, check_chunked_loss, chunked_causal_lm_loss
 from lomo_lightning.strategies import fused_updater_of
 
 # The mixin goes before LightningModule in a class's bases: to the type checker it is one
@@ -54,7 +56,8 @@ class FusedOptimizationMixin(_MixinBase):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         updater = fused_updater_of(self)
-        loss = self.compute_loss(batch)
+        with getattr(self, "saved_activations", contextlib.nullcontext)():  # CausalLMModule's activation offloading
+            loss = self.compute_loss(batch)
         optimizer = cast(LightningOptimizer, self.optimizers())  # a fused strategy allows exactly one
         self.manual_backward(loss)
         optimizer.step()  # no arithmetic: counts the step for Lightning's loops and callbacks
@@ -114,7 +117,12 @@ class CausalLMModule(LightningModule):
             (frozen ones included, so that a selection may unfreeze them later).
         loss_chunk_tokens: compute the LM head and the loss this many tokens at a time
             (:func:`~lomo_lightning.objectives.causal_lm.chunked_causal_lm_loss`), so that the full fp32 logits never
-            exist; ``None`` calls ``model(**batch).loss``.
+            exist; ``None`` calls ``model(**batch).loss``; ``"auto"`` (default) chunks a batch whose logits would
+            take more than 2% of the device's memory (:func:`~lomo_lightning.objectives.causal_lm.auto_chunk_tokens`),
+            and calls ``model(**batch).loss`` otherwise.
+        activation_offloading: keep what the training forward saves for backward in host memory
+            (:class:`~lomo_lightning.activations.ActivationOffloading`); ``"auto"`` (default): on an accelerator with
+            activation checkpointing on, off on a CPU.
     """
 
     def __init__(
@@ -123,25 +131,37 @@ class CausalLMModule(LightningModule):
         optimizer: Callable[[Iterable[Tensor]], Optimizer],
         scheduler: Callable[..., Any] | None = None,
         trainable: list[Tensor] | None = None,
-        loss_chunk_tokens: int | None = None,
+        loss_chunk_tokens: ChunkTokens = "auto",
+        activation_offloading: bool | str = "auto",
     ) -> None:
         super().__init__()
-        if loss_chunk_tokens is not None:
-            check_chunked_loss(model, loss_chunk_tokens)
+        if activation_offloading not in (True, False, "auto"):
+            raise ValueError(f"activation_offloading must be true, false or auto, got {activation_offloading!r}")
+        if loss_chunk_tokens not in (None, "auto"):
+            check_chunked_loss(model, cast(int, loss_chunk_tokens))
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.trainable = trainable
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.activation_offloading = activation_offloading
         self.val_loss = MeanMetric()
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        if self.loss_chunk_tokens is None:
+        chunk_tokens = self.loss_chunk_tokens
+        if chunk_tokens == "auto":
+            chunk_tokens = auto_chunk_tokens(self.model, batch["input_ids"])
+        if chunk_tokens is None:
             return self.model(**batch).loss
-        return chunked_causal_lm_loss(self.model, chunk_tokens=self.loss_chunk_tokens, **batch)
+        return chunked_causal_lm_loss(self.model, chunk_tokens=chunk_tokens, **batch)
+
+    def saved_activations(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of a training forward: activation offloading where ``activation_offloading`` says so."""
+        return saved_activations(self.model, self.activation_offloading)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.compute_loss(batch)
+        with self.saved_activations():
+            loss = self.compute_loss(batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         optimizer = cast(LightningOptimizer, self.optimizers())  # configure_optimizers returns one

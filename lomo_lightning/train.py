@@ -95,7 +95,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     callbacks = [build(callback) for callback in cfg.callbacks.values() if callback is not None]
     if selector is not None:
         callbacks.append(build(cfg.selection.callback)(selector))
-    if cfg.get("loss_chunk_tokens") is not None:
+    if cfg.get("loss_chunk_tokens") not in (None, "auto"):
         try:
             check_chunked_loss(model, cfg.loss_chunk_tokens)
         except (TypeError, ValueError) as error:
@@ -142,6 +142,7 @@ def build_module(
             optimizer=optimizer,
             scheduler=scheduler,
             loss_chunk_tokens=cfg.get("loss_chunk_tokens"),
+            activation_offloading=cfg.get("activation_offloading", "auto"),
             **options,
         )
     except ValueError as error:

@@ -297,7 +297,8 @@ def run(case: str, out: Path) -> None:
     trainer = Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=LomoFSDPStrategy(save_distributed_checkpoint=False) if "full" in flags else spec["strategy"],
+        strategy=LomoFSDPStrategy(save_distributed_checkpoint=False) if "full" in flags
+        else LomoFSDPStrategy(unit="projection") if "proj" in flags else spec["strategy"],
         precision="bf16-mixed" if "bf16" in flags else "bf16-true" if "bf16true" in flags else "32-true",
         max_epochs=epochs,
         gradient_clip_val=CLIP if "clip" in flags else None,

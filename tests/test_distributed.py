@@ -14,7 +14,8 @@ Case names read ``<placement>_<rule>_<flags>``:
 - ``manual``: ``configure_model`` applies ``fully_shard`` itself; ``mixin``: ``FusedOptimizationMixin``;
 - ``save``/``resume``/``long``: distributed checkpoint (``full``: one full checkpoint file from rank 0);
   ``export``: consolidated ``save_pretrained``;
-- ``bf16``: ``precision="bf16-mixed"`` (FSDP2 ``MixedPrecisionPolicy``); ``bf16true``: bf16 shards.
+- ``bf16``: ``precision="bf16-mixed"`` (FSDP2 ``MixedPrecisionPolicy``); ``bf16true``: bf16 shards;
+  ``proj``: ``LomoFSDPStrategy(unit="projection")``, an FSDP2 unit per weight matrix (the default ``auto`` takes a block here).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ EXACT = [
     "fsdp_adalomo_dpo_clip_tie_chunked",
     "fsdp_lomo_dpo_hft_ipo",
     "fsdp2_adamw",  # the unfused baseline (strategy="fsdp2", the app's method=adamw strategy=fsdp): AdamW on FSDP2
+    "fsdp_adalomo_clip_tie_chunked_proj",  # an FSDP2 unit per projection: statistics and norm over smaller units
+    "fsdp_sm3_sft_resel_proj",  # sparse-delta projections as units, their values replicated inside them
 ]
 OTHERS = [  # in order: a resume case follows the case that saved its checkpoint
     "ddp_adalomo_reference",

@@ -114,3 +114,45 @@ def test_the_module_computes_the_same_loss_with_and_without_chunks():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="transforms its logits"):
         CausalLMModule(model, optimizer=optimizer, loss_chunk_tokens=5)
+
+
+def llama_7b_head_on_meta() -> torch.nn.Module:
+    """LLaMA-7B's vocabulary and width with one block, on the meta device: its shapes, no memory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1, num_attention_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize(
+    "card_gib, expected", [(24, 512), (80, None)], ids=["24gib-chunked-by-512", "80gib-whole"]
+)
+def test_auto_chunks_llama_7b_batch_of_8x512_where_its_logits_exceed_a_share_of_the_card(card_gib, expected):
+    from lomo_lightning.device_memory import assumed_device_memory
+    from lomo_lightning.objectives.causal_lm import auto_chunk_tokens
+
+    input_ids = torch.zeros(8, 512, dtype=torch.long, device="meta")  # the LOMO paper's batch: 1 GiB of fp32 logits + gradient
+    with assumed_device_memory(card_gib * 2**30):
+        assert auto_chunk_tokens(llama_7b_head_on_meta(), input_ids) == expected
+
+
+def test_auto_chunks_exactly_past_the_share_and_computes_the_same_loss():
+    from lomo_lightning.device_memory import assumed_device_memory
+    from lomo_lightning.objectives.causal_lm import CHUNK_MULTIPLE, LOGITS_FRACTION, auto_chunk_tokens
+
+    batch = padded_batch()
+    logits_bytes = batch["input_ids"].numel() * VOCAB * 8  # fp32 logits and their gradient
+    at_share = int(logits_bytes / LOGITS_FRACTION) + 1
+    model = tiny_llama()
+    with assumed_device_memory(at_share):
+        assert auto_chunk_tokens(model, batch["input_ids"]) is None
+    with assumed_device_memory(at_share - 1000):
+        assert auto_chunk_tokens(model, batch["input_ids"]) == CHUNK_MULTIPLE
+        optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+        auto = CausalLMModule(tiny_llama(), optimizer=optimizer).compute_loss(batch)  # loss_chunk_tokens="auto", the default
+    torch.testing.assert_close(auto, model(**batch).loss, rtol=1e-6, atol=1e-6)
+    softcapped = tiny_llama()
+    softcapped.config.final_logit_softcapping = 30.0
+    with assumed_device_memory(1):
+        assert auto_chunk_tokens(softcapped, batch["input_ids"]) is None, "a model making its own logits is left whole"

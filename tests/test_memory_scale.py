@@ -3,7 +3,8 @@
 Under ``FakeTensorMode`` a tensor has a shape, a dtype and a storage size but no data. MemTracker counts
 storage bytes, so the peak of a step on fake tensors must equal, byte for byte, the peak of the same step on
 real ones. Checked on a tiny fp16 Llama for the standard step with fp32 master weights, a fused rule behind a
-selection (sparse fine-tuning routes), and fused AdaLomo on FSDP2 shards over 8 fake ranks.
+selection (half fine-tuning), fused AdaLomo on FSDP2 shards over 8 fake ranks, and sparse fine-tuning, whose
+backward samples its gradient in a custom operator (the fake implementation allocates what the real one returns).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def memory_scale():
 
 @pytest.mark.parametrize(
     "method, world",
-    [("adamw", 1), ("hft", 1), ("adalomo", 8)],
-    ids=["adamw-master-weights", "hft-adalomo-fused", "adalomo-fsdp2-8-ranks"],
+    [("adamw", 1), ("hft", 1), ("adalomo", 8), ("sft", 1)],
+    ids=["adamw-master-weights", "hft-adalomo-fused", "adalomo-fsdp2-8-ranks", "sft-sm3-fused"],
 )
 def test_fake_tensor_peak_equals_the_real_one(memory_scale, method, world):
     config = tiny_llama().config  # 2 blocks, grouped-query attention, untied embeddings

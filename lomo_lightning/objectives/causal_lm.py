@@ -6,12 +6,15 @@ tensor of fused training once the gradients and optimizer state are gone. Chunke
 checkpointing, forward and backward hold one chunk's logits at a time, and the gradient is the same.
 Every objective (the causal-LM loss here, DPO's sequence log-probabilities) is a sum of these token
 log-probabilities, so they all get the chunking from :func:`token_log_probs`.
+
+``chunk_tokens="auto"`` chunks only where it pays: when the batch's logits would take more than
+:data:`LOGITS_FRACTION` of the device's memory (:func:`auto_chunk_tokens`).
 """
 
 from __future__ import annotations
 
 import types
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +29,22 @@ if TYPE_CHECKING:
 # Config attributes of models whose logits are not ``lm_head(hidden)``: their own forward must make them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
+# "auto" chunks when the fp32 logits of a batch and their gradient (8 bytes x vocabulary a token) would exceed this
+# share of the device's memory (490 MiB of a 24 GiB card: LLaMA-7B's 8 x 512 tokens, 1 GiB, are chunked), in
+# chunks of about a quarter of it, a multiple of CHUNK_MULTIPLE tokens (512 tokens there: matrix products large
+# enough for the LM head to run at full speed).
+LOGITS_FRACTION = 0.02
+CHUNK_MULTIPLE = 256
+_LOGIT_BYTES_PER_ENTRY = 8  # the fp32 logits and their fp32 gradient
+
+ChunkTokens = int | Literal["auto"] | None
+
 
 def token_log_probs(
     model: nn.Module,
     input_ids: Tensor,
     labels: Tensor,
-    chunk_tokens: int | None = None,
+    chunk_tokens: ChunkTokens = None,
     **model_kwargs: Any,
 ) -> Tensor:
     """``log p(labels[:, t + 1] | input_ids[:, :t + 1])`` at every position ``t``, in fp32; 0 where that label is -100.
@@ -47,8 +60,10 @@ def token_log_probs(
     it once. Chunking needs a model whose logits are ``lm_head(hidden)`` (Llama, Mistral, Qwen2, GPT-2,
     GPT-NeoX, ...; see :func:`check_chunked_loss`). Under FSDP2 (``model`` the ``fully_shard``-ed root)
     the chunked computation runs as a registered forward method of the root, so that its parameters are
-    gathered for it and for its recomputation.
+    gathered for it and for its recomputation. ``chunk_tokens="auto"``: :func:`auto_chunk_tokens` of the batch.
     """
+    if chunk_tokens == "auto":
+        chunk_tokens = auto_chunk_tokens(model, input_ids)
     if chunk_tokens is None:
         logits = model(input_ids=input_ids, **model_kwargs).logits
         return _log_probs_of_targets(logits.float(), next_token_targets(labels))
@@ -70,14 +85,14 @@ def chunked_causal_lm_loss(
     model: nn.Module,
     input_ids: Tensor,
     labels: Tensor,
-    chunk_tokens: int = 512,
+    chunk_tokens: ChunkTokens = 512,
     **model_kwargs: Any,
 ) -> Tensor:
     """``model(input_ids, labels=labels).loss``, with at most ``chunk_tokens`` rows of logits alive at once.
 
     The mean negative log-likelihood of the labelled tokens (``labels != -100``, shifted by one as Hugging
-    Face does), from :func:`token_log_probs` with ``chunk_tokens``. Models that scale or cap their logits
-    are refused.
+    Face does), from :func:`token_log_probs` with ``chunk_tokens`` (``"auto"``: chunked where it pays,
+    ``None``: the model's own logits). Models that scale or cap their logits are refused an explicit chunk size.
     """
     log_probs = token_log_probs(model, input_ids, labels, chunk_tokens, **model_kwargs)
     return -log_probs.sum() / (labels[:, 1:] != IGNORE_INDEX).sum()
@@ -87,11 +102,32 @@ def sequence_log_probs(
     model: nn.Module,
     input_ids: Tensor,
     labels: Tensor,
-    chunk_tokens: int | None = None,
+    chunk_tokens: ChunkTokens = None,
     **model_kwargs: Any,
 ) -> Tensor:
     """``log p(labelled tokens of row i)`` for every row: :func:`token_log_probs` summed over each row (fp32)."""
     return token_log_probs(model, input_ids, labels, chunk_tokens, **model_kwargs).sum(-1)
+
+
+def auto_chunk_tokens(model: nn.Module, input_ids: Tensor) -> int | None:
+    """The chunk size ``"auto"`` takes for this batch: ``None`` (the model's own logits) unless the batch's fp32
+    logits and their gradient would exceed :data:`LOGITS_FRACTION` of the device's memory and the model can be
+    chunked; then the multiple of :data:`CHUNK_MULTIPLE` tokens whose logits take closest to a quarter of that."""
+    from lomo_lightning.device_memory import device_memory_bytes
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
+    vocabulary = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocabulary is None:
+        return None
+    budget = LOGITS_FRACTION * device_memory_bytes(input_ids.device)
+    per_token = _LOGIT_BYTES_PER_ENTRY * vocabulary
+    if input_ids.numel() * per_token <= budget:
+        return None
+    try:
+        check_chunked_loss(model, CHUNK_MULTIPLE)
+    except (TypeError, ValueError):
+        return None  # a model that makes its own logits: "auto" leaves it so
+    return max(CHUNK_MULTIPLE, round(budget / 4 / per_token / CHUNK_MULTIPLE) * CHUNK_MULTIPLE)
 
 
 def next_token_targets(labels: Tensor) -> Tensor:
@@ -153,7 +189,11 @@ def check_chunked_loss(model: nn.Module, chunk_tokens: int) -> nn.Module:
 
 
 __all__ = [
+    "CHUNK_MULTIPLE",
     "IGNORE_INDEX",
+    "LOGITS_FRACTION",
+    "ChunkTokens",
+    "auto_chunk_tokens",
     "check_chunked_loss",
     "chunked_causal_lm_loss",
     "next_token_targets",

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lomo_lightning.objectives.causal_lm import IGNORE_INDEX, next_token_targets, sequence_log_probs
+from lomo_lightning.objectives.causal_lm import IGNORE_INDEX, ChunkTokens, next_token_targets, sequence_log_probs
 
 LOSS_TYPES = ("sigmoid", "ipo")
 SIDES = ("chosen", "rejected")
@@ -67,7 +67,7 @@ class DPOObjective:
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ValueError("label_smoothing applies to loss_type='sigmoid' only: set it to 0 for IPO")
 
-    def __call__(self, model: nn.Module, batch: dict[str, Tensor], chunk_tokens: int | None = None) -> PairLosses:
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor], chunk_tokens: ChunkTokens = None) -> PairLosses:
         """The losses of a batch of pairs (``input_ids``, ``attention_mask``, ``labels``: chosen rows, then
         rejected rows; ``reference_logps``: the reference's sequence log-probabilities in the same order).
 

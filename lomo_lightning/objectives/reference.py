@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lomo_lightning.data.cache import cache_key, store_entry, verified_entry
-from lomo_lightning.objectives.causal_lm import sequence_log_probs
+from lomo_lightning.objectives.causal_lm import ChunkTokens, sequence_log_probs
 from lomo_lightning.objectives.dpo import PAIR_COLUMNS, REFERENCE_KEY
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def reference_log_probs(
     *,
     batch_size: int,
     cache_dir: str | os.PathLike,
-    chunk_tokens: int | None = None,
+    chunk_tokens: ChunkTokens = None,
 ) -> Tensor:
     """The ``(pairs, 2)`` sequence log-probabilities (chosen, rejected) of every pair of ``dataset`` under ``model``.
 
@@ -90,7 +90,7 @@ def add_reference_log_probs(dataset: Dataset, values: Tensor) -> Dataset:
     return dataset.add_column(REFERENCE_KEY, values.tolist())
 
 
-def reference_cache_key(model: nn.Module, dataset: Dataset, *, batch_size: int, chunk_tokens: int | None) -> str:
+def reference_cache_key(model: nn.Module, dataset: Dataset, *, batch_size: int, chunk_tokens: ChunkTokens) -> str:
     """The name of the cache entry: a hash of the model's config and weights, the pairs' tokens and the settings."""
     parameter = next(model.parameters())
     device = parameter.device.type
@@ -136,7 +136,7 @@ def _compute_share(
     dataset: Dataset,
     collator: Callable[[list[dict]], dict[str, Tensor]],
     batch_size: int,
-    chunk_tokens: int | None,
+    chunk_tokens: ChunkTokens,
     rank: int,
     world: int,
 ) -> dict[int, Tensor]:

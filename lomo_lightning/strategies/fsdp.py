@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -45,6 +46,7 @@ from lomo_lightning.placement import Shards
 from lomo_lightning.selection.sft import SparseDeltaLinear, merge_sparse_deltas
 from lomo_lightning.selection.sft.quantize import is_quantized
 from lomo_lightning.strategies.base import FusedStrategy, register_own_name
+from lomo_lightning.strategies.fsdp_units import UNITS, choose_unit, gathered_budget, set_prefetching, units_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -88,11 +90,17 @@ def shard_transformers(
     layer_classes: Iterable[str] | None = None,
     mp_policy: Any = None,
     reshard_after_forward: bool = True,
+    unit: str = "block",
+    max_gathered_bytes: int | None = None,
 ) -> list[nn.Module]:
-    """``fully_shard`` every transformer block, then each Hugging Face model as a root.
+    """``fully_shard`` every unit (each transformer block, or each projection of every block), then each
+    Hugging Face model as a root.
 
     The blocks are found by class name: ``layer_classes`` or the model's ``_no_split_modules``
-    (``LlamaDecoderLayer`` ...). Returns the sharded roots.
+    (``LlamaDecoderLayer`` ...). ``unit``: ``"block"``, ``"projection"`` or ``"auto"``, the largest whose
+    gathered parameters fit ``max_gathered_bytes`` or a share of the device's memory
+    (:func:`~lomo_lightning.strategies.fsdp_units.choose_unit`). The units prefetch their successors
+    (:func:`~lomo_lightning.strategies.fsdp_units.set_prefetching`). Returns the sharded roots.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -105,7 +113,9 @@ def shard_transformers(
             f"strategy='lomo_fsdp' shards Hugging Face models by itself, but found none in {type(module).__name__}. "
             "Override configure_model() and apply fully_shard there (per block, then the root)."
         )
-    kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(), ignored_params=replicated_parameters(module))
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    kwargs = dict(mesh=mesh, mp_policy=mp_policy, ignored_params=replicated_parameters(module))
+    budget = gathered_budget(torch.device(mesh.device_type), max_gathered_bytes) if unit == "auto" else 0
     for root in roots:
         names = set(layer_classes or getattr(root, "_no_split_modules", None) or ())
         blocks = [m for m in root.modules() if type(m).__name__ in names]
@@ -113,8 +123,12 @@ def shard_transformers(
             raise ValueError(
                 f"No transformer block of {type(root).__name__} matches {sorted(names)}: pass layer_classes=[...]."
             )
-        for block in blocks:
-            fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+        chosen = choose_unit(blocks, unit, budget, mp_policy.param_dtype)
+        units = units_of(blocks, chosen)
+        for each in units:
+            fully_shard(each, reshard_after_forward=reshard_after_forward, **kwargs)
+        set_prefetching(units, chosen)
+        rank_zero_info(f"lomo_lightning: FSDP2 unit of {type(root).__name__}: a {chosen} ({len(units)} units)")
         # the root's parameters (embeddings, final norm, head) are gathered for the whole forward anyway
         fully_shard(root, reshard_after_forward=False, **kwargs)
     sharded = {id(p) for root in roots for p in root.parameters()}
@@ -151,7 +165,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         mp_policy: FSDP2 ``MixedPrecisionPolicy``; by default, ``precision="bf16-mixed"`` means
             bf16 parameters in forward/backward, fp32 gradient reduction and fp32 sharded master weights.
         layer_classes: class names of the blocks to shard (default: the model's ``_no_split_modules``).
-        reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3).
+        unit: what one FSDP2 unit gathers: ``"block"``, ``"projection"`` (each weight matrix of a block), or
+            ``"auto"`` (default): the largest that fits ``max_gathered_bytes``
+            (:mod:`~lomo_lightning.strategies.fsdp_units`).
+        max_gathered_bytes: the budget of ``"auto"`` for the parameters gathered at once (the unit at work and
+            the prefetched ones); default 8% of the device's memory.
+        reshard_after_forward: free each unit's gathered parameters after its forward (ZeRO-3).
         save_distributed_checkpoint: one shard file per rank (``True``) or a full checkpoint on rank 0.
     """
 
@@ -166,6 +185,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        unit: str = "auto",
+        max_gathered_bytes: int | None = None,
     ):
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint,
@@ -174,6 +195,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
         self.mp_policy = mp_policy
         self.layer_classes = list(layer_classes) if layer_classes is not None else None
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+        self.unit = unit
+        self.max_gathered_bytes = max_gathered_bytes
         self.reshard_after_forward = reshard_after_forward
 
     @classmethod
@@ -212,6 +237,8 @@ class FSDP2Strategy(ModelParallelStrategy):
                 layer_classes=self.layer_classes,
                 mp_policy=self._mixed_precision_policy(),
                 reshard_after_forward=self.reshard_after_forward,
+                unit=self.unit,
+                max_gathered_bytes=self.max_gathered_bytes,
             )
         materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -277,8 +304,8 @@ class LomoFSDPStrategy(FusedStrategy, FSDP2Strategy):
     Args:
         clip_grad_norm: global-norm clipping (two backward passes, norm all-reduced over shards).
         clip_grad_value: value clipping.
-        **kwargs: :class:`FSDP2Strategy`'s (``mp_policy``, ``layer_classes``, ``reshard_after_forward``,
-            ``save_distributed_checkpoint``, ...).
+        **kwargs: :class:`FSDP2Strategy`'s (``unit``, ``max_gathered_bytes``, ``mp_policy``, ``layer_classes``,
+            ``reshard_after_forward``, ``save_distributed_checkpoint``, ...).
     """
 
     strategy_name = "lomo_fsdp"

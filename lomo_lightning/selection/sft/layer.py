@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,8 @@ class SparseDeltaLinear(nn.Module):
     Forward and backward each form the merged weight :math:`W_0 + \Delta` in :math:`W_0`'s dtype (the
     base dequantized) and free it before returning: nothing the size of the weight is saved between them.
     Backward returns the gradient of ``values`` without the dense weight gradient: it samples
-    :math:`G^T X` at the active entries (``torch.sparse.sampled_addmm``, in fp32). A
+    :math:`G^T X` at the active entries (``torch.sparse.sampled_addmm``, in fp32, as the custom operator
+    ``lomo_lightning::sampled_gradient``, whose fake implementation lets fake tensors run the backward). A
     ``gradient_observer`` (set by accumulated-gradient regrowth during its window) is handed :math:`G`
     and :math:`X` once per autograd node, so a second backward over the same graph (the norm-measuring
     pass of two-pass clipping) is not counted twice.
@@ -60,7 +61,7 @@ class SparseDeltaLinear(nn.Module):
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=device))
         self.register_buffer("indices", indices.to(device=device, dtype=index_dtype(self.weight.numel())).sort().values)
         self.gradient_observer: GradientObserver | None = None
-        self._pattern: tuple[Tensor, int, Tensor] | None = None
+        self._pattern: tuple[Tensor, int, CsrIndices] | None = None
         self._link_values()
 
     def forward(self, input: Tensor) -> Tensor:
@@ -71,10 +72,10 @@ class SparseDeltaLinear(nn.Module):
         """``W0 + Delta`` as a new dense tensor in the base's dtype (what forward multiplies by)."""
         return merged_weight(self.weight, self.values.detach(), self.indices)
 
-    def sparsity_pattern(self) -> Tensor:
-        """The active entries as an ``(out, in)`` CSR tensor, rebuilt only after ``indices`` changed."""
+    def sparsity_pattern(self) -> CsrIndices:
+        """The active entries as the indices of an ``(out, in)`` CSR matrix, rebuilt only after ``indices`` changed."""
         if self._pattern is None or self._pattern[0] is not self.indices or self._pattern[1] != version_counter(self.indices):
-            self._pattern = (self.indices, version_counter(self.indices), csr_pattern(self.indices, self.weight_shape))
+            self._pattern = (self.indices, version_counter(self.indices), csr_indices(self.indices, self.weight_shape))
         return self._pattern[2]
 
     @property
@@ -100,24 +101,45 @@ def merged_weight(weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     return merged
 
 
-def csr_pattern(indices: Tensor, shape: tuple[int, int]) -> Tensor:
-    """A CSR tensor of ``shape`` with zeros at the sorted flat ``indices`` (``sampled_addmm`` multiplies them by beta=0)."""
+class CsrIndices(NamedTuple):
+    """The sparsity pattern of an ``(out, in)`` matrix in CSR form: row offsets and column indices, dense tensors.
+
+    Dense, not a sparse CSR tensor, so that fake tensors (which have no sparse layouts) can carry it too.
+    """
+
+    crow_indices: Tensor
+    col_indices: Tensor
+
+
+def csr_indices(indices: Tensor, shape: tuple[int, int]) -> CsrIndices:
+    """The CSR pattern of the sorted flat ``indices`` into a matrix of ``shape``."""
     rows = torch.div(indices, shape[1], rounding_mode="floor")
     cols = indices - rows * shape[1]
     crow = csr_row_pointers(rows, shape[0], out_int32=indices.dtype == torch.int32)
+    return CsrIndices(crow, cols)
+
+
+def sampled_weight_gradient(grad_output: Tensor, input: Tensor, pattern: CsrIndices) -> Tensor:
+    """``(G^T X)`` at the entries of ``pattern`` (row-major order), in fp32, without forming ``G^T X``."""
+    return torch.ops.lomo_lightning.sampled_gradient(grad_output.float(), input.float(), *pattern)
+
+
+@torch.library.custom_op("lomo_lightning::sampled_gradient", mutates_args=())
+def _sampled_gradient(grad_output: Tensor, input: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tensor:
+    """``(G^T X)`` at the CSR pattern's entries: ``grad_output`` is ``tokens x out``, ``input`` ``tokens x in``, fp32."""
+    shape = (grad_output.shape[1], input.shape[1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(
-            crow, cols, torch.zeros(indices.numel(), device=indices.device), shape, check_invariants=False
-        )
+        pattern = torch.sparse_csr_tensor(
+            crow_indices, col_indices, torch.zeros(col_indices.numel(), device=input.device), shape, check_invariants=False
+        )  # zeros that sampled_addmm multiplies by beta=0
+        return torch.sparse.sampled_addmm(pattern, grad_output.t(), input, beta=0.0).values()
 
 
-def sampled_weight_gradient(grad_output: Tensor, input: Tensor, pattern: Tensor) -> Tensor:
-    """``(G^T X)`` at the entries of ``pattern`` (CSR, row-major order), in fp32, without forming ``G^T X``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sampled = torch.sparse.sampled_addmm(pattern, grad_output.float().t(), input.float(), beta=0.0)
-    return sampled.values()
+@_sampled_gradient.register_fake
+def _(grad_output: Tensor, input: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tensor:
+    # the result only; what the real kernel allocates on the way (the pattern's zero values) is k floats more
+    return input.new_empty(col_indices.numel())
 
 
 class _SparseDeltaLinearFunction(torch.autograd.Function):
@@ -149,4 +171,4 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
         return grad_input, None, grad_values, None, grad_bias, None
 
 
-__all__ = ["GradientObserver", "SparseDeltaLinear", "csr_pattern", "index_dtype", "merged_weight", "sampled_weight_gradient"]
+__all__ = ["CsrIndices", "GradientObserver", "SparseDeltaLinear", "csr_indices", "index_dtype", "merged_weight", "sampled_weight_gradient"]

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lomo_lightning.selection.sft.layer import SparseDeltaLinear, csr_pattern, sampled_weight_gradient
+from lomo_lightning.selection.sft.layer import CsrIndices, SparseDeltaLinear, csr_indices, sampled_weight_gradient
 
 
 def mean_over_ranks(tensor: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ class CandidateWindow:
         self.grad_sum: Tensor | None = None
         self.grad_square_sum: Tensor | None = None
         self.samples = 0
-        self._pattern: Tensor | None = None
+        self._pattern: CsrIndices | None = None
 
     @torch.no_grad()
     def __call__(self, grad_output: Tensor, input: Tensor) -> None:
@@ -71,10 +71,10 @@ class CandidateWindow:
             self.grad_square_sum.addcmul_(grads, grads)
         self.samples += 1
 
-    def pattern(self) -> Tensor:
+    def pattern(self) -> CsrIndices:
         if self._pattern is None:
             assert self.candidates is not None  # chosen by the first call
-            self._pattern = csr_pattern(self.candidates, self.layer.weight_shape)
+            self._pattern = csr_indices(self.candidates, self.layer.weight_shape)
         return self._pattern
 
     def state_dict(self) -> dict[str, Any]:
