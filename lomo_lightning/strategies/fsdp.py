@@ -132,7 +132,7 @@ def is_fully_sharded(module: nn.Module) -> bool:
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 for Hugging Face models without writing ``configure_model`` (``Trainer(strategy="fsdp2")``).
+    """FSDP2 for Hugging Face models without writing ``configure_model`` (``Trainer(strategy="lomo_fsdp_unfused")``).
 
     Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` with a 1-D mesh over all ranks,
     which also shards the model itself: unless ``configure_model()`` already applied ``fully_shard``,
@@ -148,7 +148,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: one shard file per rank (``True``) or a full checkpoint on rank 0.
     """
 
-    strategy_name = "fsdp2"
+    strategy_name = "lomo_fsdp_unfused"  # not "fsdp2": Lightning registers its own FSDP2Strategy under it
     description = "FSDP2 (fully_shard) over all ranks, sharding Hugging Face models by their blocks"
 
     def __init__(
