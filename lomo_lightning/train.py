@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lomo_lightning.checkpointing import PeriodicCheckpoint, Preempted
 from lomo_lightning.data import PreferencePairs, TokenizedDataModule
+from lomo_lightning.defaults import describe_learning_rate
 from lomo_lightning.dpo_module import DPOModule, FusedDPOModule
 from lomo_lightning.loss import check_chunked_loss
 from lomo_lightning.models import ConfigError, converted_gguf, smollm2_gguf_directory
@@ -80,6 +81,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     checkpoint with this config (``lomo-train`` also restores the run's own config: :mod:`lomo_lightning.resume`).
     """
     check_config(cfg)
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]  # set by Lightning
+        log.info(describe_learning_rate(cfg))
     output_dir = writable_directory(cfg.output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
