@@ -49,7 +49,9 @@ from lomo_lightning.preflight import (
     check_model_source,
     check_required_values,
     checked_method,
+    did_you_mean,
     one_line,
+    settings_that_do_nothing,
 )
 from lomo_lightning.resume import CONFIG_FILE, continued_config, hydra_output_subdir, hydra_run_dir
 from lomo_lightning.selection import Selection, SparseFineTuning
@@ -83,6 +85,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     check_config(cfg)
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]  # set by Lightning
         log.info(describe_learning_rate(cfg))
+        for warning in settings_that_do_nothing(cfg):
+            log.warning(warning)
     output_dir = writable_directory(cfg.output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -413,7 +417,8 @@ def main() -> None:
     try:
         task()
     except (HydraException, OmegaConfBaseException) as error:
-        print(f"lomo-train: {one_line(error)}", file=sys.stderr)
+        hint = did_you_mean(error)  # a misspelled key: Hydra's own advice is to add it with "+"
+        print(f"lomo-train: {hint} ({one_line(error)})" if hint else f"lomo-train: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
