@@ -13,6 +13,9 @@ configuration error, Hydra's own included, is one line and exit code 2.
 
 from __future__ import annotations
 
+import lomo_lightning.quiet  # noqa: F401  # first: it silences noise that Lightning and transformers make on import
+
+# isort: split
 import logging
 import math
 import os

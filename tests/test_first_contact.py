@@ -57,3 +57,35 @@ def test_fsdp_on_one_process_is_warned_about_and_on_two_it_is_not(method):
     assert settings_that_do_nothing(composed(f"method={method}", "strategy=fsdp", "trainer.devices=2")) == []
     assert settings_that_do_nothing(composed(f"method={method}", "strategy=fsdp", "+trainer.num_nodes=2")) == []
     assert settings_that_do_nothing(composed(f"method={method}", "strategy=ddp")) == []
+
+
+NOISE = """
+import logging, sys, tempfile
+import torch
+{first}
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities._pytree import _tree_flatten
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+pl.Trainer(accelerator="cpu", logger=CSVLogger(tempfile.mkdtemp()), enable_checkpointing=False, limit_val_batches=None)
+_tree_flatten(torch.tensor(1.0))
+logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
+logging.getLogger("alembic.runtime.migration").info("Will assume non-transactional DDL.")
+logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.so: Could not load this library")
+logging.getLogger("torchao").warning("torchao says something that matters")
+"""
+NOISY_LINES = ["💡 Tip: For seamless cloud logging", "LeafSpec", "Context impl SQLiteImpl", "Will assume non-transactional", "Failed to load"]
+
+
+@pytest.mark.parametrize("app", [True, False], ids=["lomo-train", "lightning-alone"])
+def test_third_party_noise_is_silenced_by_name_and_nothing_else(app):
+    import subprocess
+
+    code = NOISE.format(first="import lomo_lightning.train" if app else "")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "GPU available" in output and "torchao says something that matters" in output  # the same loggers' other lines
+    shown = [noise for noise in NOISY_LINES if noise in output]
+    assert shown == ([] if app else NOISY_LINES), output[-3000:]
