@@ -2,16 +2,17 @@
 
 Names are imported on first use (PEP 562), so ``from lomo_lightning import AdaLomo, FusedUpdater`` loads
 torch only: neither Lightning nor transformers. The strategies register their names with Lightning
-(``Trainer(strategy="lomo" | "lomo_ddp" | "lomo_fsdp" | "fsdp2")``) when :mod:`lomo_lightning.strategies` is
-imported: by any Lightning-side name of this package, or here at once if Lightning is already loaded.
+(``Trainer(strategy="lomo" | "lomo_ddp" | "lomo_fsdp" | "lomo_fsdp_unfused")``) as soon as both this package and
+Lightning are imported, in either order (:mod:`lomo_lightning.registration`); it never takes a name Lightning owns.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
+
+from lomo_lightning.registration import register_strategies_with_lightning
 
 try:
     __version__ = version("lomo-lightning")
@@ -99,5 +100,5 @@ if TYPE_CHECKING:
         save_pretrained_consolidated,
     )
 
-if "lightning" in sys.modules or "lightning.pytorch" in sys.modules:
-    importlib.import_module("lomo_lightning.strategies")  # Trainer(strategy="lomo") works right away
+# Trainer(strategy="lomo") works whichever of this package and Lightning is imported first
+register_strategies_with_lightning()

@@ -9,6 +9,7 @@ no model, and a logger without its credentials.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import re
@@ -19,6 +20,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from lomo_lightning._compat import full_key
 
@@ -164,6 +166,62 @@ def check_loggers(loggers: list[Any]) -> None:
             ) from None
 
 
+def settings_that_do_nothing(cfg: DictConfig) -> list[str]:
+    """One line for each setting that is valid but cannot do what it is for: a learning rate of 0, FSDP on one process."""
+    warnings = []
+    lr = cfg.method.optimizer.get("lr")
+    if lr is not None and float(lr) == 0.0:
+        warnings.append(
+            f"method.optimizer.lr=0: no parameter will change in the {cfg.trainer.max_steps} steps of this run "
+            "(set a learning rate, or omit it for the method's default)"
+        )
+    processes = _process_count(cfg.trainer)
+    if processes == 1 and _is_sharded(cfg):
+        warnings.append(
+            "strategy=fsdp on one process (trainer.devices=1): there is nothing to shard over, so FSDP only adds "
+            "its overhead; use strategy=single, or trainer.devices=N (and trainer.num_nodes) to shard"
+        )
+    return warnings
+
+
+def _process_count(trainer: DictConfig) -> int | None:
+    """How many processes ``trainer.devices`` x ``trainer.num_nodes`` start; ``None`` when Lightning decides (``auto``)."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        count = devices
+    elif OmegaConf.is_list(devices) or (isinstance(devices, str) and "," in devices):
+        count = len(devices) if OmegaConf.is_list(devices) else len([d for d in devices.split(",") if d.strip()])
+    else:
+        return None
+    return count * int(trainer.get("num_nodes", 1) or 1)
+
+
+def _is_sharded(cfg: DictConfig) -> bool:
+    if cfg.method.fused:
+        return str(cfg.strategy.fused.get("_target_", "")).endswith("FSDPStrategy")
+    return "fsdp" in str(cfg.strategy.unfused).lower()
+
+
+def did_you_mean(error: BaseException) -> str:
+    """For an unknown key (``method.optimizer.lrr=1``): ``"... did you mean method.optimizer.lr?"``, or ``""``.
+
+    The nearest key of the same config node, by spelling (:func:`difflib.get_close_matches`).
+    """
+    cause = error if isinstance(error, (ConfigAttributeError, ConfigKeyError)) else error.__cause__
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not isinstance(cause.parent_node, DictConfig):
+        return ""
+    key = str(cause.key)
+    keys = [str(name) for name in cause.parent_node.keys() if not str(name).startswith("_")]
+    nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not nearest:
+        return ""
+    full_key = str(cause.full_key)
+    prefix = full_key[: -len(key)] if full_key.endswith(key) else ""
+    return f"{full_key} is not a key of this config: did you mean {prefix}{nearest[0]}?"
+
+
 __all__ = [
     "ConfigError",
     "argument_error",
@@ -173,5 +231,7 @@ __all__ = [
     "check_model_source",
     "check_required_values",
     "checked_method",
+    "did_you_mean",
     "one_line",
+    "settings_that_do_nothing",
 ]

@@ -13,6 +13,9 @@ configuration error, Hydra's own included, is one line and exit code 2.
 
 from __future__ import annotations
 
+import lomo_lightning.quiet  # noqa: F401  # first: it silences noise that Lightning and transformers make on import
+
+# isort: split
 import logging
 import math
 import os
@@ -35,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lomo_lightning.checkpointing import PeriodicCheckpoint, Preempted, publish_directory
 from lomo_lightning.data import PreferencePairs, TokenizedDataModule
+from lomo_lightning.defaults import describe_learning_rate
 from lomo_lightning.dpo_module import DPOModule, FusedDPOModule
 from lomo_lightning.files import fresh_directory, write_atomically
 from lomo_lightning.models import converted_gguf, smollm2_gguf_directory
@@ -49,7 +53,9 @@ from lomo_lightning.preflight import (
     check_model_source,
     check_required_values,
     checked_method,
+    did_you_mean,
     one_line,
+    settings_that_do_nothing,
 )
 from lomo_lightning.resume import CONFIG_FILE, continued_config, hydra_output_subdir, hydra_run_dir
 from lomo_lightning.rundir import EXIT_CONFIG_ERROR, check_fresh, discard_created, is_first_process, savable_config
@@ -82,6 +88,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], CausalLMModule]:
     checkpoint with this config (``lomo-train`` also restores the run's own config: :mod:`lomo_lightning.resume`).
     """
     check_config(cfg)
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]  # set by Lightning
+        log.info(describe_learning_rate(cfg))
+        for warning in settings_that_do_nothing(cfg):
+            log.warning(warning)
     output_dir = writable_directory(cfg.output_dir)
     if not (cfg.get("resume") or cfg.get("ckpt_path")) and rank_zero_only.rank == 0 and is_first_process():  # type: ignore[attr-defined]
         check_fresh(output_dir, bool(cfg.get("overwrite")), ignored=written_by_hydra(output_dir))
@@ -421,7 +431,8 @@ def main() -> None:
     try:
         task()
     except (HydraException, OmegaConfBaseException) as error:
-        print(f"lomo-train: {one_line(error)}", file=sys.stderr)
+        hint = did_you_mean(error)  # a misspelled key: Hydra's own advice is to add it with "+"
+        print(f"lomo-train: {hint} ({one_line(error)})" if hint else f"lomo-train: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
     finally:
         del os.environ["HYDRA_FULL_ERROR"]

@@ -39,7 +39,7 @@ RULES = {
     "lomo": lambda params: Lomo(params, lr=0.05, weight_decay=0.01),
     "sftadamw": lambda params: SFTAdamW(params, lr=1e-2, weight_decay=0.01),
     "sm3": lambda params: SM3(params, lr=1e-2, weight_decay=0.01),
-    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01),  # unfused, under strategy="fsdp2"
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01),  # unfused, under strategy="lomo_fsdp_unfused"
 }
 CLIP = 0.05
 SFT_DENSITY = 0.05
@@ -234,7 +234,8 @@ def run_reference(case: str, out: Path) -> None:
 def parse(case: str) -> dict:
     """``fsdp_adalomo_clip_hft`` -> strategy, rule and flags; ``fsdp2_adamw``: the unfused FSDP2 baseline."""
     placement, rule, *flags = case.split("_")
-    return {"strategy": placement if placement == "fsdp2" else f"lomo_{placement}", "rule": rule, "flags": set(flags)}
+    strategy = "lomo_fsdp_unfused" if placement == "fsdp2" else f"lomo_{placement}"
+    return {"strategy": strategy, "rule": rule, "flags": set(flags)}
 
 
 def full_state(strategy: str, module: TinyLM, optimizer) -> tuple[dict, dict]:
@@ -242,7 +243,7 @@ def full_state(strategy: str, module: TinyLM, optimizer) -> tuple[dict, dict]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     params = get_model_state_dict(module.model, options=options)
-    if strategy in ("lomo_fsdp", "fsdp2"):
+    if strategy in ("lomo_fsdp", "lomo_fsdp_unfused"):
         optim = get_optimizer_state_dict(module.model, optimizer, options=options).get("state")  # on rank 0
     else:
         optim = named_state(module.model, optimizer)

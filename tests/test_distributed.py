@@ -81,7 +81,7 @@ EXACT = [
     "ddp_adalomo_dpo_clip",  # DPO: each rank holds its pairs, chosen and rejected rows together
     "fsdp_adalomo_dpo_clip_tie_chunked",
     "fsdp_lomo_dpo_hft_ipo",
-    "fsdp2_adamw",  # the unfused baseline (strategy="fsdp2", the app's method=adamw strategy=fsdp): AdamW on FSDP2
+    "fsdp2_adamw",  # the unfused baseline (strategy="lomo_fsdp_unfused", the app's method=adamw strategy=fsdp): AdamW on FSDP2
     "fsdp_adalomo_clip_tie_chunked_proj",  # an FSDP2 unit per projection: statistics and norm over smaller units
     "fsdp_sm3_sft_resel_proj",  # sparse-delta projections as units, their values replicated inside them
 ]
@@ -380,12 +380,12 @@ def test_ddp_refuses_gradients_outside_its_buckets():
 def test_strategies_are_registered_by_name():
     from lightning.pytorch.strategies import StrategyRegistry
 
-    assert {"lomo", "lomo_ddp", "lomo_fsdp", "fsdp2"} <= set(StrategyRegistry)
+    assert {"lomo", "lomo_ddp", "lomo_fsdp", "lomo_fsdp_unfused"} <= set(StrategyRegistry)
     assert StrategyRegistry["lomo_fsdp"]["strategy"].strategy_name == "lomo_fsdp"
 
 
 def test_the_unfused_fsdp2_baseline_shards_adamw_state(runs):
-    """strategy="fsdp2" (the app's method=adamw strategy=fsdp) is FSDP2: each rank holds half of AdamW's moments."""
+    """strategy="lomo_fsdp_unfused" (the app's method=adamw strategy=fsdp) is FSDP2: each rank holds half of AdamW's moments."""
     got = result(runs, "fsdp2_adamw")
     whole = sum(2 * p.numel() * p.element_size() for p in got["params"].values())  # exp_avg and exp_avg_sq
     assert all(size < 0.6 * whole for size in got["state_bytes"]), (got["state_bytes"], whole)

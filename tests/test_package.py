@@ -37,7 +37,7 @@ def test_importing_after_lightning_registers_the_strategies_by_name():
         "from lightning.pytorch.strategies import StrategyRegistry\n"
         "print(sorted(n for n in StrategyRegistry if n.startswith('lomo')))"
     )
-    assert registered == "['lomo', 'lomo_ddp', 'lomo_fsdp']"
+    assert registered == "['lomo', 'lomo_ddp', 'lomo_fsdp', 'lomo_fsdp_unfused']"
 
 
 def test_every_package_is_listed_for_the_build_and_the_configs_install_with_it():

@@ -516,7 +516,9 @@ def test_sparse_fine_tuning_on_two_fsdp_ranks_saves_a_model_its_delta_rebuilds(t
         "trainer.devices=2",
     ]
     command = [sys.executable, "-m", "lomo_lightning.train", f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"]
-    done = subprocess.run(command + tiny(*overrides), env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(  # in tmp_path: Hydra's outputs/<date>/<time> and rank 1's log land there, not in the checkout
+        command + tiny(*overrides), cwd=tmp_path, env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     cfg = OmegaConf.load(tmp_path / "config.yaml")
     assert cfg.trainer.devices == 2 and cfg.strategy.fused._target_.endswith("LomoFSDPStrategy")

@@ -3,7 +3,10 @@
 - ``"lomo"``: one device (:class:`LomoStrategy`).
 - ``"lomo_ddp"``: replicas; each bucket is updated right after its all-reduce (:class:`LomoDDPStrategy`).
 - ``"lomo_fsdp"``: FSDP2 shards; each shard is updated right after its reduce-scatter (:class:`LomoFSDPStrategy`).
-- ``"fsdp2"``: the unfused FSDP2 baseline, sharding Hugging Face models as ``"lomo_fsdp"`` does (:class:`FSDP2Strategy`).
+- ``"lomo_fsdp_unfused"``: the unfused FSDP2 baseline, sharding Hugging Face models as ``"lomo_fsdp"`` does
+  (:class:`FSDP2Strategy`).
+
+Only these names are registered, never one Lightning owns (``register_own_name`` refuses that).
 
 Each class registers itself with ``register_strategies``, as Lightning's own strategies do; Lightning calls
 that for the classes of its own package only, so this module calls it for these.

@@ -209,9 +209,18 @@ _MODULE_HOOKS_WITHOUT_GRADIENTS = {
 
 
 def register_own_name(cls: type[Strategy], strategy_registry: StrategyRegistry) -> None:
-    """Register ``cls.strategy_name`` (``Trainer(strategy="lomo")``) if ``cls`` names itself, not its parent's name."""
-    if "strategy_name" in cls.__dict__:
-        strategy_registry.register(cls.__dict__["strategy_name"], cls, description=cls.__dict__["description"], override=True)
+    """Register ``cls.strategy_name`` (``Trainer(strategy="lomo")``) if ``cls`` names itself, not its parent's name.
+
+    Registering again replaces this package's own entry (a reloaded module); a name that belongs to another
+    package, Lightning above all, is refused: replacing it would silently change what ``strategy=<name>`` means.
+    """
+    name = cls.__dict__.get("strategy_name")
+    if name is None:
+        return
+    owner = strategy_registry[name]["strategy"] if name in strategy_registry else None  # its get() instantiates
+    if owner is not None and not owner.__module__.startswith("lomo_lightning."):
+        raise ValueError(f"strategy name {name!r} already belongs to {owner.__module__}.{owner.__qualname__}: {cls.__name__} needs another")
+    strategy_registry.register(name, cls, description=cls.__dict__["description"], override=True)
 
 
 def refuse_hooks_without_gradients(trainer: Trainer) -> None:

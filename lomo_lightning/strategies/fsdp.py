@@ -1,4 +1,4 @@
-"""FSDP2 for Hugging Face models: strategy="fsdp2" (unfused) and strategy="lomo_fsdp" (fused updates on shards).
+"""FSDP2 for Hugging Face models: strategy="lomo_fsdp_unfused" (unfused) and strategy="lomo_fsdp" (fused updates on shards).
 
 What the module holds: :class:`ShardedFusedUpdater` (the engine on FSDP2 shards, usable without Lightning),
 :func:`shard_transformers` (``fully_shard`` per transformer block, then each model root, leaving
@@ -153,7 +153,7 @@ def is_fully_sharded(module: nn.Module) -> bool:
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 for Hugging Face models without writing ``configure_model`` (``Trainer(strategy="fsdp2")``).
+    """FSDP2 for Hugging Face models without writing ``configure_model`` (``Trainer(strategy="lomo_fsdp_unfused")``).
 
     Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` with a 1-D mesh over all ranks,
     which also shards the model itself: unless ``configure_model()`` already applied ``fully_shard``,
@@ -174,7 +174,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: one shard file per rank (``True``) or a full checkpoint on rank 0.
     """
 
-    strategy_name = "fsdp2"
+    strategy_name = "lomo_fsdp_unfused"  # not "fsdp2": Lightning registers its own FSDP2Strategy under it
     description = "FSDP2 (fully_shard) over all ranks, sharding Hugging Face models by their blocks"
 
     def __init__(

@@ -30,7 +30,10 @@ def quantize_weight(linear: nn.Linear, scheme: str) -> None:
 
         quantize_(linear, Int8WeightOnlyConfig(), filter_fn=lambda module, _: module is linear)
     elif scheme == "nf4":
-        from torchao.dtypes.nf4tensor import to_nf4
+        try:
+            from torchao.dtypes.nf4tensor import to_nf4
+        except ImportError:  # torchao >= 0.18 moved it
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
         numel = linear.weight.numel()
         if numel % NF4_BLOCK:
