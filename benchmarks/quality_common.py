@@ -196,10 +196,14 @@ class Trainer:
         return float(loss.detach())
 
 
-def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str, Callable[[], float]],
-          eval_every: int) -> dict[str, Any]:
-    """Train ``steps`` steps; every ``eval_every`` steps (and at 0 and the end) run every evaluation."""
-    curve: list[dict[str, float]] = []
+def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str, Callable[[], Any]],
+          eval_every: int, initial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``steps`` steps; every ``eval_every`` steps (and at 0 and the end) run every evaluation.
+
+    ``initial``: the evaluations of the untrained model, if already known (every run of a comparison starts
+    from the same weights), recorded as step 0 instead of evaluating again.
+    """
+    curve: list[dict[str, Any]] = []
 
     def record(step: int) -> None:
         point = {"step": step}
@@ -208,7 +212,10 @@ def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str
         curve.append(point)
 
     start = time.perf_counter()
-    record(0)
+    if initial is None:
+        record(0)
+    else:
+        curve.append({"step": 0, **initial})
     train_losses = []
     for step in range(1, steps + 1):
         train_losses.append(trainer.step(next(batches)))

@@ -1,0 +1,97 @@
+"""The arithmetic behind ``benchmarks/claims_smollm2.py``'s verdicts, on runs made up so the answer is known.
+
+Forgetting is compared where each run's held-out loss first reaches the same level (linear interpolation
+between evaluations); the greedy-answer check counts an answer right only when it names the answer as
+whole words; intervals are Student's t at 95%.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def modules():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield {name: importlib.import_module(name) for name in ("claims_smollm2", "quality_real", "general_ability")}
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def made_up_run(losses, prose, greedy=None, seed=0):
+    """A run's record: held-out losses and prose losses at steps 0, 1, 2, ...; QA loss moves like prose."""
+    greedy = greedy or [0.5] * len(losses)
+    curve = [
+        {"step": i, "instruct_val_loss": loss, "general": {"prose_loss": p, "qa_loss": 2 * p, "qa_greedy": g}}
+        for i, (loss, p, g) in enumerate(zip(losses, prose, greedy))
+    ]
+    return {"curve": curve, "seed": seed, "method": "adalomo", "lr": 1e-2, "seconds": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("answer", "keys", "right"),
+    [
+        ("The capital of France is Paris.", ("paris",), True),
+        ("A week is approximately 7 days.", ("seven", "7"), True),
+        ("There are 17 of them.", ("seven", "7"), False),  # a digit inside a number is not the number
+        ("It freezes at -18.0000000", ("0", "zero"), False),
+        ("Water boils at 100 degrees.", ("0", "zero"), False),
+        ("Water freezes at 0 degrees.", ("0", "zero"), True),
+        ("The largest mammal is the Blue Whale.", ("blue whale",), True),
+        ("Blue skies and a whale.", ("blue whale",), False),
+        ("It is the sunflower.", ("sun",), False),
+    ],
+)
+def test_greedy_answer_needs_the_answer_as_whole_words(modules, answer, keys, right):
+    assert modules["general_ability"].answer_is_right(answer, keys) is right
+
+
+def test_every_greedy_question_is_one_of_the_probe_questions(modules):
+    ga = modules["general_ability"]
+    assert set(ga.ANSWER_KEYS) <= {q for q, _ in ga.QUESTIONS}
+    assert len(ga.ANSWER_KEYS) >= 30
+
+
+def test_forgetting_is_interpolated_where_the_target_is_first_reached(modules):
+    run = made_up_run([2.0, 1.8, 1.6, 1.7], [3.0, 3.1, 3.3, 3.9])
+    at = modules["quality_real"].forgetting_at(run, 1.7, ("prose_loss", "qa_loss"))
+    # halfway between steps 1 and 2 (losses 1.8 and 1.6): prose halfway between 3.1 and 3.3, minus the base 3.0
+    assert at["prose_loss"] == pytest.approx(0.2)
+    assert at["qa_loss"] == pytest.approx(0.4)
+    assert modules["quality_real"].forgetting_at(run, 1.5) is None  # never reached
+    assert modules["quality_real"].forgetting_at(run, 2.5) == {"prose_loss": 0.0, "qa_loss": 0.0}  # reached before training
+
+
+def test_interval_is_students_t(modules):
+    ci = modules["claims_smollm2"].interval([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)
+    assert (ci["mean"], ci["low"], ci["high"], ci["n"]) == pytest.approx((2.0, 2.0 - half, 2.0 + half, 3))
+    assert math.isnan(modules["claims_smollm2"].interval([1.0])["low"])
+
+
+def test_hft_forgetting_half_of_full_at_equal_loss_gives_ratio_one_half(modules):
+    claims = modules["claims_smollm2"]
+    # full fine-tuning reaches 1.5; HFT stops at 1.6, so the deepest common level is 1.6. On the way both
+    # follow loss -> prose rise linearly, full at slope 1, HFT at slope 0.5: at equal loss HFT's rise is half.
+    full = [made_up_run([2.0, 1.8, 1.5], [3.0, 3.2, 3.5], [0.6, 0.5, 0.2], seed=s) for s in (0, 1)]
+    hft = [made_up_run([2.0, 1.8, 1.6], [3.0, 3.1, 3.2], [0.6, 0.55, 0.45], seed=s) for s in (0, 1)]
+    per_seed = claims.forgetting_by_seed(full, hft)
+    assert per_seed[0]["levels"][-1] == pytest.approx(1.6)
+    summary = claims.forgetting_summary(per_seed)
+    end = summary[str(claims.LEVELS[-1])]
+    assert end["prose_loss"]["full"]["mean"] == pytest.approx(0.4)
+    assert end["prose_loss"]["hft"]["mean"] == pytest.approx(0.2)
+    assert end["prose_loss"]["ratio_of_means"] == pytest.approx(0.5)
+    assert end["prose_loss"]["hft_minus_full"]["mean"] == pytest.approx(-0.2)
+    # the greedy score falls: full from 0.6 to 0.3 at loss 1.6 (two thirds of the way from 0.5 to 0.2), HFT to 0.45
+    assert end["qa_greedy"]["full"]["mean"] == pytest.approx(-0.3)
+    assert end["qa_greedy"]["hft"]["mean"] == pytest.approx(-0.15)
+    assert end["qa_greedy"]["ratio_of_means"] == pytest.approx(0.5)
