@@ -39,7 +39,7 @@ import quality_common as qc
 import quality_real
 
 # The shared set-up, chosen so that a run with the general-ability probes fits about 6 CPU-minutes
-SETUP: dict[str, Any] = dict(seq_len=128, batch=2, steps=24, eval_every=6, val_examples=24, prose_blocks=1, threads=1)
+SETUP: dict[str, Any] = dict(seq_len=128, batch=2, steps=24, eval_every=8, val_examples=24, prose_blocks=1, threads=1)
 SEEDS = (0, 1, 2)
 FORGET_LR = 1e-2  # full AdaLomo and HFT: the pilot's choice (claims_pilot.md)
 OPTIMIZER_LRS = {"adamw": 1e-4, "adalomo": FORGET_LR, "lomo": 1e-2}
@@ -83,7 +83,7 @@ def cache_path(config: dict[str, Any]):
 
 def base_point(general: bool) -> dict[str, Any]:
     """The base model's evaluations (step 0 of every run), computed once and cached."""
-    config = dict(job("adalomo", FORGET_LR, 0, general), steps=0)
+    config = dict(job("adalomo", FORGET_LR, 0, general), steps=0, eval_every=1)  # no step: the cadence is moot
     return execute([(config, config)], workers=1)[0]["curve"][0]
 
 
@@ -310,6 +310,9 @@ def optimizers(args: argparse.Namespace) -> None:
     lrs = dict(OPTIMIZER_LRS, **dict(parse_lr(x) for x in args.lr_of))
     # AdaLomo's runs are the forgetting study's full fine-tuning (with the probes); the others need only the loss
     configs = [job(m, lrs[m], seed, m == "adalomo") for seed in args.seeds for m in ("adalomo", "adamw", "lomo")]
+    if args.run_only:  # run these methods' runs only (e.g. while another command runs the rest); no report
+        run_configs([c for c in configs if c["method"] in args.run_only], args.workers)
+        return
     results = run_configs(configs, args.workers)
     runs = {m: [r for r in results if r["method"] == m] for m in ("adamw", "adalomo", "lomo")}
     text, summary = optimizers_report(runs, lrs)
@@ -364,6 +367,7 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2], help="pilot: the learning rates tried")
     parser.add_argument("--methods", nargs="+", default=["adalomo"], help="pilot: the methods tried")
     parser.add_argument("--lr-of", nargs="*", default=[], metavar="METHOD=LR", help="optimizers: override a learning rate")
+    parser.add_argument("--run-only", nargs="*", default=[], metavar="METHOD", help="optimizers: only run these, no report")
     args = parser.parse_args()
     {"pilot": pilot, "forgetting": forgetting, "optimizers": optimizers}[args.study](args)
 
