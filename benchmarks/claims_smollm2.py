@@ -109,7 +109,12 @@ def execute(todo: list[tuple[dict[str, Any], dict[str, Any]]], workers: int) -> 
 def run_configs(configs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     """Every configuration's run, each starting from the base model's cached evaluations."""
     points = {g: base_point(g) for g in sorted({c["general"] for c in configs})}
-    return execute([(c, dict(c, initial=points[c["general"]])) for c in configs], workers)
+    return execute([(c, dict(c, initial=points[c["general"]], progress=str(partial_path(c)))) for c in configs], workers)
+
+
+def partial_path(config: dict[str, Any]):
+    """Where a run keeps its curve so far (what is left of it if it is stopped before the end)."""
+    return cache_path(config).with_suffix(".partial.json")
 
 
 # ------------------------------------------------------------------------------------------------- forgetting

@@ -197,11 +197,13 @@ class Trainer:
 
 
 def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str, Callable[[], Any]],
-          eval_every: int, initial: dict[str, Any] | None = None) -> dict[str, Any]:
+          eval_every: int, initial: dict[str, Any] | None = None,
+          on_record: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Train ``steps`` steps; every ``eval_every`` steps (and at 0 and the end) run every evaluation.
 
     ``initial``: the evaluations of the untrained model, if already known (every run of a comparison starts
-    from the same weights), recorded as step 0 instead of evaluating again.
+    from the same weights), recorded as step 0 instead of evaluating again. ``on_record(curve)`` is called
+    after every evaluation (e.g. to save the curve so far, so a run stopped early still leaves its points).
     """
     curve: list[dict[str, Any]] = []
 
@@ -210,6 +212,8 @@ def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str
         for name, fn in evals.items():
             point[name] = fn()
         curve.append(point)
+        if on_record is not None:
+            on_record(curve)
 
     start = time.perf_counter()
     if initial is None:

@@ -63,15 +63,19 @@ def instruct_data(tokenizer, val_examples: int = VAL_EXAMPLES, seq_len: int = SE
 
 def run(method: str, lr: float, steps: int, eval_every: int, val_examples: int = VAL_EXAMPLES, threads: int = 2,
         seed: int = 0, seq_len: int = SEQ_LEN, batch: int = BATCH, general: bool = True, greedy: bool = False,
-        prose_blocks: int = 4, initial: dict | None = None) -> dict:
+        prose_blocks: int = 4, initial: dict | None = None, progress: str | None = None) -> dict:
     """One method at one learning rate; the held-out loss (and the general-ability probes) every ``eval_every`` steps.
 
     ``seed`` orders the training batches (seed 0: the data module's own order) and draws HFT's mask; the
     held-out examples are the same for every seed. ``general=False`` skips the general-ability probes,
     ``greedy`` adds the greedy-answer check to them, ``prose_blocks`` is the prose blocks per text.
     ``initial``: the base model's evaluations, if known, recorded as step 0 instead of evaluating again.
-    With ``steps=0`` this evaluates the base model only.
+    With ``steps=0`` this evaluates the base model only. ``progress``: a JSON file that holds the curve so far,
+    rewritten after every evaluation.
     """
+    import json
+    from pathlib import Path
+
     import torch
     from general_ability import GeneralAbility
     from memory_speed import lora_parameter_count
@@ -99,7 +103,11 @@ def run(method: str, lr: float, steps: int, eval_every: int, val_examples: int =
         # the data module's loader, but shuffled by ``seed``: the split (and so the held-out set) stays seed 0's
         return ResumableDataLoader(instruct.train_dataset, batch_size=batch, seed=seed, collate_fn=instruct.collator())
 
-    out = qc.train(trainer, qc.forever(train_loader), steps, evals, eval_every, initial=initial)
+    def save(curve: list[dict]) -> None:
+        if progress is not None:
+            Path(progress).write_text(json.dumps({"method": method, "lr": lr, "seed": seed, "curve": curve}))
+
+    out = qc.train(trainer, qc.forever(train_loader), steps, evals, eval_every, initial=initial, on_record=save)
     out.update(method=method, lr=lr, seed=seed)
     return out
 
