@@ -250,14 +250,37 @@ def forgetting_plot(runs: dict[str, list[dict]], name: str) -> None:
     fig.savefig(qc.RESULTS / f"{name}.png", dpi=120)
 
 
+def unfinished(configs: list[dict[str, Any]]) -> str:
+    """A note on the runs of ``configs`` that did not finish: the last point each left (or that it left none)."""
+    lines = []
+    for c in configs:
+        if cache_path(c).exists():
+            continue
+        partial = partial_path(c)
+        if not partial.exists():
+            lines.append(f"- {LABELS[c['method']]}, seed {c['seed']}: not run (or stopped before its first evaluation)")
+            continue
+        curve = json.loads(partial.read_text())["curve"]
+        last, base = curve[-1], curve[0]
+        lines.append(f"- {LABELS[c['method']]}, seed {c['seed']}: stopped after step {last['step']} of {c['steps']}; there: "
+                     f"held-out loss {last['instruct_val_loss']:.4f}, "
+                     + ", ".join(f"{KEY_LABELS[k]} change {last['general'][k] - base['general'][k]:+.4f}" for k in KEYS))
+    return ("\n## Runs that did not finish (left out above)\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def forgetting(args: argparse.Namespace) -> None:
     configs = [job(m, args.lr, seed, True) for seed in args.seeds for m in ("adalomo", "hft")]
-    results = run_configs(configs, args.workers)
+    if args.report_only:  # the seeds whose two runs both finished; the others are listed as unfinished
+        seeds = [s for s in args.seeds if all(cache_path(job(m, args.lr, s, True)).exists() for m in ("adalomo", "hft"))]
+        results = execute([(c, c) for c in configs if c["seed"] in seeds], args.workers)
+    else:
+        seeds = args.seeds
+        results = run_configs(configs, args.workers)
     runs = {m: [r for r in results if r["method"] == m] for m in ("adalomo", "hft")}
     per_seed = forgetting_by_seed(runs["adalomo"], runs["hft"])
     summary = forgetting_summary(per_seed)
-    text = forgetting_report(runs, per_seed, summary)
-    write("claims_forgetting", text, {"setup": SETUP, "lr": args.lr, "seeds": args.seeds, "levels": LEVELS,
+    text = forgetting_report(runs, per_seed, summary) + unfinished(configs)
+    write("claims_forgetting", text, {"setup": SETUP, "lr": args.lr, "seeds": seeds, "levels": LEVELS,
                                       "per_seed": per_seed, "summary": summary, "runs": results})
     forgetting_plot(runs, "claims_forgetting")
 
@@ -375,6 +398,8 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2], help="pilot: the learning rates tried")
     parser.add_argument("--methods", nargs="+", default=["adalomo"], help="pilot: the methods tried")
     parser.add_argument("--lr-of", nargs="*", default=[], metavar="METHOD=LR", help="optimizers: override a learning rate")
+    parser.add_argument("--report-only", action="store_true",
+                        help="forgetting: run nothing; report the seeds whose runs all finished, list the rest")
     parser.add_argument("--run-only", nargs="*", default=[], metavar="METHOD", help="optimizers: only run these, no report")
     args = parser.parse_args()
     {"pilot": pilot, "forgetting": forgetting, "optimizers": optimizers}[args.study](args)

@@ -95,3 +95,40 @@ def test_hft_forgetting_half_of_full_at_equal_loss_gives_ratio_one_half(modules)
     assert end["qa_greedy"]["full"]["mean"] == pytest.approx(-0.3)
     assert end["qa_greedy"]["hft"]["mean"] == pytest.approx(-0.15)
     assert end["qa_greedy"]["ratio_of_means"] == pytest.approx(0.5)
+
+
+def test_a_run_stopped_early_leaves_every_evaluation_before_it(modules):
+    import quality_common as qc
+
+    class Stub:  # a trainer whose fifth step fails, as a run killed mid-way would stop
+        trainable = 1
+        steps = 0
+
+        def step(self, batch):
+            self.steps += 1
+            if self.steps == 5:
+                raise KeyboardInterrupt
+            return 0.0
+
+    saved = []
+    evals = {"instruct_val_loss": lambda: 1.0}
+    with pytest.raises(KeyboardInterrupt):
+        qc.train(Stub(), iter(range(100)), 8, evals, 2, initial={"instruct_val_loss": 2.0},
+                 on_record=lambda curve: saved.append([p["step"] for p in curve]))
+    assert saved == [[0, 2], [0, 2, 4]]  # the given initial point is not re-evaluated; every evaluation is saved
+
+
+def test_unfinished_runs_are_listed_with_their_last_point(modules, tmp_path, monkeypatch):
+    import json
+
+    claims = modules["claims_smollm2"]
+    monkeypatch.setattr(claims, "CACHE", tmp_path)
+    done, stopped, never = (claims.job("hft", 1e-2, seed, True) for seed in (0, 1, 2))
+    claims.cache_path(done).write_text("{}")
+    run = made_up_run([2.0, 1.8], [3.0, 3.2], [0.6, 0.5])
+    claims.partial_path(stopped).write_text(json.dumps({"curve": [dict(p, step=8 * p["step"]) for p in run["curve"]]}))
+    note = claims.unfinished([done, stopped, never])
+    assert "seed 0" not in note
+    assert f"seed 1: stopped after step 8 of {claims.SETUP['steps']}" in note
+    assert "held-out loss 1.8000" in note and "prose loss change +0.2000" in note
+    assert "seed 2: not run" in note
