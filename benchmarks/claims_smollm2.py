@@ -44,7 +44,7 @@ import quality_real
 SETUP: dict[str, Any] = dict(seq_len=128, batch=2, steps=16, eval_every=8, val_examples=24, prose_blocks=1, threads=1)
 SEEDS = (0, 1, 2)
 # full AdaLomo and HFT: 3x past the top of quality_real.py's grid, where 16 steps at <= 3e-3 forgot nothing
-FORGET_LR = 1e-2
+FORGET_LR = 3e-3
 OPTIMIZER_LRS = {"adamw": 1e-4, "adalomo": FORGET_LR, "lomo": 1e-2}
 KEYS = ("prose_loss", "qa_loss", "qa_greedy")
 KEY_LABELS = {"prose_loss": "prose loss", "qa_loss": "QA answer loss", "qa_greedy": "greedy answers right"}
@@ -86,7 +86,7 @@ def cache_path(config: dict[str, Any]):
 
 def base_point(general: bool) -> dict[str, Any]:
     """The base model's evaluations (step 0 of every run), computed once and cached."""
-    config = dict(job("adalomo", FORGET_LR, 0, general), steps=0, eval_every=1)  # no step: the cadence is moot
+    config = dict(job("adalomo", 0.0, 0, general), steps=0, eval_every=1)  # no step: learning rate and cadence are moot
     return execute([(config, config)], workers=1)[0]["curve"][0]
 
 
@@ -356,7 +356,14 @@ def optimizers(args: argparse.Namespace) -> None:
 
 def pilot(args: argparse.Namespace) -> None:
     configs = [job(m, lr, 0, True) for lr in args.lrs for m in args.methods]
-    results = run_configs(configs, args.workers)
+    if args.report_only:  # finished runs from the cache, stopped ones from the curve they left
+        results = []
+        for c in configs:
+            path = cache_path(c) if cache_path(c).exists() else partial_path(c)
+            if path.exists():
+                results.append(dict(json.loads(path.read_text()), method=c["method"], lr=c["lr"]))
+    else:
+        results = run_configs(configs, args.workers)
     base = results[0]["curve"][0]
     lines = [
         "# Pilot: which learning rate makes fine-tuning forget within the budget (seed 0)",
@@ -369,7 +376,7 @@ def pilot(args: argparse.Namespace) -> None:
     ]
     for r in results:
         for p in r["curve"][1:]:
-            lines.append(f"| {LABELS[r['method']]} | {r['lr']:g} | {p['step']} | {p['instruct_val_loss']:.4f} | "
+            lines.append(f"| {LABELS[r['method']]} | {r['lr']:g} | {p['step']} of {SETUP['steps']} | {p['instruct_val_loss']:.4f} | "
                          + " | ".join(f"{p['general'][k] - base['general'][k]:+.4f}" for k in KEYS) + " |")
     write("claims_pilot", "\n".join(lines) + "\n", {"setup": SETUP, "runs": results})
 
@@ -399,7 +406,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["adalomo"], help="pilot: the methods tried")
     parser.add_argument("--lr-of", nargs="*", default=[], metavar="METHOD=LR", help="optimizers: override a learning rate")
     parser.add_argument("--report-only", action="store_true",
-                        help="forgetting: run nothing; report the seeds whose runs all finished, list the rest")
+                        help="forgetting, pilot: run nothing; report what finished (and what stopped runs left)")
     parser.add_argument("--run-only", nargs="*", default=[], metavar="METHOD", help="optimizers: only run these, no report")
     args = parser.parse_args()
     {"pilot": pilot, "forgetting": forgetting, "optimizers": optimizers}[args.study](args)
