@@ -138,7 +138,7 @@ def forgetting_by_seed(full: list[dict], hft: list[dict]) -> list[dict[str, Any]
         deepest = deepest_common(f, h)
         levels = [base - x * (base - deepest) for x in LEVELS]
         out.append({
-            "seed": f["seed"], "base_loss": base, "levels": levels,
+            "seed": f["seed"], "base_loss": base, "levels": levels, "progress": deepest < base,
             "full": [quality_real.forgetting_at(f, t, KEYS) for t in levels],
             "hft": [quality_real.forgetting_at(h, t, KEYS) for t in levels],
         })
@@ -146,8 +146,14 @@ def forgetting_by_seed(full: list[dict], hft: list[dict]) -> list[dict[str, Any]
 
 
 def forgetting_summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """At each level (fraction of the way to the deepest common loss): both methods' changes, their difference, ratio."""
+    """At each level (fraction of the way to the deepest common loss): both methods' changes, their difference, ratio.
+
+    Seeds where one method never gets below the base loss have no such level and are left out ({} if all are).
+    """
     summary: dict[str, Any] = {}
+    per_seed = [s for s in per_seed if s.get("progress", True)]  # seeds with a common level below the base loss
+    if not per_seed:
+        return summary
     for i, level in enumerate(LEVELS):
         row: dict[str, Any] = {}
         for key in KEYS:
@@ -194,12 +200,32 @@ def forgetting_report(runs: dict[str, list[dict]], per_seed: list[dict], summary
             )
     lines += [
         "",
+        f"## At equal steps (the end, step {SETUP['steps']}; mean over seeds, 95% t-interval; HFT - full paired by seed)",
+        "",
+        "| measure | full fine-tuning | HFT | HFT - full |",
+        "|---|---|---|---|",
+    ]
+    ends = {m: [r["curve"][-1]["instruct_val_loss"] - r["curve"][0]["instruct_val_loss"] for r in runs[m]] for m in runs}
+    lines.append(f"| held-out loss change | {fmt(interval(ends['adalomo']))} | {fmt(interval(ends['hft']))} | "
+                 f"{fmt(interval([h - f for h, f in zip(ends['hft'], ends['adalomo'])]))} |")
+    for key in KEYS:
+        full_c, hft_c = [change(r, key) for r in runs["adalomo"]], [change(r, key) for r in runs["hft"]]
+        lines.append(f"| {KEY_LABELS[key]} change | {fmt(interval(full_c))} | {fmt(interval(hft_c))} | "
+                     f"{fmt(interval([h - f for h, f in zip(hft_c, full_c)]))} |")
+    empty = [s["seed"] for s in per_seed if not s["progress"]]
+    lines += [
+        "",
         "## At equal held-out loss (mean over seeds, 95% t-interval)",
         "",
         "Levels are fractions of the way from the base loss to the deepest loss both methods of a seed reach "
         "(per seed: " + ", ".join(f"{s['levels'][-1]:.4f}" for s in per_seed) + "). A rise of a loss, or a fall "
         "of the greedy score, is forgetting.",
         "",
+    ]
+    if empty:
+        lines += [f"Left out: seed(s) {', '.join(map(str, empty))}, where one method never got below the base "
+                  "model's held-out loss (no common level below it).", ""]
+    lines += [
         "| level | probe | full fine-tuning | HFT | HFT - full | HFT / full (means) |",
         "|---|---|---|---|---|---|",
     ]
@@ -211,6 +237,10 @@ def forgetting_report(runs: dict[str, list[dict]], per_seed: list[dict], summary
                 f"{fmt(cell['hft_minus_full'])} | {cell['ratio_of_means']:.2f} |"
             )
     lines += ["", "## The claim (HFT's increase <= 0.6x full fine-tuning's, at the deepest common loss)", ""]
+    if not summary:
+        lines.append("Not measurable here: in no seed did both methods get below the base model's held-out loss, so "
+                     "there is no level of equal target loss to compare at (see the table at equal steps).")
+        return "\n".join(lines) + "\n"
     end = summary[str(LEVELS[-1])]
     for key in KEYS:
         cell = end[key]

@@ -132,3 +132,18 @@ def test_unfinished_runs_are_listed_with_their_last_point(modules, tmp_path, mon
     assert f"seed 1: stopped after step 8 of {claims.SETUP['steps']}" in note
     assert "held-out loss 1.8000" in note and "prose loss change +0.2000" in note
     assert "seed 2: not run" in note
+
+
+def test_no_equal_loss_comparison_when_full_fine_tuning_never_improves(modules):
+    claims = modules["claims_smollm2"]
+    # full fine-tuning only gets worse on the target; HFT improves: no common level below the base loss
+    full = [made_up_run([2.0, 2.3, 2.1], [3.0, 3.2, 3.1], seed=s) for s in (0, 1)]
+    hft = [dict(made_up_run([2.0, 1.9, 1.8], [3.0, 3.0, 3.0], seed=s), method="hft") for s in (0, 1)]
+    per_seed = claims.forgetting_by_seed(full, hft)
+    assert [s["progress"] for s in per_seed] == [False, False]
+    assert claims.forgetting_summary(per_seed) == {}
+    report = claims.forgetting_report({"adalomo": full, "hft": hft}, per_seed, {})
+    assert "Not measurable here" in report
+    # at equal steps HFT ends 0.3 lower on the target (-0.2 vs +0.1) and 0.1 lower on prose
+    assert "| held-out loss change | +0.1000" in report
+    assert "-0.3000 [-0.3000, -0.3000]" in report
