@@ -147,3 +147,18 @@ def test_no_equal_loss_comparison_when_full_fine_tuning_never_improves(modules):
     # at equal steps HFT ends 0.3 lower on the target (-0.2 vs +0.1) and 0.1 lower on prose
     assert "| held-out loss change | +0.1000" in report
     assert "-0.3000 [-0.3000, -0.3000]" in report
+
+
+def test_adalomo_against_adamw_is_a_paired_ratio_of_final_losses(modules):
+    claims = modules["claims_smollm2"]
+    runs = {
+        "adamw": [made_up_run([2.5, 2.0], [3.0, 3.0], seed=s) for s in (0, 1, 2)],
+        "adalomo": [made_up_run([2.5, x], [3.0, 3.0], seed=s) for s, x in enumerate((2.02, 2.04, 2.06))],
+        "lomo": [made_up_run([2.5, 2.2], [3.0, 3.0], seed=s) for s in (0, 1, 2)],
+    }
+    text, summary = claims.optimizers_report(runs, {"adamw": 1e-4, "adalomo": 3e-3, "lomo": 1e-2})
+    ratio = summary["adalomo_over_adamw"]
+    assert ratio["mean"] == pytest.approx(1.02)
+    assert ratio["high"] - ratio["mean"] == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    assert "met by the mean only" in text  # the mean is at the target, the interval reaches past it
+    assert summary["lomo_over_adamw"]["mean"] == pytest.approx(1.1)
