@@ -171,6 +171,11 @@ def forgetting_summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def forgot(key: str, mean_change: float) -> bool:
+    """Whether a mean change of probe ``key`` is forgetting: a loss that rose, a greedy score that fell."""
+    return mean_change < 0 if key == "qa_greedy" else mean_change > 0
+
+
 def forgetting_report(runs: dict[str, list[dict]], per_seed: list[dict], summary: dict[str, Any]) -> str:
     full = runs["adalomo"]
     base = full[0]["curve"][0]
@@ -232,9 +237,11 @@ def forgetting_report(runs: dict[str, list[dict]], per_seed: list[dict], summary
     for level, row in summary.items():
         for key in KEYS:
             cell = row[key]
+            # a ratio only where full fine-tuning forgot: over a change near zero or an improvement it means nothing
+            ratio = f"{cell['ratio_of_means']:.2f}" if forgot(key, cell["full"]["mean"]) else "- (full did not forget)"
             lines.append(
                 f"| {float(level):.2f} | {KEY_LABELS[key]} | {fmt(cell['full'])} | {fmt(cell['hft'])} | "
-                f"{fmt(cell['hft_minus_full'])} | {cell['ratio_of_means']:.2f} |"
+                f"{fmt(cell['hft_minus_full'])} | {ratio} |"
             )
     lines += ["", "## The claim (HFT's increase <= 0.6x full fine-tuning's, at the deepest common loss)", ""]
     if not summary:
@@ -244,9 +251,10 @@ def forgetting_report(runs: dict[str, list[dict]], per_seed: list[dict], summary
     end = summary[str(LEVELS[-1])]
     for key in KEYS:
         cell = end[key]
-        forgot = cell["full"]["mean"] < 0 if key == "qa_greedy" else cell["full"]["mean"] > 0
-        if not forgot:
+        if not forgot(key, cell["full"]["mean"]):
             verdict = "full fine-tuning did not forget on this probe here, so the ratio says nothing"
+        elif not forgot(key, cell["hft"]["mean"]):
+            verdict = "HFT did not forget at all (its change is an improvement): meets the 0.6x target"
         else:
             ok = cell["ratio_of_means"] <= 0.6
             verdict = f"{cell['ratio_of_means']:.2f}x: {'meets' if ok else 'misses'} the 0.6x target"
