@@ -258,8 +258,12 @@ def forgetting_report(runs: dict[str, list[dict]], per_seed: list[dict], summary
         else:
             ok = cell["ratio_of_means"] <= 0.6
             verdict = f"{cell['ratio_of_means']:.2f}x: {'meets' if ok else 'misses'} the 0.6x target"
+        diff = cell["hft_minus_full"]
+        sure = not math.isnan(diff["low"]) and (diff["high"] < 0 or diff["low"] > 0)
         lines.append(f"- {KEY_LABELS[key]}: full {fmt(cell['full'])}, HFT {fmt(cell['hft'])}; {verdict} "
-                     f"(per seed: {', '.join(f'{x:.2f}' for x in cell['ratio_by_seed'])})")
+                     f"(per seed: {', '.join(f'{x:.2f}' for x in cell['ratio_by_seed'])}); HFT - full {fmt(diff)}: "
+                     + ("its 95% interval excludes 0" if sure else "its 95% interval includes 0, so the seeds do not "
+                        "establish a difference"))
     return "\n".join(lines) + "\n"
 
 
