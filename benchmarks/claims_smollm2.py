@@ -172,8 +172,11 @@ def forgetting_summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def forgot(key: str, mean_change: float) -> bool:
-    """Whether a mean change of probe ``key`` is forgetting: a loss that rose, a greedy score that fell."""
-    return mean_change < 0 if key == "qa_greedy" else mean_change > 0
+    """Whether a mean change of probe ``key`` is forgetting: a loss that rose, a greedy score that fell.
+
+    Changes within float rounding of 0 (a greedy score back where it started) are not forgetting.
+    """
+    return mean_change < -1e-9 if key == "qa_greedy" else mean_change > 1e-9
 
 
 def forgetting_report(runs: dict[str, list[dict]], per_seed: list[dict], summary: dict[str, Any]) -> str:
