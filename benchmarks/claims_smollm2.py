@@ -12,7 +12,9 @@ batches and draws HFT's mask; the held-out sets are the same for every seed.
 
 Each finished run is cached under ``benchmarks/runs/claims/`` (git-ignored) by its full configuration, so
 the studies share runs (the forgetting study's full-fine-tuning runs are the optimizer study's AdaLomo runs,
-the pilot's run at the chosen learning rate is seed 0 of both) and an interrupted command resumes.
+a pilot run at the learning rate a study uses is that study's seed 0) and an interrupted command resumes.
+Each run also keeps its curve so far beside the cache, so a run stopped early leaves its points
+(``--report-only`` reports what finished and lists what stopped).
 
 - ``forgetting`` (Hui et al., HFT): full fine-tuning (AdaLomo) and HFT (the same AdaLomo, half of each block's
   matrices frozen), same learning rate, seeds paired. For each seed, the general-ability change of each method
@@ -39,8 +41,8 @@ import quality_common as qc
 import quality_real
 
 # The shared set-up, sized for a 2-core CPU shared by seven jobs: a step of batch 2 x 128 tokens costs ~7 CPU-s,
-# one evaluation with the probes ~45 CPU-s, so a run with the probes is ~3.5 CPU-minutes (~70 wall minutes at the
-# ~5% of a core each process got here)
+# one evaluation with the probes ~45 CPU-s, so a run with the probes is ~3.5 CPU-minutes (10-17 wall minutes at
+# the 13-17% of a core each of two processes got here at nice 19)
 SETUP: dict[str, Any] = dict(seq_len=128, batch=2, steps=16, eval_every=8, val_examples=24, prose_blocks=1, threads=1)
 SEEDS = (0, 1, 2)
 # full AdaLomo and HFT: 3x past the top of quality_real.py's grid, where 16 steps at <= 3e-3 forgot nothing
