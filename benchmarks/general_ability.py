@@ -9,12 +9,17 @@ Two measures, both on text the fine-tuning data (Python source) never shows:
   each asked through the model's chat template, the answer followed by the end-of-turn token. A model that
   forgets how to answer in plain English, or what it knew, assigns its old answers a lower likelihood.
 
-Forgetting is the rise of each loss over the base model's. ``python benchmarks/general_ability.py`` prints
-both for SmolLM2-135M-Instruct.
+- ``qa_greedy`` (only with ``evaluate(..., greedy=True)``): the share of :data:`ANSWER_KEYS`' questions whose
+  greedy answer (at most ``max_new_tokens`` tokens) names an accepted answer (a whole-word match, case ignored).
+  Losses can rise while answers stay right, or the reverse; this checks what the model actually says.
+
+Forgetting is the rise of each loss (the fall of ``qa_greedy``) over the base model's.
+``python benchmarks/general_ability.py`` prints all three for SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
 
@@ -68,6 +73,56 @@ QUESTIONS: tuple[tuple[str, str], ...] = (
     ("What is the first letter of the English alphabet?", "The first letter of the English alphabet is A."),
 )
 
+# Accepted answers for the greedy check: a greedy answer is right when one of its question's keys appears in
+# it as whole words (case ignored). The alphabet question is left out: its key "a" matches any article.
+ANSWER_KEYS: dict[str, tuple[str, ...]] = {
+    "What is the capital of France?": ("paris",),
+    "What is the capital of Japan?": ("tokyo",),
+    "What is the capital of Italy?": ("rome",),
+    "What is the capital of Germany?": ("berlin",),
+    "What is the capital of Spain?": ("madrid",),
+    "What is the largest planet in our solar system?": ("jupiter",),
+    "Which planet is known as the Red Planet?": ("mars",),
+    "What is the closest star to Earth?": ("sun",),
+    "How many days are there in a week?": ("seven", "7"),
+    "How many hours are there in a day?": ("24", "twenty-four", "twenty four"),
+    "How many months are there in a year?": ("twelve", "12"),
+    "What is the boiling point of water at sea level in degrees Celsius?": ("100", "one hundred"),
+    "What is the freezing point of water in degrees Celsius?": ("0", "zero"),
+    "What is the chemical symbol for water?": ("h2o",),
+    "What gas do plants absorb from the air?": ("carbon dioxide", "co2"),
+    "What gas do humans need to breathe to live?": ("oxygen",),
+    "What is the largest ocean on Earth?": ("pacific",),
+    "What is the tallest mountain in the world?": ("everest",),
+    "What is the longest river in Africa?": ("nile",),
+    "Who wrote Romeo and Juliet?": ("shakespeare",),
+    "Who painted the Mona Lisa?": ("leonardo", "da vinci"),
+    "Who developed the theory of relativity?": ("einstein",),
+    "What is two plus two?": ("four", "4"),
+    "What is ten times ten?": ("one hundred", "100"),
+    "What is the square root of 81?": ("nine", "9"),
+    "How many sides does a triangle have?": ("three", "3"),
+    "How many legs does a spider have?": ("eight", "8"),
+    "What color is the sky on a clear day?": ("blue",),
+    "What is the opposite of hot?": ("cold",),
+    "What do bees make?": ("honey",),
+    "What is the largest mammal?": ("blue whale",),
+    "What is the fastest land animal?": ("cheetah",),
+    "Which animal is known as the king of the jungle?": ("lion",),
+    "What is the main language spoken in Brazil?": ("portuguese",),
+    "What currency is used in the United States?": ("dollar", "dollars"),
+    "On which continent is Egypt?": ("africa",),
+    "What is the hardest natural substance?": ("diamond",),
+    "What organ pumps blood through the body?": ("heart",),
+    "How many continents are there?": ("seven", "7"),
+}
+
+
+def answer_is_right(answer: str, keys: tuple[str, ...]) -> bool:
+    """Whether ``answer`` names one of ``keys`` as whole words, case ignored (``"7"`` is not found in ``"17"``)."""
+    text = answer.lower()
+    return any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w]|\.\d)", text) for key in keys)
+
 
 def prose_texts() -> dict[str, str]:
     """The English texts of ``prose_loss`` that exist here (Python's licence always does)."""
@@ -90,6 +145,7 @@ class GeneralAbility:
             blocks += [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:blocks_per_text]
         self.prose = torch.tensor(blocks, dtype=torch.long)
         self.qa = [self._qa_example(tokenizer, question, answer) for question, answer in QUESTIONS]
+        self.tokenizer = tokenizer
 
     @staticmethod
     def _qa_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> tuple[Tensor, Tensor]:
@@ -103,8 +159,37 @@ class GeneralAbility:
         return ids, labels
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, batch_size: int = 4) -> dict[str, float]:
-        """``{"prose_loss", "qa_loss"}``: mean loss per predicted token (the model's mode is restored)."""
+    def greedy_answers(self, model: torch.nn.Module, max_new_tokens: int = 20) -> list[str]:
+        """The model's greedy answers to :data:`ANSWER_KEYS`' questions, in its order, through the chat template.
+
+        One left-padded batch, so every prompt ends at the same position and generation starts right after it.
+        """
+        tokenizer = self.tokenizer
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in ANSWER_KEYS
+        ]
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tokenizer.padding_side = side
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out = model.generate(  # a Hugging Face (or peft) causal LM
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, use_cache=True,
+        )
+        start = batch["input_ids"].shape[1]
+        return [tokenizer.decode(row[start:], skip_special_tokens=True) for row in out]
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batch_size: int = 4, greedy: bool = False) -> dict[str, float]:
+        """``{"prose_loss", "qa_loss"}``: mean loss per predicted token (the model's mode is restored).
+
+        With ``greedy``, also ``qa_greedy``: the share of :data:`ANSWER_KEYS`' questions answered right.
+        """
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -120,8 +205,13 @@ class GeneralAbility:
             n = int((labels[:, 1:] != -100).sum())
             total += float(model(input_ids=ids.to(device), labels=labels.to(device)).loss) * n
             count += n
+        scores = {"prose_loss": prose, "qa_loss": total / count}
+        if greedy:
+            answers = self.greedy_answers(model)
+            right = [answer_is_right(a, keys) for a, keys in zip(answers, ANSWER_KEYS.values())]
+            scores["qa_greedy"] = sum(right) / len(right)
         model.train(was_training)
-        return {"prose_loss": prose, "qa_loss": total / count}
+        return scores
 
 
 def main() -> None:
@@ -133,10 +223,11 @@ def main() -> None:
 
     directory = smollm2_directory()
     ability = GeneralAbility(AutoTokenizer.from_pretrained(directory))
-    scores = ability.evaluate(AutoModelForCausalLM.from_pretrained(directory))
+    scores = ability.evaluate(AutoModelForCausalLM.from_pretrained(directory), greedy=True)
     print(f"SmolLM2-135M-Instruct on {len(ability.prose)} prose blocks of {', '.join(ability.texts)}:")
     print(f"  prose loss {scores['prose_loss']:.4f} (perplexity {math.exp(scores['prose_loss']):.2f})")
     print(f"  QA answer loss {scores['qa_loss']:.4f} over {len(ability.qa)} questions")
+    print(f"  greedy answers right: {scores['qa_greedy']:.3f} of {len(ANSWER_KEYS)} questions")
 
 
 if __name__ == "__main__":

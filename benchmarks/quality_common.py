@@ -196,19 +196,30 @@ class Trainer:
         return float(loss.detach())
 
 
-def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str, Callable[[], float]],
-          eval_every: int) -> dict[str, Any]:
-    """Train ``steps`` steps; every ``eval_every`` steps (and at 0 and the end) run every evaluation."""
-    curve: list[dict[str, float]] = []
+def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str, Callable[[], Any]],
+          eval_every: int, initial: dict[str, Any] | None = None,
+          on_record: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Train ``steps`` steps; every ``eval_every`` steps (and at 0 and the end) run every evaluation.
+
+    ``initial``: the evaluations of the untrained model, if already known (every run of a comparison starts
+    from the same weights), recorded as step 0 instead of evaluating again. ``on_record(curve)`` is called
+    after every evaluation (e.g. to save the curve so far, so a run stopped early still leaves its points).
+    """
+    curve: list[dict[str, Any]] = []
 
     def record(step: int) -> None:
         point = {"step": step}
         for name, fn in evals.items():
             point[name] = fn()
         curve.append(point)
+        if on_record is not None:
+            on_record(curve)
 
     start = time.perf_counter()
-    record(0)
+    if initial is None:
+        record(0)
+    else:
+        curve.append({"step": 0, **initial})
     train_losses = []
     for step in range(1, steps + 1):
         train_losses.append(trainer.step(next(batches)))

@@ -52,59 +52,80 @@ SEQ_LEN, BATCH, VAL_EXAMPLES = 256, 4, 64
 NAME = "quality_real"
 
 
-def instruct_data(tokenizer, val_examples: int = VAL_EXAMPLES) -> Any:
+def instruct_data(tokenizer, val_examples: int = VAL_EXAMPLES, seq_len: int = SEQ_LEN, batch: int = BATCH) -> Any:
     from lomo_lightning.data import PyInstructDataModule
 
-    dm = PyInstructDataModule(tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, max_val_examples=val_examples)
+    dm = PyInstructDataModule(tokenizer, seq_len=seq_len, batch_size=batch, max_val_examples=val_examples)
     dm.prepare_data()
     dm.setup()
     return dm
 
 
-def run(method: str, lr: float, steps: int, eval_every: int, val_examples: int = VAL_EXAMPLES, threads: int = 2) -> dict:
+def run(method: str, lr: float, steps: int, eval_every: int, val_examples: int = VAL_EXAMPLES, threads: int = 2,
+        seed: int = 0, seq_len: int = SEQ_LEN, batch: int = BATCH, general: bool = True, greedy: bool = False,
+        prose_blocks: int = 4, initial: dict | None = None, progress: str | None = None) -> dict:
+    """One method at one learning rate; the held-out loss (and the general-ability probes) every ``eval_every`` steps.
+
+    ``seed`` orders the training batches (seed 0: the data module's own order) and draws HFT's mask; the
+    held-out examples are the same for every seed. ``general=False`` skips the general-ability probes,
+    ``greedy`` adds the greedy-answer check to them, ``prose_blocks`` is the prose blocks per text.
+    ``initial``: the base model's evaluations, if known, recorded as step 0 instead of evaluating again.
+    With ``steps=0`` this evaluates the base model only. ``progress``: a JSON file that holds the curve so far,
+    rewritten after every evaluation.
+    """
+    import json
+    from pathlib import Path
+
     import torch
     from general_ability import GeneralAbility
     from memory_speed import lora_parameter_count
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lomo_lightning.data.resumable import ResumableDataLoader
     from lomo_lightning.models import smollm2_directory
 
     qc.quiet()
     torch.set_num_threads(threads)
     directory = smollm2_directory()
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    instruct = instruct_data(tokenizer, val_examples)
-    ability = GeneralAbility(tokenizer)
+    instruct = instruct_data(tokenizer, val_examples, seq_len, batch)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).train()
     budget = lora_parameter_count(model, LORA_RANK)  # SFT at LoRA's trainable count exactly
     rule_name = {"sft_ma": "sft_sm3"}.get(method, method)
-    trainer = qc.Trainer(model, rule_name, lr=lr, total_steps=steps, lora_rank=LORA_RANK, sft_budget=budget)
+    trainer = qc.Trainer(model, rule_name, lr=lr, total_steps=steps, lora_rank=LORA_RANK, sft_budget=budget, hft_seed=seed)
     val = instruct.val_dataloader()
+    evals: dict[str, Any] = {"instruct_val_loss": lambda: qc.evaluate(trainer.model, val)}
+    if general:
+        ability = GeneralAbility(tokenizer, blocks_per_text=prose_blocks)
+        evals["general"] = lambda: ability.evaluate(trainer.model, greedy=greedy)
 
-    def general() -> dict[str, float]:
-        return ability.evaluate(trainer.model)
+    def train_loader() -> Any:
+        # the data module's loader, but shuffled by ``seed``: the split (and so the held-out set) stays seed 0's
+        return ResumableDataLoader(instruct.train_dataset, batch_size=batch, seed=seed, collate_fn=instruct.collator())
 
-    evals = {"instruct_val_loss": lambda: qc.evaluate(trainer.model, val), "general": general}
-    out = qc.train(trainer, qc.forever(instruct.train_dataloader), steps, evals, eval_every)
-    out.update(method=method, lr=lr)
+    def save(curve: list[dict]) -> None:
+        if progress is not None:
+            Path(progress).write_text(json.dumps({"method": method, "lr": lr, "seed": seed, "curve": curve}))
+
+    out = qc.train(trainer, qc.forever(train_loader), steps, evals, eval_every, initial=initial, on_record=save)
+    out.update(method=method, lr=lr, seed=seed)
     return out
 
 
-def forgetting_at(run: dict, target: float) -> dict[str, float] | None:
-    """The rise of the general-ability losses over the base model's, where ``run`` first reaches ``target``.
+def forgetting_at(run: dict, target: float, keys: tuple[str, ...] = ("prose_loss", "qa_loss")) -> dict[str, float] | None:
+    """The change of the general-ability ``keys`` from the base model's, where ``run`` first reaches ``target``.
 
     Linear interpolation between the two evaluations around the crossing; ``None`` if it never gets there.
     """
     curve = run["curve"]
     base = curve[0]["general"]
+    if curve[0]["instruct_val_loss"] <= target:  # already there before training: nothing changed yet
+        return dict.fromkeys(keys, 0.0)
     for before, after in zip(curve, curve[1:]):
         if after["instruct_val_loss"] <= target:
             span = before["instruct_val_loss"] - after["instruct_val_loss"]
             w = 1.0 if span <= 0 else (before["instruct_val_loss"] - target) / span
-            return {
-                key: (1 - w) * before["general"][key] + w * after["general"][key] - base[key]
-                for key in ("prose_loss", "qa_loss")
-            }
+            return {key: (1 - w) * before["general"][key] + w * after["general"][key] - base[key] for key in keys}
     return None
 
 
