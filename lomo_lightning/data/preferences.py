@@ -35,9 +35,12 @@ from lomo_lightning.data.instructions import (
     tokenize_example,
     tokenize_prompts,
 )
-from lomo_lightning.objectives.dpo import PAIR_COLUMNS, REFERENCE_KEY, SIDES
+from lomo_lightning.objectives.dpo import REFERENCE_KEY
 
 PAIR_FIELDS = ("prompt", "input", "chosen", "rejected")
+SIDES = ("chosen", "rejected")
+# A tokenized pair: both responses after the prompt, as causal-LM rows (then, once computed, its reference values)
+PAIR_COLUMNS = tuple(f"{side}_{column}" for side in SIDES for column in ("input_ids", "labels"))
 
 
 
@@ -166,10 +169,12 @@ class PyPreferenceDataModule(PreferencePairs, PyInstructDataModule):
 
 __all__ = [
     "JsonPreferenceDataModule",
+    "PAIR_COLUMNS",
     "PAIR_FIELDS",
     "PreferenceCollator",
     "PreferencePairs",
     "PyPreferenceDataModule",
+    "SIDES",
     "check_preference_records",
     "function_pairs",
     "shuffled_lines",

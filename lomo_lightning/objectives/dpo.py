@@ -28,9 +28,7 @@ from torch import Tensor, nn
 from lomo_lightning.objectives.causal_lm import IGNORE_INDEX, next_token_targets, sequence_log_probs
 
 LOSS_TYPES = ("sigmoid", "ipo")
-SIDES = ("chosen", "rejected")
-# A tokenized pair: both responses after the prompt, as causal-LM rows; then its reference log-probabilities
-PAIR_COLUMNS = tuple(f"{side}_{column}" for side in SIDES for column in ("input_ids", "labels"))
+# The batch key of the reference's sequence log-probabilities (chosen rows, then rejected rows)
 REFERENCE_KEY = "reference_logps"
 
 
@@ -117,4 +115,4 @@ def reward_metrics(pairs: PairLosses) -> dict[str, Tensor]:
     }
 
 
-__all__ = ["DPOObjective", "LOSS_TYPES", "PAIR_COLUMNS", "PairLosses", "REFERENCE_KEY", "REWARD_METRICS", "SIDES", "reward_metrics"]
+__all__ = ["DPOObjective", "LOSS_TYPES", "PairLosses", "REFERENCE_KEY", "REWARD_METRICS", "reward_metrics"]

@@ -36,13 +36,14 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lomo_lightning.data.cache import cache_key
 from lomo_lightning.objectives.causal_lm import sequence_log_probs
-from lomo_lightning.objectives.dpo import PAIR_COLUMNS, REFERENCE_KEY
+from lomo_lightning.objectives.dpo import REFERENCE_KEY
 
 log = logging.getLogger(__name__)
 
 CACHE_SUBDIRECTORY = "reference_logps"
+# Bump when the values cached for the same key change meaning, to invalidate older entries.
+CACHE_FORMAT = 2
 
 
 def reference_log_probs(
@@ -96,7 +97,7 @@ def reference_cache_key(model: nn.Module, dataset: Dataset, *, batch_size: int, 
     parameter = next(model.parameters())
     device = parameter.device.type
     config = getattr(model, "config", None)
-    return cache_key(
+    return _hash_options(
         kind="reference-logps",
         config=config.to_json_string() if config is not None else type(model).__name__,
         attention=getattr(config, "_attn_implementation", None),
@@ -120,15 +121,27 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def pairs_digest(dataset: Dataset) -> str:
-    """A hash of the token ids and labels of every pair of ``dataset``, in order."""
-    table = dataset.select_columns(list(PAIR_COLUMNS)).with_format("arrow")[:]
+    """A hash of every column of ``dataset`` (the pairs' token ids and labels), in order; its reference values aside.
+
+    Every column counts, whatever the data module names them: the objectives do not know the data's columns.
+    """
+    columns = sorted(name for name in dataset.column_names if name != REFERENCE_KEY)
+    table = dataset.select_columns(columns).with_format("arrow")[:]
     digest = hashlib.blake2b(digest_size=16)
-    for name in PAIR_COLUMNS:
+    for name in columns:
         rows = table.column(name).combine_chunks()
-        digest.update(f"{name}\0".encode())
-        digest.update(rows.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
-        digest.update(rows.flatten().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        digest.update(f"{name}\0{rows.type}\0".encode())
+        if hasattr(rows, "value_lengths"):  # a list column: each row's length, then every value
+            digest.update(rows.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+            rows = rows.flatten()
+        digest.update(rows.to_numpy(zero_copy_only=False).astype("int64").tobytes())
     return digest.hexdigest()
+
+
+def _hash_options(**options: object) -> str:
+    """A short stable hash of ``options`` (JSON-serialisable values) and :data:`CACHE_FORMAT`."""
+    payload = json.dumps({"format": CACHE_FORMAT, **options}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
