@@ -86,10 +86,11 @@ def test_losses_rewards_and_gradients_equal_an_independent_computation(objective
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"loss_type": "hinge"}, "loss_type must be one of sigmoid, ipo"),
+        ({"loss_type": "kto"}, "loss_type must be one of sigmoid, ipo, hinge"),
         ({"beta": 0.0}, "beta must be positive"),
         ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\)"),
-        ({"loss_type": "ipo", "label_smoothing": 0.1}, "applies to loss_type='sigmoid' only"),
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "applies to loss_type=.sigmoid. or .robust. only"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "one weight per loss type"),
     ],
 )
 def test_bad_objective_settings_fail_clearly(options, message):

@@ -238,7 +238,7 @@ def test_multirun_leaves_one_result_directory_per_job_and_goes_on_past_a_failed_
         (["selection=sft_ag", "selection.selector.selection_accumulation_steps=19"], "selection: selection.selector.selection_accumulation_steps=19: selection_accumulation_steps must be in"),
         (["objective=dpo"], "objective=dpo trains on preference pairs: use data=py_preference"),
         (TINY_PAIRS, "PyPreferenceDataModule holds preference pairs: train on them with objective=dpo"),
-        (["objective=dpo", "objective.loss_type=hinge", *TINY_PAIRS], "objective: loss_type must be one of sigmoid, ipo"),
+        (["objective=dpo", "objective.loss_type=kto", *TINY_PAIRS], "objective: loss_type must be one of sigmoid, ipo, hinge"),
         (["selection=hft", "selection.selector._target_=collections.OrderedDict", "~selection.selector.ratio",
           "~selection.selector.seed", "~selection.selector.include_embeddings", "~selection.selector.preset"],
          "selection: OrderedDict is not a selection: it needs config, apply"),

@@ -54,21 +54,35 @@ def reference_log_probs(
     batch_size: int,
     cache_dir: str | os.PathLike,
     chunk_tokens: int | None = None,
+    reference_weights: str | None = None,
 ) -> Tensor:
     """The ``(pairs, 2)`` sequence log-probabilities (chosen, rejected) of every pair of ``dataset`` under ``model``.
 
     Loaded from the cache under ``cache_dir`` when an entry for this model, data and settings exists;
     otherwise computed (on the model's device, in batches of ``batch_size`` pairs padded by ``collator``)
     and cached. Call it on every rank, before the model is sharded: the model must be whole.
+
+    ``reference_weights`` names the weights the values belong to (a :func:`weights_digest`, e.g. of the
+    model at the start of training), where ``model`` may have been trained since: the entry of those
+    weights is looked up, and computed from ``model`` only if ``model`` still has them; otherwise a
+    missing entry is refused (``RuntimeError``), since the values of weights that are gone cannot be made.
     """
     rank, world = _rank_and_world()
     path = None
     cached = None
+    gone = False
     if rank == 0:
-        key = reference_cache_key(model, dataset, batch_size=batch_size, chunk_tokens=chunk_tokens)
+        key = reference_cache_key(model, dataset, batch_size=batch_size, chunk_tokens=chunk_tokens, weights=reference_weights)
         path = Path(cache_dir) / CACHE_SUBDIRECTORY / f"{key}.safetensors"
         cached = load_file(path)[REFERENCE_KEY] if path.is_file() else None
-    cached = _broadcast(cached, world)
+        gone = cached is None and reference_weights is not None and weights_digest(model) != reference_weights
+    cached, gone = _broadcast((cached, gone), world)
+    if gone:
+        raise RuntimeError(
+            f"the reference log-probabilities of the model at the start of training (weights {reference_weights}) "
+            f"are not in {Path(cache_dir) / CACHE_SUBDIRECTORY} and the model has been trained since: restore that "
+            "cache, or start again from the initial model"
+        )
     if cached is not None:
         return cached
     if rank == 0:
@@ -92,8 +106,13 @@ def add_reference_log_probs(dataset: Dataset, values: Tensor) -> Dataset:
     return dataset.add_column(REFERENCE_KEY, values.tolist())
 
 
-def reference_cache_key(model: nn.Module, dataset: Dataset, *, batch_size: int, chunk_tokens: int | None) -> str:
-    """The name of the cache entry: a hash of the model's config and weights, the pairs' tokens and the settings."""
+def reference_cache_key(
+    model: nn.Module, dataset: Dataset, *, batch_size: int, chunk_tokens: int | None, weights: str | None = None
+) -> str:
+    """The name of the cache entry: a hash of the model's config and weights, the pairs' tokens and the settings.
+
+    ``weights``: the :func:`weights_digest` to key by instead of ``model``'s own (the weights it started from).
+    """
     parameter = next(model.parameters())
     device = parameter.device.type
     config = getattr(model, "config", None)
@@ -101,7 +120,7 @@ def reference_cache_key(model: nn.Module, dataset: Dataset, *, batch_size: int, 
         kind="reference-logps",
         config=config.to_json_string() if config is not None else type(model).__name__,
         attention=getattr(config, "_attn_implementation", None),
-        weights=weights_digest(model),
+        weights=weights if weights is not None else weights_digest(model),
         pairs=pairs_digest(dataset),
         dtype=str(parameter.dtype),
         autocast=str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None,
