@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lomo_lightning import train as train_module
 from lomo_lightning.models import ConfigError
 from lomo_lightning.resume import continued_config
 from lomo_lightning.train import main, run
@@ -189,6 +190,23 @@ def test_a_short_hft_adalomo_dpo_run_raises_held_out_reward_accuracy_above_chanc
     assert metrics["val/rewards/accuracies"] > 0.65, metrics
     assert metrics["val/loss"] < metrics["val/loss_before"]
     assert len(list((cache_dir / "reference_logps").glob("*.safetensors"))) == 2, "train and val pairs, cached"
+
+
+def test_resuming_a_finished_dpo_run_reports_the_validation_rewards_of_its_end(tmp_path, cache_dir, monkeypatch):
+    """The resumed run validates against the reference of the run's start (its checkpoint names it), not its trained weights."""
+    reports: list[dict[str, float]] = []
+    monkeypatch.setattr(train_module, "report", lambda output_dir, model_dir, trainer, metrics: reports.append(metrics))
+    run_dir = tmp_path / "run"
+    steps = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.max_val_examples=6", "validate_before_training=false"]
+    arguments = tiny("objective=dpo", *TINY_PAIRS, *steps, f"data.cache_dir={cache_dir}")
+    monkeypatch.setattr(sys, "argv", ["lomo-train", f"hydra.run.dir={run_dir}", *arguments])
+    main()
+    monkeypatch.setattr(sys, "argv", ["lomo-train", f"resume={run_dir}"])
+    main()
+
+    finished, resumed = ({k: v for k, v in metrics.items() if k.startswith("val/")} for metrics in reports)
+    assert abs(finished["val/rewards/margins"]) > 1e-4, "training moved the policy away from its reference"
+    assert "val/logps/chosen" in finished and resumed == pytest.approx(finished, rel=1e-5, abs=1e-6)
 
 
 def test_the_gpu_experiment_trains_bf16_weights_with_stochastic_rounding(tmp_path):
