@@ -178,10 +178,12 @@ def test_bf16_true_trains_bf16_weights_with_the_chosen_rounding(tmp_path, cache_
 
 
 def test_a_short_hft_adalomo_dpo_run_raises_held_out_reward_accuracy_above_chance(tmp_path, cache_dir):
-    """Held-out functions (other files): the real body must gain reward over its lines shuffled, in 30 steps."""
+    """Held-out functions (other files): the real body must gain reward over its lines shuffled, in 30 steps.
+
+    The shuffled lines are the smoke option: a model from scratch cannot learn the hard pairs in 30 steps."""
     steps = ["trainer.max_steps=30", "trainer.val_check_interval=30", "trainer.limit_val_batches=1.0"]
     schedule = ["method.scheduler.name=constant_with_warmup", "method.scheduler.num_warmup_steps=5"]
-    pairs = ["data.max_files=100", "data.val_fraction=0.3", "data.max_val_examples=48", "data.batch_size=4"]
+    pairs = ["data.max_files=100", "data.val_fraction=0.3", "data.max_val_examples=48", "data.batch_size=4", "data.rejected=shuffled_lines"]
     metrics, module = run(config(tmp_path, cache_dir, "objective=dpo", "selection=hft", *TINY_PAIRS, *pairs, *steps, *schedule))
     held_out = len(module.trainer.datamodule.val_dataset)
     assert module.trainer.global_step == 30 and held_out >= 30
