@@ -286,3 +286,21 @@ def test_dropout_is_off_by_default_as_in_trl():
     kept.model.dropout_probe = torch.nn.Dropout(0.3)
     DPOModule(kept, optimizer=torch.optim.SGD, disable_dropout=False)
     assert kept.model.dropout_probe.p == 0.3
+
+
+def test_an_explicit_reference_checkpoint_gives_the_reference_values_and_reference_free_needs_none(tmp_path):
+    reference = tiny_llama(tie=True, seed=1)
+    reference.save_pretrained(tmp_path / "reference")
+    datamodule = PairsDataModule(tmp_path / "cache")
+    expected = reference_log_probs(reference, datamodule.val_dataset, PreferenceCollator(PAD), batch_size=3, cache_dir=tmp_path / "other")
+    module = DPOModule(tiny_llama(tie=True), optimizer=torch.optim.SGD, reference_model=str(tmp_path / "reference"))
+    dpo_trainer().validate(module, datamodule=datamodule, verbose=False)
+    torch.testing.assert_close(torch.tensor(datamodule.val_dataset["reference_logps"]), expected)
+
+    free = DPOModule(tiny_llama(tie=True), optimizer=torch.optim.SGD, reference_free=True)
+    free_data = PairsDataModule(tmp_path / "free_cache")
+    (metrics,) = dpo_trainer().validate(free, datamodule=free_data, verbose=False)
+    assert not (tmp_path / "free_cache").exists() and "reference_logps" not in free_data.val_dataset.column_names
+    assert metrics["val/rewards/chosen"] == pytest.approx(0.1 * metrics["val/logps/chosen"], rel=1e-5), "r = beta * log pi"
+    with pytest.raises(ValueError, match="reference_free and reference_model exclude each other"):
+        DPOModule(tiny_llama(), optimizer=torch.optim.SGD, reference_free=True, reference_model="x")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -38,8 +38,8 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lomo_lightning.data.cache import quiet_progress_bars
+from lomo_lightning.data.formats import Messages, completion_row, tokenize_prompt_completions
 from lomo_lightning.data.instructions import (
-    IGNORE_INDEX,
     InstructionCollator,
     InstructionDataModule,
     JsonInstructionDataModule,
@@ -59,14 +59,6 @@ SIDES = ("chosen", "rejected")
 PAIR_COLUMNS = tuple(f"{side}_{column}" for side in SIDES for column in ("input_ids", "labels"))
 # How py_preference makes a rejected body from a chosen one
 REJECTED_KINDS = ("mutation", "shuffled_lines")
-
-Messages = list[dict[str, str]]
-
-
-def is_conversational(value: Any) -> bool:
-    """Whether a record's field is a list of messages (TRL's conversational format) rather than a string."""
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
-
 
 def extract_prompt(chosen: str | Messages, rejected: str | Messages) -> tuple[str | Messages, str | Messages, str | Messages]:
     """``(prompt, chosen, rejected)`` of an implicit-prompt pair: the prompt is what both share from the start.
@@ -97,63 +89,22 @@ def check_preference_records(records: Dataset, source: str) -> Dataset:
     return check_records(records, source, fields=PAIR_FIELDS, required=("prompt", "chosen", "rejected"))
 
 
-def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
-    """The number of leading tokens ``ids`` and ``other`` share."""
-    length = 0
-    for a, b in zip(ids, other):
-        if a != b:
-            break
-        length += 1
-    return length
-
-
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages, **options: Any) -> list[int]:
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **options)
-    return list(cast(dict, encoded)["input_ids"])
-
-
-def tokenize_pair(
-    tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, chosen: str | Messages, rejected: str | Messages, input: str = ""
-) -> tuple[list[int], list[int], list[int]]:
-    """``(prompt_ids, chosen_ids, rejected_ids)`` of one record, tokenized together and split as TRL does."""
-    if is_conversational(chosen) or is_conversational(prompt):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"conversational records need a chat template, and tokenizer {tokenizer.name_or_path!r} has none")
-        if input:
-            raise ValueError("'input' applies to plain-string prompts: put the context in the prompt's messages")
-        turns = prompt if is_conversational(prompt) else [{"role": "user", "content": cast(str, prompt)}]
-        replies = {side: text if is_conversational(text) else [{"role": "assistant", "content": text}] for side, text in (("chosen", chosen), ("rejected", rejected))}
-        prompt_ids = _chat_ids(tokenizer, cast(Messages, turns), add_generation_prompt=True)
-        full = {side: _chat_ids(tokenizer, cast(Messages, turns) + cast(Messages, reply)) for side, reply in replies.items()}
-    else:
-        text = f"{prompt}\n\n{input}" if input else cast(str, prompt)
-        eos = tokenizer.eos_token
-        prompt_ids = tokenizer(text)["input_ids"]
-        full = {
-            side: tokenizer(text + response + ("" if response.endswith(eos) else eos))["input_ids"]
-            for side, response in (("chosen", cast(str, chosen)), ("rejected", cast(str, rejected)))
-        }
-    # where the prompt's tokens and the whole sequence's part: a template or a merge across the boundary may move it
-    length = min(common_prefix_length(prompt_ids, full["chosen"]), common_prefix_length(prompt_ids, full["rejected"]))
-    return prompt_ids[:length], full["chosen"][length:], full["rejected"][length:]
-
-
 def tokenize_pairs(records: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> Dataset:
     """Tokenize preference records into ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
-    ``rejected_labels`` (:func:`tokenize_pair`, then cut to ``seq_len``), dropping the pairs whose prompt alone
-    fills ``seq_len``."""
+    ``rejected_labels`` (:func:`~lomo_lightning.data.formats.tokenize_prompt_completions`, then cut to
+    ``seq_len``), dropping the pairs whose prompt alone fills ``seq_len``."""
     eos_token_id(tokenizer)  # refuses a tokenizer without one
 
     def tokenize_together(batch: dict[str, list]) -> dict[str, list[list[int]]]:
         columns: dict[str, list[list[int]]] = {column: [] for column in PAIR_COLUMNS}
         for prompt, input, chosen, rejected in zip(batch["prompt"], batch["input"], batch["chosen"], batch["rejected"]):
-            prompt_ids, *responses = tokenize_pair(tokenizer, prompt, chosen, rejected, input)
-            if len(prompt_ids) >= seq_len:  # no response token would be left (TRL drops these too)
-                continue
-            for side, response in zip(SIDES, responses):
-                row = (prompt_ids + response)[:seq_len]
-                columns[f"{side}_input_ids"].append(row)
-                columns[f"{side}_labels"].append([IGNORE_INDEX] * len(prompt_ids) + row[len(prompt_ids) :])
+            prompt_ids, responses = tokenize_prompt_completions(tokenizer, prompt, (chosen, rejected), input)
+            rows = [completion_row(prompt_ids, response, seq_len) for response in responses]
+            for side, row in zip(SIDES, rows):
+                if row is None:  # the prompt alone fills seq_len, for both sides alike (TRL drops these too)
+                    break
+                columns[f"{side}_input_ids"].append(row["input_ids"])
+                columns[f"{side}_labels"].append(row["labels"])
         return columns
 
     return map_tokenized(records, tokenize_together, tokenizer, seq_len)
@@ -370,12 +321,9 @@ __all__ = [
     "SIDES",
     "body_hash",
     "check_preference_records",
-    "common_prefix_length",
     "extract_prompt",
     "function_pairs",
     "instruction_conversations",
-    "is_conversational",
     "shuffled_lines",
-    "tokenize_pair",
     "tokenize_pairs",
 ]
