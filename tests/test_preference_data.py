@@ -280,3 +280,17 @@ def test_shuffled_lines_stay_an_opt_in_smoke_option(cache_dir, tokenizer):
     easy = PyPreferenceDataModule(tokenizer, max_files=MAX_FILES, val_fraction=0.2, cache_dir=cache_dir, rejected="shuffled_lines")
     for record in easy.load_records()["val"]:
         assert sorted(record["rejected"].splitlines()) == sorted(record["chosen"].splitlines())
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("kind", ["standard", "multi_turn_system", "implicit_conversational"])
+def test_smollm2s_own_chat_template_tokenizes_as_in_trl(tmp_path, cache_dir, smollm2_dir, kind):
+    """SmolLM2's template: <|im_end|> ends each turn and is also its eos."""
+    smollm2 = load_tokenizer(smollm2_dir)
+    records = FORMATS[kind]
+    train = write_jsonl(tmp_path / "pairs.jsonl", records)
+    dm = JsonPreferenceDataModule(train, train, tokenizer=smollm2, seq_len=64, cache_dir=cache_dir)
+    dm.setup("fit")
+    for row, theirs in zip(dm.train_dataset, trl_rows(records, smollm2, 64), strict=True):
+        assert row["chosen_input_ids"] == theirs["chosen"] and row["rejected_input_ids"] == theirs["rejected"]
+        assert row["chosen_labels"].count(IGNORE_INDEX) == theirs["prompt"]

@@ -60,6 +60,7 @@ PAIR_COLUMNS = tuple(f"{side}_{column}" for side in SIDES for column in ("input_
 # How py_preference makes a rejected body from a chosen one
 REJECTED_KINDS = ("mutation", "shuffled_lines")
 
+
 def extract_prompt(chosen: str | Messages, rejected: str | Messages) -> tuple[str | Messages, str | Messages, str | Messages]:
     """``(prompt, chosen, rejected)`` of an implicit-prompt pair: the prompt is what both share from the start.
 
