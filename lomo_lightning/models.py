@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lomo_lightning.cache_entries import UnsafeCache, store_entry, verified_entry
 from lomo_lightning.preflight import ConfigError
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ def converted_gguf(name_or_path: str, gguf_file: str, cache_dir: str | os.PathLi
     entry, tokenizer with its chat template) is renamed into place atomically, so a crash never leaves
     a half-written directory. The cache entry is keyed by the file's path, size and modification time.
     """
-    from lomo_lightning.data.cache import UnsafeCache, store_entry, verified_entry
-
     source = Path(name_or_path) / gguf_file
     target = converted_gguf_directory(name_or_path, gguf_file, cache_dir)
     try:

@@ -142,7 +142,7 @@ def build_module(
         raise ConfigError(f"objective.name={name!r} is unknown: use one of {', '.join(MODULES)}")
     if (name == "dpo") != isinstance(datamodule, PreferencePairs):
         raise ConfigError(
-            "objective=dpo trains on preference pairs: use data=py_preference or data=preference_jsonl"
+            "objective=dpo trains on preference pairs: use data=py_preference, data=preference_jsonl or data=hf_preference"
             if name == "dpo"
             else f"{type(datamodule).__name__} holds preference pairs: train on them with objective=dpo"
         )

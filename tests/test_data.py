@@ -350,7 +350,12 @@ def test_hf_instructions_map_fields_from_a_local_dataset(tmp_path: Path, cache_d
     assert records["train"]["input"] == ["", "", ""]
     _assert_prompt_masked(records["val"], dm.val_dataset, tokenizer, 192)
 
-    wrong = HFInstructionDataModule(str(data), val_split="validation", tokenizer=tokenizer, cache_dir=cache_dir)
+    # unmapped, the same columns are TRL's prompt-completion format (tests/test_instruction_formats.py); columns
+    # in neither form are refused
+    other = tmp_path / "other_columns"
+    other.mkdir()
+    _write_jsonl(other / "train.jsonl", [{"question": r["instruction"], "answer": r["output"]} for r in RECORDS])
+    wrong = HFInstructionDataModule(str(other), tokenizer=tokenizer, cache_dir=cache_dir)
     with pytest.raises(ValueError, match="has no column 'instruction'.*pass instruction_field="):
         wrong.setup("fit")
 

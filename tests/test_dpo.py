@@ -14,9 +14,10 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from lomo_lightning import AdaLomo, LomoStrategy
-from lomo_lightning.data import PreferenceCollator
-from lomo_lightning.dpo_module import DPOModule, FusedDPOModule
-from lomo_lightning.objectives import DPOObjective, add_reference_log_probs, reference_log_probs
+from lomo_lightning.data import PreferenceCollator, PreferencePairs
+from lomo_lightning.dpo_module import REFERENCE_CHECKPOINT_KEY, DPOModule, FusedDPOModule
+from lomo_lightning.objectives import METRICS, DPOObjective, add_reference_log_probs, reference_log_probs
+from lomo_lightning.objectives.reference import weights_digest
 
 EOS = 1
 PAD = 0
@@ -86,10 +87,11 @@ def test_losses_rewards_and_gradients_equal_an_independent_computation(objective
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"loss_type": "hinge"}, "loss_type must be one of sigmoid, ipo"),
+        ({"loss_type": "kto"}, "loss_type must be one of sigmoid, ipo, hinge"),
         ({"beta": 0.0}, "beta must be positive"),
         ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\)"),
-        ({"loss_type": "ipo", "label_smoothing": 0.1}, "applies to loss_type='sigmoid' only"),
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "applies to loss_type=.sigmoid. or .robust. only"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "one weight per loss type"),
     ],
 )
 def test_bad_objective_settings_fail_clearly(options, message):
@@ -210,3 +212,95 @@ def test_fused_dpo_training_equals_unfused_training(tmp_path, chunk_tokens):
     assert moved > 1e-3, "training must move the parameters"
     for (name, p), q in zip(unfused.model.named_parameters(), fused.model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+
+class PairsDataModule(PreferencePairs, pl.LightningDataModule):
+    """Ready-made tokenized pairs as a preference data module: what DPOModule.setup needs of one."""
+
+    def __init__(self, cache_dir, batch_size: int = 3):
+        super().__init__()
+        self.train_dataset = Dataset.from_list(preference_pairs(9, seed=5))
+        self.val_dataset = Dataset.from_list(preference_pairs(6, seed=6))
+        self.batch_size, self.cache_dir = batch_size, cache_dir
+
+    def collator(self):
+        return PreferenceCollator(PAD)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, collate_fn=self.collator())
+
+    def val_dataloader(self):
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, collate_fn=self.collator())
+
+
+def dpo_trainer(**options) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        **{"enable_checkpointing": False, **options},
+    )
+
+
+def validation_rewards(metrics: dict) -> dict[str, float]:
+    return {name: float(value) for name, value in metrics.items() if name.startswith("val/")}
+
+
+def test_validate_after_fit_reproduces_the_last_validation_of_fit_and_refuses_when_the_reference_is_gone(tmp_path):
+    """The reference is the model at the start of training, also for every later stage: never the trained weights."""
+    datamodule = PairsDataModule(tmp_path / "cache")
+    module = DPOModule(tiny_llama(tie=True), optimizer=functools.partial(torch.optim.AdamW, lr=3e-2), beta=0.5)
+    trainer = dpo_trainer()
+    trainer.fit(module, datamodule=datamodule)
+    at_the_end_of_fit = validation_rewards(trainer.callback_metrics)
+    assert abs(at_the_end_of_fit["val/rewards/margins"]) > 1e-3, "training moved the policy away from its reference"
+    assert set(at_the_end_of_fit) >= {f"val/{name}" for name in METRICS}
+
+    (again,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    assert validation_rewards(again) == pytest.approx(at_the_end_of_fit, rel=1e-6, abs=1e-7)
+
+    for entry in (tmp_path / "cache" / "reference_logps").glob("*.safetensors"):
+        entry.unlink()
+    with pytest.raises(RuntimeError, match=r"^the reference log-probabilities of the model at the start of training .* trained since"):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
+def test_a_checkpoint_names_its_reference_and_a_module_loaded_from_it_validates_against_that_reference(tmp_path):
+    datamodule = PairsDataModule(tmp_path / "cache")
+    module = DPOModule(tiny_llama(tie=True), optimizer=functools.partial(torch.optim.AdamW, lr=3e-2), beta=0.5)
+    trainer = dpo_trainer()
+    trainer.fit(module, datamodule=datamodule)
+    expected = validation_rewards(trainer.callback_metrics)
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    assert torch.load(tmp_path / "trained.ckpt", weights_only=True)[REFERENCE_CHECKPOINT_KEY] == weights_digest(tiny_llama(tie=True))
+
+    trained = DPOModule(tiny_llama(tie=True, seed=3), optimizer=functools.partial(torch.optim.AdamW, lr=3e-2), beta=0.5)
+    (metrics,) = dpo_trainer().validate(trained, datamodule=PairsDataModule(tmp_path / "cache"), ckpt_path=tmp_path / "trained.ckpt", verbose=False, weights_only=True)
+    assert validation_rewards(metrics) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_dropout_is_off_by_default_as_in_trl():
+    model = tiny_llama()
+    model.model.dropout_probe = torch.nn.Dropout(0.3)
+    DPOModule(model, optimizer=torch.optim.SGD)
+    assert model.model.dropout_probe.p == 0.0
+    kept = tiny_llama()
+    kept.model.dropout_probe = torch.nn.Dropout(0.3)
+    DPOModule(kept, optimizer=torch.optim.SGD, disable_dropout=False)
+    assert kept.model.dropout_probe.p == 0.3
+
+
+def test_an_explicit_reference_checkpoint_gives_the_reference_values_and_reference_free_needs_none(tmp_path):
+    reference = tiny_llama(tie=True, seed=1)
+    reference.save_pretrained(tmp_path / "reference")
+    datamodule = PairsDataModule(tmp_path / "cache")
+    expected = reference_log_probs(reference, datamodule.val_dataset, PreferenceCollator(PAD), batch_size=3, cache_dir=tmp_path / "other")
+    module = DPOModule(tiny_llama(tie=True), optimizer=torch.optim.SGD, reference_model=str(tmp_path / "reference"))
+    dpo_trainer().validate(module, datamodule=datamodule, verbose=False)
+    torch.testing.assert_close(torch.tensor(datamodule.val_dataset["reference_logps"]), expected)
+
+    free = DPOModule(tiny_llama(tie=True), optimizer=torch.optim.SGD, reference_free=True)
+    free_data = PairsDataModule(tmp_path / "free_cache")
+    (metrics,) = dpo_trainer().validate(free, datamodule=free_data, verbose=False)
+    assert not (tmp_path / "free_cache").exists() and "reference_logps" not in free_data.val_dataset.column_names
+    assert metrics["val/rewards/chosen"] == pytest.approx(0.1 * metrics["val/logps/chosen"], rel=1e-5), "r = beta * log pi"
+    with pytest.raises(ValueError, match="reference_free and reference_model exclude each other"):
+        DPOModule(tiny_llama(), optimizer=torch.optim.SGD, reference_free=True, reference_model="x")

@@ -15,18 +15,6 @@ import lomo_lightning
 ROOT = Path(lomo_lightning.__file__).parent
 PACKAGE = "lomo_lightning"
 
-# The data <-> objectives circle (data/preferences.py imports objectives.dpo, objectives/reference.py imports
-# data.cache) is removed on the DPO branch of issue 20: delete this entry when that branch is merged.
-PENDING_CYCLES: list[set[str]] = [
-    {
-        "lomo_lightning.data",
-        "lomo_lightning.data.preferences",
-        "lomo_lightning.objectives",
-        "lomo_lightning.objectives.reference",
-    }
-]
-
-
 def module_names() -> dict[str, Path]:
     names = {}
     for path in ROOT.rglob("*.py"):
@@ -120,7 +108,4 @@ def test_the_graph_counts_deferred_imports_and_package_inits():
 
 def test_no_import_cycle_among_the_package_modules():
     cycles = import_cycles(package_graph())
-    unexpected = [sorted(cycle) for cycle in cycles if cycle not in PENDING_CYCLES]
-    assert not unexpected, f"import cycles: {unexpected}"
-    gone = [sorted(cycle) for cycle in PENDING_CYCLES if cycle not in cycles]
-    assert not gone, f"these cycles are gone: delete them from PENDING_CYCLES: {gone}"
+    assert not cycles, f"import cycles: {[sorted(cycle) for cycle in cycles]}"

@@ -83,6 +83,7 @@ def test_experiment_hft_dpo_tunes_smollm2_against_its_own_cached_reference(tmp_p
         "data.val_fraction=0.2",
         "data.max_examples=8",
         "data.max_val_examples=4",
+        "data.mutations_per_function=1",  # one pair per function, as many pairs as functions
         "data.batch_size=2",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lomo_lightning import train as train_module
 from lomo_lightning.models import ConfigError
 from lomo_lightning.resume import continued_config
 from lomo_lightning.train import main, run
@@ -177,10 +178,12 @@ def test_bf16_true_trains_bf16_weights_with_the_chosen_rounding(tmp_path, cache_
 
 
 def test_a_short_hft_adalomo_dpo_run_raises_held_out_reward_accuracy_above_chance(tmp_path, cache_dir):
-    """Held-out functions (other files): the real body must gain reward over its lines shuffled, in 30 steps."""
+    """Held-out functions (other files): the real body must gain reward over its lines shuffled, in 30 steps.
+
+    The shuffled lines are the smoke option: a model from scratch cannot learn the hard pairs in 30 steps."""
     steps = ["trainer.max_steps=30", "trainer.val_check_interval=30", "trainer.limit_val_batches=1.0"]
     schedule = ["method.scheduler.name=constant_with_warmup", "method.scheduler.num_warmup_steps=5"]
-    pairs = ["data.max_files=100", "data.val_fraction=0.3", "data.max_val_examples=48", "data.batch_size=4"]
+    pairs = ["data.max_files=100", "data.val_fraction=0.3", "data.max_val_examples=48", "data.batch_size=4", "data.rejected=shuffled_lines"]
     metrics, module = run(config(tmp_path, cache_dir, "objective=dpo", "selection=hft", *TINY_PAIRS, *pairs, *steps, *schedule))
     held_out = len(module.trainer.datamodule.val_dataset)
     assert module.trainer.global_step == 30 and held_out >= 30
@@ -189,6 +192,23 @@ def test_a_short_hft_adalomo_dpo_run_raises_held_out_reward_accuracy_above_chanc
     assert metrics["val/rewards/accuracies"] > 0.65, metrics
     assert metrics["val/loss"] < metrics["val/loss_before"]
     assert len(list((cache_dir / "reference_logps").glob("*.safetensors"))) == 2, "train and val pairs, cached"
+
+
+def test_resuming_a_finished_dpo_run_reports_the_validation_rewards_of_its_end(tmp_path, cache_dir, monkeypatch):
+    """The resumed run validates against the reference of the run's start (its checkpoint names it), not its trained weights."""
+    reports: list[dict[str, float]] = []
+    monkeypatch.setattr(train_module, "report", lambda output_dir, model_dir, trainer, metrics: reports.append(metrics))
+    run_dir = tmp_path / "run"
+    steps = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.max_val_examples=6", "validate_before_training=false"]
+    arguments = tiny("objective=dpo", *TINY_PAIRS, *steps, f"data.cache_dir={cache_dir}")
+    monkeypatch.setattr(sys, "argv", ["lomo-train", f"hydra.run.dir={run_dir}", *arguments])
+    main()
+    monkeypatch.setattr(sys, "argv", ["lomo-train", f"resume={run_dir}"])
+    main()
+
+    finished, resumed = ({k: v for k, v in metrics.items() if k.startswith("val/")} for metrics in reports)
+    assert abs(finished["val/rewards/margins"]) > 1e-4, "training moved the policy away from its reference"
+    assert "val/logps/chosen" in finished and resumed == pytest.approx(finished, rel=1e-5, abs=1e-6)
 
 
 def test_the_gpu_experiment_trains_bf16_weights_with_stochastic_rounding(tmp_path):
@@ -238,7 +258,7 @@ def test_multirun_leaves_one_result_directory_per_job_and_goes_on_past_a_failed_
         (["selection=sft_ag", "selection.selector.selection_accumulation_steps=19"], "selection: selection.selector.selection_accumulation_steps=19: selection_accumulation_steps must be in"),
         (["objective=dpo"], "objective=dpo trains on preference pairs: use data=py_preference"),
         (TINY_PAIRS, "PyPreferenceDataModule holds preference pairs: train on them with objective=dpo"),
-        (["objective=dpo", "objective.loss_type=hinge", *TINY_PAIRS], "objective: loss_type must be one of sigmoid, ipo"),
+        (["objective=dpo", "objective.loss_type=kto", *TINY_PAIRS], "objective: loss_type must be one of sigmoid, ipo, hinge"),
         (["selection=hft", "selection.selector._target_=collections.OrderedDict", "~selection.selector.ratio",
           "~selection.selector.seed", "~selection.selector.include_embeddings", "~selection.selector.preset"],
          "selection: OrderedDict is not a selection: it needs config, apply"),

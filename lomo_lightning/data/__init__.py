@@ -14,6 +14,7 @@ from lomo_lightning.data.instructions import (
     render_prompt,
 )
 from lomo_lightning.data.preferences import (
+    HFPreferenceDataModule,
     JsonPreferenceDataModule,
     PreferenceCollator,
     PreferencePairs,
@@ -27,6 +28,7 @@ from lomo_lightning.data.tokenizer import default_cache_dir, load_tokenizer
 __all__ = [
     "IGNORE_INDEX",
     "HFInstructionDataModule",
+    "HFPreferenceDataModule",
     "InstructionCollator",
     "InstructionDataModule",
     "JsonInstructionDataModule",

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-import secrets
-import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,15 +18,17 @@ from pathlib import Path
 import datasets
 from datasets import DatasetDict, load_from_disk
 
-from lomo_lightning.files import exclusive_temporary, remove_entry, write_atomically
-
-log = logging.getLogger(__name__)
+from lomo_lightning.cache_entries import (
+    UnsafeCache,
+    check_cache_folder,
+    content_digest,
+    entry_problem,
+    store_entry,
+    verified_entry,
+)
 
 # Bump when the content produced for the same options changes, to invalidate older entries.
 CACHE_FORMAT = 1
-# Beside each entry (inside a directory entry, ``<name>.sha256`` beside a file): the SHA-256 of its content.
-DIGEST_FILE = "lomo-cache.sha256"
-CACHE_HINT = "data.cache_dir=<folder> or LOMO_LIGHTNING_CACHE=<folder>"
 
 
 def cache_key(**options: object) -> str:
@@ -56,108 +54,6 @@ def cached_dataset_dict(directory: Path, build: Callable[[], DatasetDict]) -> Da
     with quiet_progress_bars():
         entry = cached_directory(directory, lambda staging: build().save_to_disk(str(staging)))
         return load_from_disk(str(entry))
-
-
-# -- entries that are checked, in folders only their user can write ---------------------------------
-
-
-class UnsafeCache(ValueError):
-    """A cache folder others could plant entries in: refused (the message names the folder and the fix)."""
-
-
-def check_cache_folder(directory: Path) -> None:
-    """Refuse a cache folder owned by another user or writable by every user (as pip and Hugging Face do).
-
-    Anyone who can write there could plant an entry under its predictable key, and the run would train
-    on it. The folder and its parent (the cache root) are checked where they exist.
-    """
-    for folder in (directory, directory.parent):
-        try:
-            status = folder.stat()
-        except FileNotFoundError:
-            continue
-        if hasattr(os, "getuid") and status.st_uid != os.getuid():
-            raise UnsafeCache(
-                f"cache folder {folder} belongs to another user (uid {status.st_uid}): its entries cannot be trusted; "
-                f"use a folder of your own: {CACHE_HINT}"
-            )
-        if status.st_mode & stat.S_IWOTH:
-            raise UnsafeCache(
-                f"cache folder {folder} is writable by every user: anyone could plant an entry there; "
-                f"chmod o-w {folder}, or {CACHE_HINT}"
-            )
-
-
-def content_digest(path: Path) -> str:
-    """SHA-256 of a file, or of a directory's files (their relative names and bytes, in order), its digest file excluded."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != DIGEST_FILE) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _digest_path(entry: Path) -> Path:
-    return entry / DIGEST_FILE if entry.is_dir() else entry.with_name(f"{entry.name}.sha256")
-
-
-def entry_problem(entry: Path) -> str | None:
-    """Why a cache entry (a file or a directory) cannot be used: ``None`` when its content is what was stored."""
-    if entry.is_symlink():
-        return "a symbolic link"
-    recorded = _digest_path(entry)
-    if not recorded.is_file():
-        return "no digest (not written by this version, or planted)"
-    if recorded.read_text().strip() != content_digest(entry):
-        return "its content is not what was stored (the digest differs)"
-    return None
-
-
-def verified_entry(entry: Path) -> bool:
-    """Whether the cache ``entry`` exists and holds what was stored; a bad one is logged (and will be rebuilt)."""
-    check_cache_folder(entry.parent)
-    if not (entry.exists() or entry.is_symlink()):
-        return False
-    problem = entry_problem(entry)
-    if problem is not None:
-        log.warning("Cache entry %s is %s: rebuilding it", entry, problem)
-        return False
-    return True
-
-
-def store_entry(entry: Path, write: Callable[[Path], object], directory: bool = True) -> Path:
-    """Build a cache entry with ``write(staging)`` beside ``entry``, record its digest, and rename it into place.
-
-    The staging name is exclusive and new (created with the user's umask, not 0o700, so users who share
-    a cache folder can read each other's entries); a bad entry already at ``entry`` is replaced.
-    """
-    check_cache_folder(entry.parent)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        staging = entry.with_name(f".{entry.name}.{os.getpid()}-{secrets.token_hex(4)}")
-        staging.mkdir()
-    else:
-        descriptor, staging = exclusive_temporary(entry, suffix="")
-        os.close(descriptor)
-    try:
-        write(staging)
-        write_atomically(_digest_path(staging) if directory else _digest_path(entry), content_digest(staging) + "\n")
-        if entry.is_dir() and not entry.is_symlink():
-            aside = entry.with_name(f".{entry.name}.{os.getpid()}-{secrets.token_hex(4)}.replaced")
-            os.replace(entry, aside)
-            remove_entry(aside)
-        os.replace(staging, entry)
-    except OSError:
-        if entry_problem(entry) is not None:  # another process finishing the same entry first is fine
-            raise
-    finally:
-        if staging.exists() or staging.is_symlink():
-            remove_entry(staging)
-    return entry
 
 
 def cached_directory(entry: Path, write: Callable[[Path], object]) -> Path:

@@ -6,6 +6,13 @@ what a chat model saw in its own instruction tuning), else with the Alpaca templ
 tokenized as ``prompt_ids + response_ids + eos``; labels are ``-100`` on the prompt (and on padding), so
 the model is only trained to produce the response. Prompt and response are tokenized separately, so
 the boundary between them is exact.
+
+Local files and ``datasets`` datasets may also hold TRL's SFT formats (:mod:`lomo_lightning.data.formats`):
+*prompt-completion* records ``{"prompt", "completion"}`` (strings, or lists of messages for the chat
+template), tokenized together and split where the prompt's tokens part from the whole sequence's, with
+labels on the completion only; and *conversational language modeling* records ``{"messages"}`` (a whole
+conversation, system prompt and several turns, rendered by the chat template), with labels on every token,
+as TRL's ``SFTTrainer`` has them by default.
 """
 
 from __future__ import annotations
@@ -31,11 +38,14 @@ from transformers import PreTrainedTokenizerBase
 from lomo_lightning._compat import dataset_fingerprint
 from lomo_lightning.data.base import TokenizedDataModule
 from lomo_lightning.data.cache import cache_key, cached_dataset_dict, quiet_progress_bars
+from lomo_lightning.data.formats import completion_row, conversation_ids, tokenize_prompt_completions
 from lomo_lightning.data.stdlib import relative_key, split_files, stdlib_source_files
 from lomo_lightning.data.tokenizer import tokenizer_fingerprint
 from lomo_lightning.labels import IGNORE_INDEX
 
 FIELDS = ("instruction", "input", "output")
+# TRL's SFT formats, by the columns that name them: prompt-completion, conversational language modeling
+TRL_FORMATS = (("prompt", "completion"), ("messages",))
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -87,8 +97,27 @@ def tokenize_example(prompt_ids: list[int], response_ids: list[int], eos_id: int
 
 
 def tokenize_examples(records: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> Dataset:
-    """Tokenize a dataset of instruction records, dropping those whose prompt alone fills ``seq_len``."""
+    """Tokenize a dataset of instruction records (Alpaca-style, or one of TRL's :data:`TRL_FORMATS`), dropping
+    those whose prompt alone fills ``seq_len``."""
     eos = eos_token_id(tokenizer)
+    if "messages" in records.column_names:
+
+        def tokenize_conversations(batch: dict[str, list]) -> dict[str, list[list[int]]]:
+            rows = [conversation_ids(tokenizer, messages)[:seq_len] for messages in batch["messages"]]
+            return {"input_ids": rows, "labels": [list(row) for row in rows]}
+
+        return map_tokenized(records, tokenize_conversations, tokenizer, seq_len)
+    if "completion" in records.column_names:
+
+        def tokenize_prompt_completion(batch: dict[str, list]) -> dict[str, list[list[int]]]:
+            rows = []
+            for prompt, completion in zip(batch["prompt"], batch["completion"]):
+                prompt_ids, (completion_ids,) = tokenize_prompt_completions(tokenizer, prompt, [completion])
+                rows.append(completion_row(prompt_ids, completion_ids, seq_len))
+            kept = [row for row in rows if row is not None]
+            return {"input_ids": [row["input_ids"] for row in kept], "labels": [row["labels"] for row in kept]}
+
+        return map_tokenized(records, tokenize_prompt_completion, tokenizer, seq_len)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list[list[int]]]:
         prompt_ids = tokenize_prompts(tokenizer, batch["instruction"], batch["input"])
@@ -168,6 +197,21 @@ def check_records(
     return records.select_columns(list(fields))
 
 
+def check_instruction_records(records: Dataset, source: str) -> Dataset:
+    """:func:`check_records` for Alpaca-style records; for TRL's formats (:data:`TRL_FORMATS`, told by their
+    columns) the same checks on their own fields, which are kept as they are."""
+    for fields in TRL_FORMATS:
+        if set(fields) <= set(records.column_names):
+            if len(records) == 0:
+                raise ValueError(f"{source} has no records: it must hold {'/'.join(fields)} examples")
+            for field in fields:
+                missing = next((index for index, value in enumerate(records[field]) if value is None), None)
+                if missing is not None:
+                    raise ValueError(f"record {missing} of {source} has no {field!r} field: every record needs one")
+            return records.select_columns(list(fields))
+    return check_records(records, source)
+
+
 def split_records(records: Dataset, val_fraction: float, seed: int) -> DatasetDict:
     """A deterministic ``train``/``val`` split of ``records`` with at least one val record (when there are two)."""
     if not 0.0 < val_fraction < 1.0:
@@ -188,7 +232,7 @@ class InstructionDataModule(TokenizedDataModule):
 
     # what a record is: the word for it in errors, its check, and the collator of its tokenized form
     record_kind = "instruction"
-    check_records: Callable[[Dataset, str], Dataset] = staticmethod(check_records)
+    check_records: Callable[[Dataset, str], Dataset] = staticmethod(check_instruction_records)
     collator_class: Callable[[int], Callable[[list[dict]], dict[str, Tensor]]] = InstructionCollator
 
     def __init__(
@@ -484,6 +528,8 @@ class JsonInstructionDataModule(InstructionDataModule):
 class HFInstructionDataModule(InstructionDataModule):
     """Instruction tuning on any ``datasets`` dataset (hub name or local path), with its fields mapped.
 
+    A dataset in one of TRL's SFT formats (:data:`TRL_FORMATS`) without the mapped columns is taken as it is.
+
     Args:
         name: passed to ``datasets.load_dataset`` (hub name, local directory or builder).
         config: the dataset configuration, if it has several.
@@ -524,6 +570,9 @@ class HFInstructionDataModule(InstructionDataModule):
         source = f"{self.name}[{split}]"
         with quiet_progress_bars():
             records = load_dataset(self.name, self.config, split=split, cache_dir=str(self.cache_dir / "hf"))
+        mapped = {self.fields["instruction"], self.fields["output"]} <= set(records.column_names)
+        if not mapped and any(set(fields) <= set(records.column_names) for fields in TRL_FORMATS):
+            return check_instruction_records(records, source)  # TRL's own format: its fields need no mapping
         for field in ("instruction", "output"):
             if self.fields[field] not in records.column_names:
                 raise ValueError(
@@ -552,6 +601,8 @@ __all__ = [
     "JsonInstructionDataModule",
     "PY_INSTRUCTION",
     "PyInstructDataModule",
+    "TRL_FORMATS",
+    "check_instruction_records",
     "check_records",
     "eos_token_id",
     "format_example",

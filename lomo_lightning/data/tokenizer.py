@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lomo_lightning.data.cache import store_entry, verified_entry
+from lomo_lightning.cache_entries import store_entry, verified_entry
 from lomo_lightning.data.stdlib import split_files, stdlib_source_files
 
 log = logging.getLogger(__name__)

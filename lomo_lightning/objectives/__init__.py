@@ -1,4 +1,4 @@
-"""Objectives, what the loss is: the causal-LM loss (chunked or not), and DPO / IPO against cached reference log-probabilities."""
+"""Objectives, what the loss is: the causal-LM loss (chunked or not), and TRL's preference losses against cached reference log-probabilities."""
 
 from lomo_lightning.objectives.causal_lm import (
     IGNORE_INDEX,
@@ -7,12 +7,13 @@ from lomo_lightning.objectives.causal_lm import (
     sequence_log_probs,
     token_log_probs,
 )
-from lomo_lightning.objectives.dpo import LOSS_TYPES, REFERENCE_KEY, DPOObjective, PairLosses, reward_metrics
+from lomo_lightning.objectives.dpo import LOSS_TYPES, METRICS, REFERENCE_KEY, DPOObjective, PairLosses, pair_metrics
 from lomo_lightning.objectives.reference import add_reference_log_probs, reference_log_probs
 
 __all__ = [
     "IGNORE_INDEX",
     "LOSS_TYPES",
+    "METRICS",
     "REFERENCE_KEY",
     "DPOObjective",
     "PairLosses",
@@ -20,7 +21,7 @@ __all__ = [
     "check_chunked_loss",
     "chunked_causal_lm_loss",
     "reference_log_probs",
-    "reward_metrics",
+    "pair_metrics",
     "sequence_log_probs",
     "token_log_probs",
 ]

@@ -62,11 +62,35 @@ def token_log_probs(
     the chunked computation runs as a registered forward method of the root, so that its parameters are
     gathered for it and for its recomputation. ``chunk_tokens="auto"``: :func:`auto_chunk_tokens` of the batch.
     """
+    return _token_statistics(model, input_ids, labels, chunk_tokens, False, **model_kwargs)[0]
+
+
+def token_log_probs_and_mean_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    chunk_tokens: ChunkTokens = None,
+    **model_kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """:func:`token_log_probs`, and (detached, fp32) each position's logits averaged over the vocabulary.
+
+    The second is what TRL's ``logits/chosen`` and ``logits/rejected`` metrics average; it is taken from
+    the logits the log-probabilities are computed from, chunk by chunk when chunked, so it costs no
+    second pass.
+    """
+    log_probs, mean_logits = _token_statistics(model, input_ids, labels, chunk_tokens, True, **model_kwargs)
+    assert mean_logits is not None  # asked for
+    return log_probs, mean_logits
+
+
+def _token_statistics(
+    model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: ChunkTokens, with_mean_logits: bool, **model_kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
     if chunk_tokens == "auto":
         chunk_tokens = auto_chunk_tokens(model, input_ids)
     if chunk_tokens is None:
         logits = model(input_ids=input_ids, **model_kwargs).logits
-        return _log_probs_of_targets(logits.float(), next_token_targets(labels))
+        return _log_probs_of_targets(logits.float(), next_token_targets(labels)), _mean_logits(logits, with_mean_logits)
     check_chunked_loss(model, chunk_tokens)
     if _is_fully_sharded(model):
         # FSDP2 gathers the root's parameters (embeddings, final norm, LM head) around the root's forward
@@ -77,8 +101,8 @@ def token_log_probs(
             object.__setattr__(model, "lomo_token_log_probs", types.MethodType(_chunked_token_log_probs, model))
             register_fsdp_forward_method(model, "lomo_token_log_probs")
             object.__setattr__(model, "_lomo_token_log_probs_registered", True)
-        return model.lomo_token_log_probs(input_ids, labels, chunk_tokens, **model_kwargs)  # type: ignore[operator]
-    return _chunked_token_log_probs(model, input_ids, labels, chunk_tokens, **model_kwargs)
+        return model.lomo_token_log_probs(input_ids, labels, chunk_tokens, with_mean_logits, **model_kwargs)  # type: ignore[operator]
+    return _chunked_token_log_probs(model, input_ids, labels, chunk_tokens, with_mean_logits, **model_kwargs)
 
 
 def chunked_causal_lm_loss(
@@ -141,25 +165,32 @@ def _log_probs_of_targets(logits: Tensor, targets: Tensor) -> Tensor:
     return -flat.view_as(targets)
 
 
+def _mean_logits(logits: Tensor, wanted: bool) -> Tensor | None:
+    return logits.detach().float().mean(-1) if wanted else None
+
+
 def _chunked_token_log_probs(
-    model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: int, **model_kwargs: Any
-) -> Tensor:
+    model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: int, with_mean_logits: bool, **model_kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
     causal_lm = cast("PreTrainedModel", model)  # a Hugging Face causal LM: check_chunked_loss has checked it
     head = causal_lm.get_output_embeddings()
     hidden = causal_lm.base_model(input_ids=input_ids, **model_kwargs)[0]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = next_token_targets(labels)
     chunks = [
-        checkpoint(_chunk_log_probs, head, states, chunk_targets, use_reentrant=False)
+        checkpoint(_chunk_log_probs, head, states, chunk_targets, with_mean_logits, use_reentrant=False)
         for states, chunk_targets in zip(hidden.split(chunk_tokens), targets.reshape(-1).split(chunk_tokens))
     ]
-    return torch.cat(chunks).view_as(targets)
+    log_probs = torch.cat([chunk[0] for chunk in chunks]).view_as(targets)
+    if not with_mean_logits:
+        return log_probs, None
+    return log_probs, torch.cat([cast(Tensor, chunk[1]) for chunk in chunks]).view_as(targets)
 
 
-def _chunk_log_probs(head: nn.Module, states: Tensor, targets: Tensor) -> Tensor:
+def _chunk_log_probs(head: nn.Module, states: Tensor, targets: Tensor, with_mean_logits: bool) -> tuple[Tensor, Tensor | None]:
     # a Linear head as a function: module hooks (profilers, memory trackers) see one call per step, not per chunk
     logits = F.linear(states, head.weight, head.bias) if type(head) is nn.Linear else head(states)
-    return _log_probs_of_targets(logits.float(), targets)
+    return _log_probs_of_targets(logits.float(), targets), _mean_logits(logits, with_mean_logits)
 
 
 def _is_fully_sharded(model: nn.Module) -> bool:
@@ -199,4 +230,5 @@ __all__ = [
     "next_token_targets",
     "sequence_log_probs",
     "token_log_probs",
+    "token_log_probs_and_mean_logits",
 ]

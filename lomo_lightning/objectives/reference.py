@@ -35,13 +35,15 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lomo_lightning.data.cache import cache_key, store_entry, verified_entry
+from lomo_lightning.cache_entries import store_entry, verified_entry
 from lomo_lightning.objectives.causal_lm import ChunkTokens, sequence_log_probs
-from lomo_lightning.objectives.dpo import PAIR_COLUMNS, REFERENCE_KEY
+from lomo_lightning.objectives.dpo import REFERENCE_KEY
 
 log = logging.getLogger(__name__)
 
 CACHE_SUBDIRECTORY = "reference_logps"
+# Bump when the values cached for the same key change meaning, to invalidate older entries.
+CACHE_FORMAT = 2
 
 
 def reference_log_probs(
@@ -52,21 +54,35 @@ def reference_log_probs(
     batch_size: int,
     cache_dir: str | os.PathLike,
     chunk_tokens: ChunkTokens = None,
+    reference_weights: str | None = None,
 ) -> Tensor:
     """The ``(pairs, 2)`` sequence log-probabilities (chosen, rejected) of every pair of ``dataset`` under ``model``.
 
     Loaded from the cache under ``cache_dir`` when an entry for this model, data and settings exists;
     otherwise computed (on the model's device, in batches of ``batch_size`` pairs padded by ``collator``)
     and cached. Call it on every rank, before the model is sharded: the model must be whole.
+
+    ``reference_weights`` names the weights the values belong to (a :func:`weights_digest`, e.g. of the
+    model at the start of training), where ``model`` may have been trained since: the entry of those
+    weights is looked up, and computed from ``model`` only if ``model`` still has them; otherwise a
+    missing entry is refused (``RuntimeError``), since the values of weights that are gone cannot be made.
     """
     rank, world = _rank_and_world()
     path = None
     cached = None
+    gone = False
     if rank == 0:
-        key = reference_cache_key(model, dataset, batch_size=batch_size, chunk_tokens=chunk_tokens)
+        key = reference_cache_key(model, dataset, batch_size=batch_size, chunk_tokens=chunk_tokens, weights=reference_weights)
         path = Path(cache_dir) / CACHE_SUBDIRECTORY / f"{key}.safetensors"
         cached = load_file(path)[REFERENCE_KEY] if verified_entry(path) else None  # its digest checked first
-    cached = _broadcast(cached, world)
+        gone = cached is None and reference_weights is not None and weights_digest(model) != reference_weights
+    cached, gone = _broadcast((cached, gone), world)
+    if gone:
+        raise RuntimeError(
+            f"the reference log-probabilities of the model at the start of training (weights {reference_weights}) "
+            f"are not in {Path(cache_dir) / CACHE_SUBDIRECTORY} and the model has been trained since: restore that "
+            "cache, or start again from the initial model"
+        )
     if cached is not None:
         return cached
     if rank == 0:
@@ -90,16 +106,21 @@ def add_reference_log_probs(dataset: Dataset, values: Tensor) -> Dataset:
     return dataset.add_column(REFERENCE_KEY, values.tolist())
 
 
-def reference_cache_key(model: nn.Module, dataset: Dataset, *, batch_size: int, chunk_tokens: ChunkTokens) -> str:
-    """The name of the cache entry: a hash of the model's config and weights, the pairs' tokens and the settings."""
+def reference_cache_key(
+    model: nn.Module, dataset: Dataset, *, batch_size: int, chunk_tokens: ChunkTokens, weights: str | None = None
+) -> str:
+    """The name of the cache entry: a hash of the model's config and weights, the pairs' tokens and the settings.
+
+    ``weights``: the :func:`weights_digest` to key by instead of ``model``'s own (the weights it started from).
+    """
     parameter = next(model.parameters())
     device = parameter.device.type
     config = getattr(model, "config", None)
-    return cache_key(
+    return _hash_options(
         kind="reference-logps",
         config=config.to_json_string() if config is not None else type(model).__name__,
         attention=getattr(config, "_attn_implementation", None),
-        weights=weights_digest(model),
+        weights=weights if weights is not None else weights_digest(model),
         pairs=pairs_digest(dataset),
         dtype=str(parameter.dtype),
         autocast=str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None,
@@ -119,15 +140,27 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def pairs_digest(dataset: Dataset) -> str:
-    """A hash of the token ids and labels of every pair of ``dataset``, in order."""
-    table = dataset.select_columns(list(PAIR_COLUMNS)).with_format("arrow")[:]
+    """A hash of every column of ``dataset`` (the pairs' token ids and labels), in order; its reference values aside.
+
+    Every column counts, whatever the data module names them: the objectives do not know the data's columns.
+    """
+    columns = sorted(name for name in dataset.column_names if name != REFERENCE_KEY)
+    table = dataset.select_columns(columns).with_format("arrow")[:]
     digest = hashlib.blake2b(digest_size=16)
-    for name in PAIR_COLUMNS:
+    for name in columns:
         rows = table.column(name).combine_chunks()
-        digest.update(f"{name}\0".encode())
-        digest.update(rows.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
-        digest.update(rows.flatten().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        digest.update(f"{name}\0{rows.type}\0".encode())
+        if hasattr(rows, "value_lengths"):  # a list column: each row's length, then every value
+            digest.update(rows.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+            rows = rows.flatten()
+        digest.update(rows.to_numpy(zero_copy_only=False).astype("int64").tobytes())
     return digest.hexdigest()
+
+
+def _hash_options(**options: object) -> str:
+    """A short stable hash of ``options`` (JSON-serialisable values) and :data:`CACHE_FORMAT`."""
+    payload = json.dumps({"format": CACHE_FORMAT, **options}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
