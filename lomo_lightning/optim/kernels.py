@@ -1,0 +1,99 @@
+"""Compiled kernels: a rule's per-parameter math and its 16-bit write-back as one ``torch.compile``d pass.
+
+Each rule's step is a chain of elementwise torch ops (and, for AdaLomo, a few row and column sums). Run
+eagerly, every op is a pass over the parameter; compiled by inductor (C++/OpenMP on CPU, Triton on CUDA)
+the chain fuses into one or two loops that read the parameter and its gradient once and write the
+parameter in place, with no fp32 working copy. The functions compiled here are plain torch code, the
+same that the eager path runs (or, where the eager path is the memory-lean in-place reference, the same
+ops in the same order), so:
+
+- elementwise steps (LOMO, the write-back, SftAdamW) are bit-identical compiled and eager: IEEE ops in
+  the same order, and inductor contracts no multiply-add (``-ffp-contract=off``);
+- steps with reductions (AdaLomo's statistics and RMS) sum in another order: within one unit in the
+  last place of the parameter's dtype, and nearly always equal.
+
+Each function is compiled once per process with dynamic shapes (``torch.compile(dynamic=True)``) and
+shared by every parameter of every rule; hyper-parameters reach it as tensors, so a learning-rate
+schedule does not recompile. ``compile="auto"`` (the default of the rules and the engine) compiles where
+a one-time probe finds a working compiler and otherwise runs eagerly, saying so in one logged line;
+the environment variable ``LOMO_LIGHTNING_COMPILE`` (``0``/``1``/``auto``) decides ``"auto"`` instead
+(the test suite sets it to ``0`` and runs its compiled group with ``-m compiled``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import torch
+from torch import Tensor
+
+from lomo_lightning.optim.rounding import write_
+
+log = logging.getLogger(__name__)
+
+Compile = bool | Literal["auto"]
+COMPILE_ENV = "LOMO_LIGHTNING_COMPILE"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def check_compile(compile: Any, owner: str) -> Compile:
+    """``compile`` if it is ``True``, ``False`` or ``"auto"``; a ``ValueError`` naming ``owner`` otherwise."""
+    if compile not in (True, False, "auto") or not isinstance(compile, (bool, str)):
+        raise ValueError(f"{owner}: compile must be True, False or 'auto', got {compile!r}.")
+    return compile
+
+
+def use_compile(compile: Compile, device: torch.device | str = "cpu") -> bool:
+    """Whether to run compiled kernels on ``device``: ``compile`` itself, or for ``"auto"`` the environment
+    or the probe of that device type."""
+    if compile != "auto":
+        return bool(compile)
+    setting = os.environ.get(COMPILE_ENV, "auto").strip().lower()
+    if setting in ("0", "false", "off", "no"):
+        return False
+    if setting in ("1", "true", "on", "yes"):
+        return True
+    return compiler_works(torch.device(device).type)
+
+
+@functools.cache
+def compiler_works(device_type: str = "cpu") -> bool:
+    """Once per process: does ``torch.compile`` build and run a small integer-and-float kernel here?
+
+    Compiles the stochastic write of a few elements (the arithmetic every kernel uses); any failure
+    (no C++ compiler, no Triton, an unsupported backend) means eager, with one logged line.
+    """
+    try:
+        param = torch.zeros(8, dtype=torch.bfloat16, device=device_type)
+        work = torch.linspace(-1, 1, 8, device=device_type)
+        key = torch.tensor([1, 0], dtype=torch.int64, device=device_type)
+        compiled(write_)(param, work, "stochastic", key, None)
+        expected = torch.zeros_like(param)
+        write_(expected, work, "stochastic", key, None)
+        if not torch.equal(param.view(torch.int16), expected.view(torch.int16)):
+            raise RuntimeError("the compiled write differs from the eager one")
+    except Exception as error:  # noqa: BLE001 - any failure of the compiler means the eager fallback
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        log.warning("lomo_lightning: torch.compile does not work on %s here (%s); the update rules run eagerly.", device_type, reason)
+        return False
+    return True
+
+
+@functools.cache
+def compiled(function: _F) -> _F:
+    """``function`` compiled once per process, with dynamic shapes, as one graph.
+
+    ``emulate_precision_casts``: inductor otherwise keeps a value cast to bf16/fp16 in fp32 when it is
+    used again in the same kernel, and Kahan summation's ``(work + c) - bf16(work + c)`` would be 0.
+    """
+    options = {"emulate_precision_casts": True}
+    return torch.compile(function, dynamic=True, fullgraph=True, options=options)  # type: ignore[return-value]
+
+
+def scalars(*values: float, device: torch.device) -> Tensor:
+    """Hyper-parameters as one fp32 tensor: a kernel reads them as data, so new values do not recompile."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
