@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lomo_lightning.optim.kernels import Compile, check_compile, use_compile
 from lomo_lightning.optim.rounding import WriteBack, check_rounding, is_low_precision
 from lomo_lightning.placement import flat_offset, local_tensor
 
@@ -52,9 +53,14 @@ class PerParameterOptimizer(Optimizer):
     ``rounding`` (:mod:`lomo_lightning.optim.rounding`; ``"stochastic"`` draws its bits from the group's
     ``seed``, the parameter's step and its position in the param groups). The state stays in the dtype it
     was made in, also when loaded from a checkpoint.
+
+    ``compile`` (``"auto"``, ``True``, ``False``): run the per-parameter math as compiled kernels
+    (:mod:`lomo_lightning.optim.kernels`); an attribute of the rule, not of its param groups (a checkpoint
+    does not decide it).
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]):
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any], compile: Compile = "auto"):
+        self.compile = check_compile(compile, type(self).__name__)
         defaults.setdefault("rounding", "stochastic")
         defaults.setdefault("seed", None)
         check_rounding(defaults["rounding"], type(self).__name__)
@@ -96,7 +102,11 @@ class PerParameterOptimizer(Optimizer):
         """How the fp32 result for ``param`` (bf16/fp16) is written back; stochastic rounding keys its
         bits on ``state["step"]``, which the rule has advanced for this update."""
         step = int(state["step"]) if group["rounding"] == "stochastic" else 0
-        return write_back_of(param, group, state, step=step, position=self.position(param))
+        return write_back_of(param, group, state, step=step, position=self.position(param), compile=self.compiles(param))
+
+    def compiles(self, param: Tensor) -> bool:
+        """Whether ``param``'s update runs as compiled kernels (``compile``, resolved for its device)."""
+        return use_compile(self.compile, local_tensor(param).device)
 
     def position(self, param: Tensor) -> int:
         """The index of ``param`` among all parameters of all param groups, in order."""
@@ -106,22 +116,30 @@ class PerParameterOptimizer(Optimizer):
 
 
 def write_back_of(
-    param: Tensor, group: dict[str, Any], state: dict[str, Any], *, step: int, position: int, like: Tensor | None = None
+    param: Tensor,
+    group: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    position: int,
+    like: Tensor | None = None,
+    compile: bool = False,
 ) -> WriteBack:
     """The write-back of ``param``'s update under ``group["rounding"]``; creates the state it needs.
 
     Stochastic rounding draws its bits from ``(group["seed"], step, position)`` and the elements'
     positions in the whole tensor; Kahan summation keeps ``state["kahan_comp"]``, shaped and placed like
-    ``like`` (default: the parameter).
+    ``like`` (default: the parameter). ``compile``: the write runs as one compiled pass (bit-identical).
     """
     rounding = group["rounding"]
     if rounding == "stochastic":
-        return WriteBack(rounding, key=(group["seed"], step, position), offset=flat_offset(param), numel=param.numel())
+        key = (group["seed"], step, position)
+        return WriteBack(rounding, key=key, offset=flat_offset(param), numel=param.numel(), compile=compile)
     if rounding == "kahan":
         if "kahan_comp" not in state:
             state["kahan_comp"] = torch.zeros_like(param if like is None else like)
-        return WriteBack(rounding, compensation=local_tensor(state["kahan_comp"]))
-    return WriteBack(rounding)
+        return WriteBack(rounding, compensation=local_tensor(state["kahan_comp"]), compile=compile)
+    return WriteBack(rounding, compile=compile)
 
 
 def needs_write_back(param: Tensor) -> bool:

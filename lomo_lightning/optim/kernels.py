@@ -42,9 +42,11 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 def check_compile(compile: Any, owner: str) -> Compile:
     """``compile`` if it is ``True``, ``False`` or ``"auto"``; a ``ValueError`` naming ``owner`` otherwise."""
-    if compile not in (True, False, "auto") or not isinstance(compile, (bool, str)):
-        raise ValueError(f"{owner}: compile must be True, False or 'auto', got {compile!r}.")
-    return compile
+    if isinstance(compile, bool):
+        return compile
+    if compile == "auto":
+        return "auto"
+    raise ValueError(f"{owner}: compile must be True, False or 'auto', got {compile!r}.")
 
 
 def use_compile(compile: Compile, device: torch.device | str = "cpu") -> bool:
@@ -90,10 +92,74 @@ def compiled(function: _F) -> _F:
     ``emulate_precision_casts``: inductor otherwise keeps a value cast to bf16/fp16 in fp32 when it is
     used again in the same kernel, and Kahan summation's ``(work + c) - bf16(work + c)`` would be 0.
     """
-    options = {"emulate_precision_casts": True}
+    options: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision_casts": True}
     return torch.compile(function, dynamic=True, fullgraph=True, options=options)  # type: ignore[return-value]
 
 
 def scalars(*values: float, device: torch.device) -> Tensor:
     """Hyper-parameters as one fp32 tensor: a kernel reads them as data, so new values do not recompile."""
     return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+# -- the rules' kernels --------------------------------------------------------------------------
+# Flat (or 2-D) local tensors in, the parameter (and Kahan buffer, statistics) written in place. A 16-bit
+# parameter never gets an fp32 working copy: its new value exists only inside the kernel's loop.
+
+
+def _store_(param: Tensor, work: Tensor, rounding: str, key: Tensor | None, compensation: Tensor | None) -> None:
+    """``param <- work``: fp32 as it is, bf16/fp16 through the write-back."""
+    if param.dtype == torch.float32:
+        param.copy_(work)
+    else:
+        write_(param.view(-1), work.reshape(-1), rounding, key, compensation)
+
+
+def lomo_step_(
+    param: Tensor, grad: Tensor, hyper: Tensor, decays: bool, rounding: str, key: Tensor | None, compensation: Tensor | None
+) -> None:
+    """LOMO: ``param <- param * hyper[1] - grad * hyper[0]`` (``hyper = [lr, 1 - lr * weight_decay]``) in fp32.
+
+    The eager :func:`~lomo_lightning.optim.lomo.lomo_update` does the same three roundings in this order.
+    """
+    work = param.float()
+    if decays:
+        work = work * hyper[1]
+    _store_(param, work - grad.float() * hyper[0], rounding, key, compensation)
+
+
+def adalomo_statistics_(param: Tensor, grad: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """AdaLomo's work on a matrix before its collective: the row statistic ``R`` updated in place, and the
+    partial sums ``(sum(theta^2), col sums of g^2, col sums of (g / sqrt(R))^2, sum(R))``.
+
+    ``hyper = [beta, 1 - beta, eps1]``. The same ops as the eager
+    :func:`~lomo_lightning.optim.adalomo.adalomo_update`, without its in-place scratch: ``grad`` is read only.
+    """
+    param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square().reshape(1)
+    row_mean = torch.linalg.vector_norm(grad, dim=1).square() / grad.shape[1] + hyper[2]
+    new_row = row * hyper[0] + row_mean * hyper[1]
+    row.copy_(new_row)
+    col_squares = grad.square().sum(0)
+    scaled_squares = (grad * new_row.rsqrt().unsqueeze(1)).square().sum(0)
+    return param_squares, col_squares, scaled_squares, new_row.sum().reshape(1)
+
+
+def adalomo_apply_(
+    param: Tensor,
+    grad: Tensor,
+    row: Tensor,
+    col_factor: Tensor,
+    decay: Tensor,
+    scale: Tensor,
+    decays: bool,
+    rounding: str,
+    key: Tensor | None,
+    compensation: Tensor | None,
+) -> None:
+    """AdaLomo's update of a matrix after its collective, one elementwise pass:
+    ``u = g * rsqrt(R) * col_factor``, ``theta <- theta * decay - u * scale`` (``col_factor = rsqrt(C) sqrt(mean R)``,
+    ``scale = lr_t / normalizer``), written back. Elementwise: the same roundings as the eager update."""
+    update = grad * row.rsqrt().unsqueeze(1) * col_factor.unsqueeze(0)
+    work = param.float()
+    if decays:
+        work = work * decay
+    _store_(param, work - update * scale, rounding, key, compensation)
