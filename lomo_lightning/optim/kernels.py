@@ -134,6 +134,7 @@ def adalomo_statistics_(param: Tensor, grad: Tensor, row: Tensor, hyper: Tensor)
     ``hyper = [beta, 1 - beta, eps1]``. The same ops as the eager
     :func:`~lomo_lightning.optim.adalomo.adalomo_update`, without its in-place scratch: ``grad`` is read only.
     """
+    grad = grad.float()  # a 16-bit gradient (unfused) is widened as the eager step widens it
     param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square().reshape(1)
     row_mean = torch.linalg.vector_norm(grad, dim=1).square() / grad.shape[1] + hyper[2]
     new_row = row * hyper[0] + row_mean * hyper[1]
@@ -158,7 +159,7 @@ def adalomo_apply_(
     """AdaLomo's update of a matrix after its collective, one elementwise pass:
     ``u = g * rsqrt(R) * col_factor``, ``theta <- theta * decay - u * scale`` (``col_factor = rsqrt(C) sqrt(mean R)``,
     ``scale = lr_t / normalizer``), written back. Elementwise: the same roundings as the eager update."""
-    update = grad * row.rsqrt().unsqueeze(1) * col_factor.unsqueeze(0)
+    update = grad.float() * row.rsqrt().unsqueeze(1) * col_factor.unsqueeze(0)
     work = param.float()
     if decays:
         work = work * decay
