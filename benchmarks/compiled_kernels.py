@@ -37,7 +37,18 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("timing", "agreement")
-SETTINGS = dict(seq_len=128, batch_size=2, timed_steps=3, agreement_steps=5, lr=5e-4)
+SETTINGS: dict[str, Any] = dict(
+    seq_len=128,
+    batch_size=2,
+    timed_steps=3,
+    agreement_steps=5,
+    lr=5e-4,
+    # the rows timed beside the floor (a smaller set on a busy machine: every row is a model copy and a step)
+    timing_runs={
+        "bfloat16": ["eager_stochastic", "compiled_stochastic", "eager_kahan", "compiled_kahan", "eager_nearest", "compiled_nearest"],
+        "float32": ["eager", "compiled"],
+    },
+)
 
 
 def batches(n: int, settings: dict[str, Any], vocab: int, device: str) -> list[dict]:
@@ -84,13 +95,11 @@ def run_timing(dtype: str, settings: dict[str, Any], device: str) -> dict[str, A
     data = batches(1 + settings["timed_steps"], settings, base.config.vocab_size, device)
     floor = copy.deepcopy(base)
     drop_gradients(floor)
-    roundings = ["stochastic", "kahan", "nearest"] if dtype == "bfloat16" else ["nearest"]  # fp32: no write-back
     runs: dict[str, Any] = {"floor": (floor, None)}
-    for compile in (False, True):
-        for rounding in roundings:
-            name = f"{'compiled' if compile else 'eager'}" + (f"_{rounding}" if dtype == "bfloat16" else "")
-            model = copy.deepcopy(base)
-            runs[name] = (model, fused_adalomo(model, settings, rounding, compile))
+    for name in settings["timing_runs"][dtype]:  # "eager" or "compiled", then the rounding in bf16
+        mode, _, rounding = name.partition("_")
+        model = copy.deepcopy(base)
+        runs[name] = (model, fused_adalomo(model, settings, rounding or "nearest", mode == "compiled"))
     del base
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for batch in data:  # round 0 warms up (state, compilation)
@@ -110,9 +119,10 @@ def run_timing(dtype: str, settings: dict[str, Any], device: str) -> dict[str, A
     for name, times in samples.items():
         step = statistics.median(times[1:])
         rows[name] = {"step_s": step, "step_over_floor": step / floor_s, "warmup_s": times[0], "samples_s": times}
-        if name.startswith("compiled"):
+        eager = name.replace("compiled", "eager")
+        if name.startswith("compiled") and eager in samples:
             # the warm-up's extra time over the eager warm-up (which also makes the state): compiling
-            rows[name]["compile_s"] = times[0] - samples[name.replace("compiled", "eager")][0]
+            rows[name]["compile_s"] = times[0] - samples[eager][0]
     return {"dtype": dtype, "device": device, "rows": rows, "graphs": dict(counters["stats"]), "threads": torch.get_num_threads()}
 
 
@@ -226,6 +236,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--timed-steps", type=int, default=SETTINGS["timed_steps"])
+    parser.add_argument("--bf16-runs", nargs="+", default=SETTINGS["timing_runs"]["bfloat16"], help="bf16 rows beside the floor")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="compiled_kernels", help="results file stem under benchmarks/results/")
@@ -244,11 +255,11 @@ def main() -> None:
 
     from precision import environment
 
-    settings = dict(SETTINGS, timed_steps=args.timed_steps)
+    settings = dict(SETTINGS, timed_steps=args.timed_steps, timing_runs=dict(SETTINGS["timing_runs"], bfloat16=args.bf16_runs))
     path = RESULTS / f"{args.out}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    if results.get("settings") not in (None, settings):
-        results = {}
+    if results.get("settings") not in (None, settings):  # other settings: keep only what they share
+        results = {"agreement": results.get("agreement", {})} if results.get("settings", {}).get("agreement_steps") == settings["agreement_steps"] else {}
     results.update(settings=settings, environment=dict(environment(), device=args.device, threads=args.threads))
     for part in [p for p in PARTS if p in args.parts]:
         for dtype in args.dtypes:

@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lomo_lightning.optim.base import FusableRule, PerParameterOptimizer, keep_state_dtypes, needs_write_back, write_back_of
+from lomo_lightning.optim.kernels import Compile, check_compile, use_compile
 from lomo_lightning.optim.rounding import check_rounding
 from lomo_lightning.placement import OneDevice, Placement, local_tensor
 
@@ -105,6 +106,8 @@ class FusedUpdater:
             The bits of a write also depend on the engine's step count and the parameter's position.
         placement: where the parameters live (:mod:`lomo_lightning.placement`): when a gradient is
             final, what completes a norm, how ranks agree to skip a step. Default: one device.
+        compile: ``"auto"``, ``True`` or ``False``: a stock rule's write-back to 16-bit parameters as one
+            compiled pass (:mod:`lomo_lightning.optim.kernels`; bit-identical). Our rules take their own.
     """
 
     def __init__(
@@ -117,7 +120,9 @@ class FusedUpdater:
         rounding: str | None = None,
         seed: int | None = None,
         placement: Placement | None = None,
+        compile: Compile = "auto",
     ):
+        self.compile = check_compile(compile, "FusedUpdater")
         for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
             if value is not None and not value > 0:
                 raise ValueError(f"FusedUpdater: {name} must be positive or None, got {value}.")
@@ -308,7 +313,10 @@ class FusedUpdater:
             # after the rule's step: a stock rule creates its state when it finds none. Stock rules keep no
             # common step count, so stochastic rounding keys its bits on the engine's.
             state = self.optimizer.state[target]
-            write_back = write_back_of(target, group, state, step=self.steps, position=self._position[target], like=low_precision)
+            write_back = write_back_of(
+                target, group, state, step=self.steps, position=self._position[target], like=low_precision,
+                compile=use_compile(self.compile, low_precision.device),
+            )  # fmt: skip
             write_back(local_tensor(low_precision), local_tensor(target.data))
         finally:
             target.data = low_precision
