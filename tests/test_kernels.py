@@ -200,3 +200,18 @@ def test_compiled_step_holds_no_more_memory_than_eager(rule):
     working_copy = width * width * 4
     assert peaks[False] >= working_copy, "the eager step's fp32 working copy must show: the measure sees temporaries"
     assert peaks[True] <= 1.01 * peaks[False], peaks
+
+
+@pytest.mark.compiled
+def test_a_stock_rule_under_the_engine_writes_back_compiled_bit_for_bit():
+    start = tiny_llama(dtype=torch.bfloat16)
+    finals = []
+    for compile in (False, True):
+        model = copy.deepcopy(start)
+        updater = FusedUpdater(model, torch.optim.AdamW(model.parameters(), lr=1e-3), rounding="stochastic", seed=1, compile=compile)
+        for batch in batches(2):
+            updater.backward(model(**batch).loss)
+        finals.append([p.detach() for p in model.parameters()])
+    assert all(torch.equal(p.view(torch.int16), q.view(torch.int16)) for p, q in zip(*finals))
+    with pytest.raises(ValueError, match="FusedUpdater: compile must be True, False or 'auto'"):
+        FusedUpdater(start, torch.optim.SGD(start.parameters(), lr=1e-3), compile="always")
