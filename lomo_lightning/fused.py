@@ -315,7 +315,9 @@ class FusedUpdater:
             state = self.optimizer.state[target]
             write_back = write_back_of(
                 target, group, state, step=self.steps, position=self._position[target], like=low_precision,
-                compile=use_compile(self.compile, low_precision.device),
+                compile=use_compile(
+                    self.compile, low_precision.device, sum(p.numel() for p in self._trainable) if self.compile == "auto" else None
+                ),
             )  # fmt: skip
             write_back(local_tensor(low_precision), local_tensor(target.data))
         finally:

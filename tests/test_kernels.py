@@ -215,3 +215,17 @@ def test_a_stock_rule_under_the_engine_writes_back_compiled_bit_for_bit():
     assert all(torch.equal(p.view(torch.int16), q.view(torch.int16)) for p, q in zip(*finals))
     with pytest.raises(ValueError, match="FusedUpdater: compile must be True, False or 'auto'"):
         FusedUpdater(start, torch.optim.SGD(start.parameters(), lr=1e-3), compile="always")
+
+
+def test_auto_compiles_large_rules_where_the_compiler_works_and_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.COMPILE_ENV, "auto")
+    monkeypatch.setattr(kernels, "compiler_works", lambda device_type="cpu": True)
+    assert kernels.use_compile("auto", "cpu", kernels.AUTO_MIN_ELEMENTS) is True
+    assert kernels.use_compile("auto", "cpu", kernels.AUTO_MIN_ELEMENTS - 1) is False, "a small rule stays eager"
+    small = [torch.nn.Parameter(torch.zeros(4, 4))]
+    assert AdaLomo(small).compiles(small[0]) is False and AdaLomo(small, compile=True).compiles(small[0]) is True
+    monkeypatch.setenv(kernels.COMPILE_ENV, "1")
+    assert AdaLomo(small).compiles(small[0]) is True
+    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
+    assert kernels.use_compile("auto", "cpu", kernels.AUTO_MIN_ELEMENTS) is False
+    assert kernels.use_compile(True, "cpu", 1) is True, "an explicit choice is not overridden"

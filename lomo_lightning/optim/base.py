@@ -61,6 +61,7 @@ class PerParameterOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any], compile: Compile = "auto"):
         self.compile = check_compile(compile, type(self).__name__)
+        self._elements: int | None = None  # of all parameters, for compile="auto" (counted at the first step)
         defaults.setdefault("rounding", "stochastic")
         defaults.setdefault("seed", None)
         check_rounding(defaults["rounding"], type(self).__name__)
@@ -73,6 +74,7 @@ class PerParameterOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_rounding(param_group.get("rounding", self.defaults["rounding"]), type(self).__name__)
         super().add_param_group(param_group)
+        self._elements = None
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -105,8 +107,13 @@ class PerParameterOptimizer(Optimizer):
         return write_back_of(param, group, state, step=step, position=self.position(param), compile=self.compiles(param))
 
     def compiles(self, param: Tensor) -> bool:
-        """Whether ``param``'s update runs as compiled kernels (``compile``, resolved for its device)."""
-        return use_compile(self.compile, local_tensor(param).device)
+        """Whether ``param``'s update runs as compiled kernels (``compile``, resolved for its device and the
+        rule's size)."""
+        if self.compile != "auto":
+            return self.compile
+        if self._elements is None:
+            self._elements = sum(p.numel() for group in self.param_groups for p in group["params"])
+        return use_compile(self.compile, local_tensor(param).device, self._elements)
 
     def position(self, param: Tensor) -> int:
         """The index of ``param`` among all parameters of all param groups, in order."""

@@ -14,8 +14,9 @@ ops in the same order), so:
 
 Each function is compiled once per process with dynamic shapes (``torch.compile(dynamic=True)``) and
 shared by every parameter of every rule; hyper-parameters reach it as tensors, so a learning-rate
-schedule does not recompile. ``compile="auto"`` (the default of the rules and the engine) compiles where
-a one-time probe finds a working compiler and otherwise runs eagerly, saying so in one logged line;
+schedule does not recompile. ``compile="auto"`` (the default of the rules and the engine) compiles for a
+rule over at least :data:`AUTO_MIN_ELEMENTS` elements where a one-time probe finds a working compiler,
+and otherwise runs eagerly (saying so in one logged line where the compiler fails);
 the environment variable ``LOMO_LIGHTNING_COMPILE`` (``0``/``1``/``auto``) decides ``"auto"`` instead
 (the test suite sets it to ``0`` and runs its compiled group with ``-m compiled``).
 """
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 Compile = bool | Literal["auto"]
 COMPILE_ENV = "LOMO_LIGHTNING_COMPILE"
+# "auto" compiles for rules over at least this many elements: below, the one-time compilation (10-60 s on
+# a small CPU) costs more than eager steps lose (a quick start on a tiny model stays as fast as it was)
+AUTO_MIN_ELEMENTS = 2**25
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -49,9 +53,10 @@ def check_compile(compile: Any, owner: str) -> Compile:
     raise ValueError(f"{owner}: compile must be True, False or 'auto', got {compile!r}.")
 
 
-def use_compile(compile: Compile, device: torch.device | str = "cpu") -> bool:
-    """Whether to run compiled kernels on ``device``: ``compile`` itself, or for ``"auto"`` the environment
-    or the probe of that device type."""
+def use_compile(compile: Compile, device: torch.device | str = "cpu", elements: int | None = None) -> bool:
+    """Whether to run compiled kernels on ``device``: ``compile`` itself; for ``"auto"`` the environment
+    (``LOMO_LIGHTNING_COMPILE``) if set, else whether the rule is large enough (``elements``, the number of
+    elements it updates, at least :data:`AUTO_MIN_ELEMENTS`) and the probe of the device type succeeds."""
     if compile != "auto":
         return bool(compile)
     setting = os.environ.get(COMPILE_ENV, "auto").strip().lower()
@@ -59,6 +64,8 @@ def use_compile(compile: Compile, device: torch.device | str = "cpu") -> bool:
         return False
     if setting in ("1", "true", "on", "yes"):
         return True
+    if elements is not None and elements < AUTO_MIN_ELEMENTS:
+        return False
     return compiler_works(torch.device(device).type)
 
 
