@@ -111,7 +111,7 @@ def run_timing(dtype: str, settings: dict[str, Any], device: str) -> dict[str, A
                 loss.backward() if updater is None else updater.backward(loss)
             sync(device)
             samples[name].append(time.perf_counter() - began)
-        print(f"timing {dtype}: round {len(samples['floor'])} done", flush=True)
+        print(f"timing {dtype}: round {len(samples['floor'])} done: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in samples.items()), flush=True)
     from torch._dynamo.utils import counters
 
     rows = {}
