@@ -7,7 +7,7 @@ parameter in place, with no fp32 working copy. The functions compiled here are p
 same that the eager path runs (or, where the eager path is the memory-lean in-place reference, the same
 ops in the same order), so:
 
-- elementwise steps (LOMO, the write-back, SftAdamW) are bit-identical compiled and eager: IEEE ops in
+- elementwise steps (LOMO, the write-back of every rule) are bit-identical compiled and eager: IEEE ops in
   the same order, and inductor contracts no multiply-add (``-ffp-contract=off``);
 - steps with reductions (AdaLomo's statistics and RMS) sum in another order: within one unit in the
   last place of the parameter's dtype, and nearly always equal.
