@@ -1,5 +1,5 @@
-"""bf16 memory and speed on one CUDA GPU: the floor, AdamW and fused AdaLomo / LOMO (and AdaLomo with activation
-offloading), on SmolLM2-135M and a 1.1B Llama.
+"""bf16 memory and speed on one CUDA GPU: the floor, AdamW and fused AdaLomo / LOMO, eager and compiled (and AdaLomo
+with activation offloading), on SmolLM2-135M and a 1.1B Llama.
 
     python benchmarks/gpu_check.py            # ~3 minutes on one H100/H200 (benchmarks/gpu_check.sh runs it)
 
@@ -8,6 +8,10 @@ Per model and method, in this process one after another: ``torch.cuda.max_memory
 (``bf16-true``: AdaLomo/LOMO write back with stochastic rounding, the default), batch 4 x 512 random
 tokens, activation checkpointing. The **floor** is forward and backward with every gradient dropped the
 moment it is ready and no update. Results: ``benchmarks/results/gpu_check.{json,md}``.
+
+``adalomo``/``lomo`` run the rules' compiled kernels (``compile=True``: Triton); ``adalomo_eager``/``lomo_eager``
+the eager reference (``compile=False``). A compiled method's warm-up steps pay its compilation, reported
+as ``warmup_s`` (the first warm-up step's time).
 
 Targets (the README's): fused AdaLomo's peak within 1.05x of the floor and step time within 1.10x of it.
 ``adalomo_offload`` is fused AdaLomo with :class:`~lomo_lightning.activations.ActivationOffloading` around the
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ["floor", "adamw", "adalomo", "lomo", "adalomo_offload"]
+METHODS = ["floor", "adamw", "adalomo", "adalomo_eager", "lomo", "lomo_eager", "adalomo_offload"]
 
 
 def build(name: str) -> torch.nn.Module:
@@ -62,7 +66,8 @@ def step_function(method: str, model: torch.nn.Module):
             optimizer.zero_grad(set_to_none=True)
 
         return adamw_step
-    rule = Lomo(params, lr=1e-3) if method == "lomo" else AdaLomo(params, lr=1e-3)
+    compile = not method.endswith("_eager")
+    rule = AdaLomo(params, lr=1e-3, compile=compile) if method.startswith("adalomo") else Lomo(params, lr=1e-3, compile=compile)
     updater = FusedUpdater(model, rule)
     if method == "adalomo_offload":
         from lomo_lightning.activations import ActivationOffloading
@@ -84,9 +89,14 @@ def measure(name: str, method: str, batch_size: int, seq: int, warmup: int, time
     generator = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, vocab, (batch_size, seq), device="cuda", generator=generator)
     batch = {"input_ids": ids, "labels": ids}
+    import time
+
+    warmup_s = []
     for _ in range(warmup):
+        began = time.perf_counter()
         step(batch)
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        warmup_s.append(time.perf_counter() - began)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(timed):
@@ -97,7 +107,8 @@ def measure(name: str, method: str, batch_size: int, seq: int, warmup: int, time
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     result = {"model": name, "method": method, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "step_s": statistics.median(times), "params": sum(p.numel() for p in model.parameters())}
+              "step_s": statistics.median(times), "params": sum(p.numel() for p in model.parameters()),
+              "warmup_s": warmup_s[0] if warmup_s else None}
     del model, step
     return result
 
@@ -120,11 +131,12 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
     lines = [f"# bf16 on {torch.cuda.get_device_name()}: batch {args.batch} x {args.seq}, activation checkpointing", "",
-             "| model | method | peak GiB | / floor | step s | / floor |", "|---|---|---|---|---|---|"]
+             "| model | method | peak GiB | / floor | step s | / floor | first warm-up step s |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         floor = next((r for r in rows if r["model"] == row["model"] and r["method"] == "floor"), row)
         lines.append(f"| {row['model']} ({row['params'] / 1e6:.0f}M) | {row['method']} | {row['peak_gib']:.2f} | "
-                     f"{row['peak_gib'] / floor['peak_gib']:.3f} | {row['step_s']:.3f} | {row['step_s'] / floor['step_s']:.2f} |")
+                     f"{row['peak_gib'] / floor['peak_gib']:.3f} | {row['step_s']:.3f} | {row['step_s'] / floor['step_s']:.2f} | "
+                     f"{row['warmup_s']:.1f} |")
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gpu_check.md").write_text(text)

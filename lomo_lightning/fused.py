@@ -23,6 +23,7 @@ from lomo_lightning.optim.base import (
     needs_write_back,
     write_back_of,
 )
+from lomo_lightning.optim.kernels import Compile, check_compile, use_compile
 from lomo_lightning.optim.rounding import check_rounding
 from lomo_lightning.placement import Batch, Completion, OneDevice, Placement
 
@@ -92,6 +93,7 @@ class FixedFacts:
     completion: Completion | None  # the placement's completion of its gradient; None: final as it comes
     batch: Batch | None  # the placement's batch for a split step's collective; None: completed at once
     shard_group: Any  # the group a split step's partial sums are completed over when not batched (None: whole)
+    compiled: bool  # a stock rule's write-back to it runs as one compiled pass
 
 
 class FusedUpdater:
@@ -137,6 +139,8 @@ class FusedUpdater:
             The bits of a write also depend on the engine's step count and the parameter's position.
         placement: where the parameters live (:mod:`lomo_lightning.placement`): when a gradient is
             final, what completes a norm, how ranks agree to skip a step. Default: one device.
+        compile: ``"auto"``, ``True`` or ``False``: a stock rule's write-back to 16-bit parameters as one
+            compiled pass (:mod:`lomo_lightning.optim.kernels`; bit-identical). Our rules take their own.
     """
 
     def __init__(
@@ -149,7 +153,9 @@ class FusedUpdater:
         rounding: str | None = None,
         seed: int | None = None,
         placement: Placement | None = None,
+        compile: Compile = "auto",
     ):
+        self.compile = check_compile(compile, "FusedUpdater")
         for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
             if value is not None and not value > 0:
                 raise ValueError(f"FusedUpdater: {name} must be positive or None, got {value}.")
@@ -207,6 +213,7 @@ class FusedUpdater:
                 "Their gradients would pile up unused: add them to the optimizer or set requires_grad=False."
             )
         self.placement.attach(self.model, trainable, split_steps=self._splits)
+        elements = sum(p.numel() for p in trainable) if self.compile == "auto" else None
         self._fixed = {
             p: FixedFacts(
                 group_index=group_index[p],
@@ -217,6 +224,7 @@ class FusedUpdater:
                 completion=self.placement.completion(p),
                 batch=self.placement.batch_of(p),
                 shard_group=shard_group(p),
+                compiled=use_compile(self.compile, local_tensor(p).device, elements),
             )
             for p in trainable
         }
@@ -377,7 +385,9 @@ class FusedUpdater:
             # after the rule's step: a stock rule creates its state when it finds none. Stock rules keep no
             # common step count, so stochastic rounding keys its bits on the engine's.
             state = self.optimizer.state[target]
-            write_back = write_back_of(target, group, state, step=self.steps, position=facts.position, like=low_precision)
+            write_back = write_back_of(
+                target, group, state, step=self.steps, position=facts.position, like=low_precision, compile=facts.compiled
+            )
             write_back(local_tensor(low_precision), local_tensor(target.data))
         finally:
             target.data = low_precision

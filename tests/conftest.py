@@ -12,6 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the rules' compile="auto" runs eagerly in the suite (compiling costs seconds per kernel); the compiled
+# kernels are tested by the tests marked `compiled`, which ask for compile=True themselves
+os.environ.setdefault("LOMO_LIGHTNING_COMPILE", "0")
 
 VOCAB = 128
 

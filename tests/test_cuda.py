@@ -1,7 +1,8 @@
 """The main contracts on a CUDA device (skipped without one; ``benchmarks/gpu_check.sh`` runs them on a GPU).
 
 The rest of the suite runs on CPU. The code has no device branches, so these check what could differ on
-a GPU: the generator behind stochastic rounding, bf16 kernels, and Lightning's GPU accelerator.
+a GPU: the hash behind stochastic rounding (the same bits as on CPU), bf16 kernels, the compiled (Triton)
+kernels against eager, and Lightning's GPU accelerator.
 """
 
 from __future__ import annotations
@@ -97,3 +98,36 @@ def test_offloaded_activations_train_the_same_and_leave_the_device_with_less():
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(p, q), name
     assert peaks[1] < peaks[0], peaks
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_stochastic_rounding_draws_the_cpu_bits_on_cuda_eager_and_compiled(dtype):
+    values = torch.randn(3 * 2**20 + 17, generator=torch.Generator().manual_seed(0)) * 1e-2
+    cpu = torch.empty(values.shape, dtype=dtype)
+    stochastic_round_(cpu, values.clone(), key=(1, 2, 3), offset=5)
+    for compile in (False, True):
+        cuda = torch.empty(values.shape, dtype=dtype, device=CUDA)
+        stochastic_round_(cuda, values.to(CUDA), key=(1, 2, 3), offset=5, compile=compile)
+        assert torch.equal(cuda.cpu().view(torch.int16), cpu.view(torch.int16)), f"compile={compile}"
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("rule", [Lomo, AdaLomo], ids=["lomo", "adalomo"])
+def test_compiled_rules_on_cuda_match_eager(rule):
+    start = tiny_llama(dtype=torch.bfloat16).to(CUDA)
+    data = on_cuda(batches(3))
+    finals = []
+    for compile in (False, True):
+        model = copy.deepcopy(start)
+        updater = FusedUpdater(model, rule(model.parameters(), lr=1e-2, weight_decay=0.1, seed=3, compile=compile))
+        for batch in data:
+            updater.backward(model(**batch).loss)
+        finals.append([p.detach() for p in model.parameters()])
+    for p, q in zip(*finals):
+        if rule is Lomo:
+            assert torch.equal(p.view(torch.int16), q.view(torch.int16)), "LOMO: compiled = eager bit for bit"
+        else:  # sums in another order: at most one bf16 unit apart
+            from test_kernels import units_apart
+
+            assert int(units_apart(p, q).max()) <= 1

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lomo_lightning.layout import ShardLayout, local_tensor
 from lomo_lightning.optim.base import PerParameterOptimizer, finish_update
+from lomo_lightning.optim.kernels import Compile, adalomo_apply_, adalomo_statistics_, compiled, scalars
 from lomo_lightning.optim.rounding import WriteBack
 
 
@@ -48,6 +49,9 @@ class AdaLomo(PerParameterOptimizer):
         rounding: how a 16-bit parameter receives its fp32 result: ``"stochastic"`` (unbiased),
             ``"kahan"`` (compensated) or ``"nearest"`` (loses small updates, as lomo-optim does).
         seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``); kept in the param groups.
+        compile: ``"auto"`` (default), ``True`` or ``False``: a matrix's step as two compiled kernels, its
+            statistics and its update with the write-back (:mod:`lomo_lightning.optim.kernels`); within one
+            unit in the last place of the eager step (they sum in another order), nearly always equal.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class AdaLomo(PerParameterOptimizer):
         weight_decay: float = 0.0,
         rounding: str = "stochastic",
         seed: int | None = None,
+        compile: Compile = "auto",
     ):
         if lr < 0.0:
             raise ValueError(f"AdaLomo: lr must be >= 0, got {lr}.")
@@ -78,7 +83,7 @@ class AdaLomo(PerParameterOptimizer):
             rounding=rounding,
             seed=seed,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, compile=compile)
 
     @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
@@ -106,12 +111,14 @@ class AdaLomo(PerParameterOptimizer):
             self._init_state(param, state, shard)
         state["step"] += 1
         write_back = self.write_back(param, group, state) if facts.low_precision else None
+        # the compiled matrix step only reads the gradient: no fp32 copy of it is needed
+        reads_only = facts.compiled and param.dim() >= 2
         if facts.distributed:  # elementwise work on the local shards, the state's included
             param, grad = local_tensor(param), local_tensor(grad)
             state = {key: local_tensor(value) for key, value in state.items()}
         return adalomo_update(
             param,
-            grad.to(torch.float32, copy=not grad_is_scratch),
+            grad if reads_only else grad.to(torch.float32, copy=not grad_is_scratch),
             state,
             step=state["step"].item(),
             lr=group["lr"],
@@ -121,6 +128,7 @@ class AdaLomo(PerParameterOptimizer):
             weight_decay=group["weight_decay"],
             shard=shard,
             write_back=write_back,
+            compile=facts.compiled,
         )
 
     @staticmethod
@@ -169,11 +177,15 @@ def adalomo_update(
     weight_decay: float,
     shard: ShardLayout,
     write_back: WriteBack | None = None,
+    compile: bool = False,
 ) -> Generator[Tensor, Tensor, None]:
     """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite.
 
     A 16-bit ``param`` is updated on an fp32 working copy, written back by ``write_back`` (default:
-    round to nearest).
+    round to nearest). ``compile``: a matrix's step runs as two compiled kernels around the collective
+    (:func:`~lomo_lightning.optim.kernels.adalomo_statistics_`, :func:`~lomo_lightning.optim.kernels.adalomo_apply_`),
+    which read ``grad`` (of any float dtype) without overwriting it and make no fp32 working copy; a
+    vector's step is small and stays eager.
 
     A coroutine: it yields once, the partial sums that span the whole tensor, and continues when sent
     them summed over the shard group (see :func:`finish_update`). The update's sum of squares follows
@@ -183,24 +195,35 @@ def adalomo_update(
     """
     eps1, eps2 = eps
     beta = 1.0 - math.pow(step, decay_rate)
-    update = grad  # overwritten in place: from here on it holds u
-    param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
-    if "exp_avg_sq_row" in state:
+    update = grad  # overwritten in place (eager): from here on it holds u
+    matrix = "exp_avg_sq_row" in state
+    if matrix:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         g2d = update.view(row.numel(), -1)
-        # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
-        row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(g2d.shape[1]).add_(eps1)
-        row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
-        col_squares = column_sum_of_squares(g2d)
-        g2d.mul_(row.rsqrt().unsqueeze(1))  # g / sqrt(R): the row half of u, known before any collective
-        scaled_squares = column_sum_of_squares(g2d)
-        sums = yield _column_sums(col, col_squares, scaled_squares, row.sum(), param_squares, shard)
+        if compile:
+            hyper = scalars(beta, 1.0 - beta, eps1, device=param.device)
+            param_squares, col_squares, scaled_squares, row_sum = compiled(adalomo_statistics_)(
+                param.view(row.numel(), -1), g2d, row, hyper
+            )
+        else:
+            param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
+            # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
+            row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(g2d.shape[1]).add_(eps1)
+            row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
+            col_squares = column_sum_of_squares(g2d)
+            g2d.mul_(row.rsqrt().unsqueeze(1))  # g / sqrt(R): the row half of u, known before any collective
+            scaled_squares = column_sum_of_squares(g2d)
+            row_sum = row.sum()
+        sums = yield _column_sums(col, col_squares, scaled_squares, row_sum, param_squares, shard)
         col_factor, row_avg, param_squares, update_squares = _column_step(
             col, sums, cols=g2d.shape[1], beta=beta, eps1=eps1, shard=shard
         )
         # u = g * rsqrt(R / mean(R)) * rsqrt(C)
-        g2d.mul_(col_factor.rsqrt().mul_(row_avg.sqrt()).unsqueeze(0))
+        factor = col_factor.rsqrt().mul_(row_avg.sqrt())
+        if not compile:
+            g2d.mul_(factor.unsqueeze(0))
     else:
+        param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
         vec = state["exp_avg_sq"]
         vec.mul_(beta).add_(update.square().add_(eps1), alpha=1.0 - beta)
         update.mul_(vec.rsqrt())
@@ -209,11 +232,20 @@ def adalomo_update(
     # grouped update normalization: u / max(1, RMS(u) / d)
     normalizer = update_squares.div(shard.numel).sqrt_().div_(clip_threshold).clamp_(min=1.0)
     lr_t = param_squares.div(shard.numel).sqrt_().clamp_(min=eps2).mul_(lr)
+    decay = 1.0 - lr_t * weight_decay
+    scale = lr_t.div_(normalizer)  # theta - u * (lr_t / normalizer): the two scalars folded, u read once
+    if compile and matrix:
+        write = write_back or WriteBack()
+        compensation = write.compensation.view(-1) if write.compensation is not None else None
+        compiled(adalomo_apply_)(
+            param.view(row.numel(), -1), g2d, row, factor, decay, scale, weight_decay != 0.0,
+            write.rounding, write.key_tensor(param.device), compensation,
+        )  # fmt: skip
+        return
     work = param if param.dtype == torch.float32 else param.float()
     if weight_decay != 0.0:
-        work.mul_(1.0 - lr_t * weight_decay)
-    # theta - lr_t * u / normalizer, the two scalars folded so that u is read once and never rewritten
-    work.addcmul_(update, lr_t.div_(normalizer), value=-1.0)
+        work.mul_(decay)
+    work.sub_(update.mul_(scale))  # the kernel's roundings, in its order
     if work is not param:
         (write_back or WriteBack())(param, work)
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lomo_lightning.layout import ShardLayout, flat_offset, is_distributed, local_tensor
+from lomo_lightning.optim.kernels import Compile, check_compile, use_compile
 from lomo_lightning.optim.rounding import WriteBack, check_rounding, is_low_precision
 
 
@@ -54,6 +55,7 @@ class ParameterFacts(NamedTuple):
     position: int  # its index among all parameters of all param groups (stochastic rounding's key)
     distributed: bool  # a DTensor: elementwise work runs on its local shard (asked each step: FSDP2 may replace it)
     low_precision: bool  # bf16/fp16: updated on an fp32 working copy and written back
+    compiled: bool  # its update runs as compiled kernels (the rule's compile, resolved for its device and size)
 
 
 class PerParameterOptimizer(Optimizer):
@@ -68,9 +70,15 @@ class PerParameterOptimizer(Optimizer):
     was made in, also when loaded from a checkpoint. What is fixed about a parameter
     (:class:`ParameterFacts`) is learned once (:meth:`learn_facts`, which the fused engine calls when it
     attaches) and forgotten when the param groups change.
+
+    ``compile`` (``"auto"``, ``True``, ``False``): run the per-parameter math as compiled kernels
+    (:mod:`lomo_lightning.optim.kernels`); an attribute of the rule, not of its param groups (a checkpoint
+    does not decide it).
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]):
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any], compile: Compile = "auto"):
+        self.compile = check_compile(compile, type(self).__name__)
+        self._elements: int | None = None  # of all parameters, for compile="auto" (counted at the first step)
         defaults.setdefault("rounding", "stochastic")
         defaults.setdefault("seed", None)
         check_rounding(defaults["rounding"], type(self).__name__)
@@ -84,6 +92,7 @@ class PerParameterOptimizer(Optimizer):
         check_rounding(param_group.get("rounding", self.defaults["rounding"]), type(self).__name__)
         super().add_param_group(param_group)
         self._facts = {}  # positions moved
+        self._elements = None
 
     def learn_facts(self, params: Iterable[Tensor]) -> None:
         """Learn the fixed facts of ``params`` now rather than at their first step."""
@@ -104,6 +113,7 @@ class PerParameterOptimizer(Optimizer):
             position=position,
             distributed=is_distributed(param),
             low_precision=needs_write_back(param),
+            compiled=self.compiles(param),
         )
         self._facts[param] = facts
         return facts
@@ -138,8 +148,17 @@ class PerParameterOptimizer(Optimizer):
         facts = self._facts.get(param) or self.facts(param)
         if group["rounding"] == "stochastic":
             key = (group["seed"], int(state["step"]), facts.position)
-            return WriteBack("stochastic", key=key, offset=facts.offset, numel=facts.layout.numel)
-        return write_back_of(param, group, state, step=0, position=facts.position)
+            return WriteBack("stochastic", key=key, offset=facts.offset, numel=facts.layout.numel, compile=facts.compiled)
+        return write_back_of(param, group, state, step=0, position=facts.position, compile=facts.compiled)
+
+    def compiles(self, param: Tensor) -> bool:
+        """Whether ``param``'s update runs as compiled kernels (``compile``, resolved for its device and the
+        rule's size)."""
+        if self.compile != "auto":
+            return self.compile
+        if self._elements is None:
+            self._elements = sum(p.numel() for group in self.param_groups for p in group["params"])
+        return use_compile(self.compile, local_tensor(param).device, self._elements)
 
     def position(self, param: Tensor) -> int:
         """The index of ``param`` among all parameters of all param groups, in order."""
@@ -147,22 +166,30 @@ class PerParameterOptimizer(Optimizer):
 
 
 def write_back_of(
-    param: Tensor, group: dict[str, Any], state: dict[str, Any], *, step: int, position: int, like: Tensor | None = None
+    param: Tensor,
+    group: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    step: int,
+    position: int,
+    like: Tensor | None = None,
+    compile: bool = False,
 ) -> WriteBack:
     """The write-back of ``param``'s update under ``group["rounding"]``; creates the state it needs.
 
     Stochastic rounding draws its bits from ``(group["seed"], step, position)`` and the elements'
     positions in the whole tensor; Kahan summation keeps ``state["kahan_comp"]``, shaped and placed like
-    ``like`` (default: the parameter).
+    ``like`` (default: the parameter). ``compile``: the write runs as one compiled pass (bit-identical).
     """
     rounding = group["rounding"]
     if rounding == "stochastic":
-        return WriteBack(rounding, key=(group["seed"], step, position), offset=flat_offset(param), numel=param.numel())
+        key = (group["seed"], step, position)
+        return WriteBack(rounding, key=key, offset=flat_offset(param), numel=param.numel(), compile=compile)
     if rounding == "kahan":
         if "kahan_comp" not in state:
             state["kahan_comp"] = torch.zeros_like(param if like is None else like)
-        return WriteBack(rounding, compensation=local_tensor(state["kahan_comp"]))
-    return WriteBack(rounding)
+        return WriteBack(rounding, compensation=local_tensor(state["kahan_comp"]), compile=compile)
+    return WriteBack(rounding, compile=compile)
 
 
 def needs_write_back(param: Tensor) -> bool:

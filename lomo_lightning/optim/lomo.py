@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lomo_lightning.layout import local_tensor
 from lomo_lightning.optim.base import PerParameterOptimizer
+from lomo_lightning.optim.kernels import Compile, compiled, lomo_step_, scalars
 from lomo_lightning.optim.rounding import WriteBack
 
 
@@ -32,6 +33,8 @@ class Lomo(PerParameterOptimizer):
         rounding: how a 16-bit parameter receives its fp32 result: ``"stochastic"`` (unbiased),
             ``"kahan"`` (compensated, 2 bytes a parameter) or ``"nearest"`` (loses small updates).
         seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``); kept in the param groups.
+        compile: ``"auto"`` (default), ``True`` or ``False``: each update as one compiled pass
+            (:mod:`lomo_lightning.optim.kernels`), bit-identical to the eager one.
     """
 
     def __init__(
@@ -41,12 +44,13 @@ class Lomo(PerParameterOptimizer):
         weight_decay: float = 0.0,
         rounding: str = "stochastic",
         seed: int | None = None,
+        compile: Compile = "auto",
     ):
         if lr < 0.0:
             raise ValueError(f"Lomo: lr must be >= 0, got {lr}.")
         if weight_decay < 0.0:
             raise ValueError(f"Lomo: weight_decay must be >= 0, got {weight_decay}.")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, rounding=rounding, seed=seed))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, rounding=rounding, seed=seed), compile=compile)
 
     @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
@@ -62,14 +66,44 @@ class Lomo(PerParameterOptimizer):
         # elementwise: a shard (FSDP2 DTensor) is updated through its local tensor, without DTensor dispatch
         if facts.distributed:
             param, grad = local_tensor(param), local_tensor(grad)
-        lomo_update(param, grad, lr=group["lr"], weight_decay=group["weight_decay"], write_back=write_back)
+        lomo_update(
+            param,
+            grad,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            write_back=write_back,
+            grad_is_scratch=grad_is_scratch,
+            compile=facts.compiled,
+        )
 
 
-def lomo_update(param: Tensor, grad: Tensor, *, lr: float, weight_decay: float, write_back: WriteBack | None = None) -> None:
-    """``param <- param * (1 - lr * weight_decay) - lr * grad``, computed in fp32 (a 16-bit ``param`` via ``write_back``)."""
+def lomo_update(
+    param: Tensor,
+    grad: Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    write_back: WriteBack | None = None,
+    grad_is_scratch: bool = False,
+    compile: bool = False,
+) -> None:
+    """``param <- param * (1 - lr * weight_decay) - grad * lr``, computed in fp32 (a 16-bit ``param`` via ``write_back``).
+
+    Three roundings, in this order, eager or compiled (:func:`~lomo_lightning.optim.kernels.lomo_step_`,
+    one pass with no fp32 working copy): the two are bit-identical. ``grad_is_scratch``: ``grad`` (fp32)
+    may be overwritten, which spares the eager update a temporary.
+    """
+    if compile:
+        write = write_back or WriteBack()
+        hyper = scalars(lr, 1.0 - lr * weight_decay, device=param.device)
+        key = write.key_tensor(param.device)
+        compensation = write.compensation.view(-1) if write.compensation is not None else None
+        compiled(lomo_step_)(param.view(-1), grad.view(-1), hyper, weight_decay != 0.0, write.rounding, key, compensation)
+        return
     work = param if param.dtype == torch.float32 else param.float()
     if weight_decay != 0.0:
         work.mul_(1.0 - lr * weight_decay)
-    work.add_(grad.to(torch.float32), alpha=-lr)
+    step = grad.mul_(lr) if grad_is_scratch and grad.dtype == torch.float32 else grad.to(torch.float32, copy=True).mul_(lr)
+    work.sub_(step)
     if work is not param:
         (write_back or WriteBack())(param, work)

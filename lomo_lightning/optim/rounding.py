@@ -15,25 +15,28 @@ fp32 parameters never reach this module: the rule updates them in place.
 
 Random bits. Stochastic rounding must not make the update depend on the order in which parameters are
 updated: the fused engine updates them in backward order, ``step()`` in param-group order, a resumed run
-starts in the middle. So the bits are not drawn from one stream consumed in update order. They are a
-function of what the write is: the bits of the write at step ``t`` of the parameter at position ``index``
-in the optimizer's param groups come from a generator on the parameter's device seeded with a hash of
-``(seed, t, index, block)``, where ``block`` numbers runs of :data:`BLOCK` elements of the whole (global)
-flattened tensor. The seed is in the param group and ``t`` in the optimizer state, so a checkpoint holds
-all there is: a resumed run is bit-identical to an uninterrupted one, fused equals unfused, and because
-blocks count global elements, a shard of an FSDP2 parameter draws the same bits for its elements as the
-whole tensor does on one process (and DDP replicas draw the same bits, so they stay equal). This is what
-"a seeded generator per device, saved in checkpoints" asks for, without a generator state to save.
-(The CPU generator keeps 32 bits of a seed: two writes of a long run can share their bits by chance.
-Each is still unbiased.)
+starts in the middle, a compiled kernel does a whole tensor at once and the eager reference a block at a
+time. So the bits are not drawn from a generator. They are a pure function of what the write is: the
+random bits of element ``i`` (its position in the whole, global, flattened tensor) of the write at step
+``t`` of the parameter at position ``index`` in the optimizer's param groups are a counter-based hash,
+``lowbias32(i ^ k)`` (C. Wellons' 32-bit finalizer, a bijection of 32-bit words with good avalanche, in
+the family of murmur3's ``fmix32``), where ``k`` is 32 bits of a hash of ``(seed, t, index)``. The hash
+is integer arithmetic on int64 tensors that never overflows (:func:`random_bits`), so eager torch,
+torch.compile (C++ on CPU, Triton on CUDA) and every device compute the same bits. The seed is in the
+param group and ``t`` in the optimizer state, so a checkpoint holds all there is: a resumed run is
+bit-identical to an uninterrupted one, fused equals unfused, compiled equals eager, and because the
+positions are global, a shard of an FSDP2 parameter draws the same bits for its elements as the whole
+tensor does on one process (and DDP replicas draw the same bits, so they stay equal). bf16 takes the
+hash's top 16 bits, fp16 its top 24. (``k`` has 32 bits: two writes of a long run can share their bits
+by chance. Each is still unbiased.)
 
-Memory: the rounding works on the fp32 working copy in place, one block at a time; its temporaries are
-a few bytes per element of one block, never the size of the parameter.
+Memory: the eager rounding works on the fp32 working copy one block of :data:`BLOCK` elements at a
+time; its temporaries are a few bytes per element of one block, never the size of the parameter. The
+compiled write (``compile=True``) is one fused pass with no temporary at all.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -43,8 +46,7 @@ from torch import Tensor
 ROUNDINGS = ("stochastic", "kahan", "nearest")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-# Elements per block of random bits (4 MiB of int32): the granularity at which a shard and the whole
-# tensor draw the same bits, and the bound on the rounding's temporaries.
+# Elements per block of the eager write (8 MiB of int64 positions): the bound on its temporaries.
 BLOCK = 2**20
 
 _BF16_MAX_BITS = 0x7F7F0000  # bf16's largest finite value, as fp32 bits
@@ -54,6 +56,8 @@ _LOW_16_BITS_CLEARED = -(2**16)  # 0xFFFF0000 as an int32
 _FP32_EXPONENT_BIAS = 127
 _FP16_MIN_EXPONENT = -14  # below 2^-14, fp16 values are subnormal: evenly spaced by 2^-24
 _FP16_MANTISSA_BITS = 10
+_MASK_32 = 0xFFFFFFFF
+_GOLDEN_32 = 0x9E3779B9  # spreads the high word of a position (tensors beyond 2^32 elements)
 
 
 def check_rounding(rounding: str, owner: str) -> str:
@@ -77,8 +81,9 @@ class WriteBack:
         key: what identifies this write for stochastic rounding's bits: ``(seed, step, index)``.
         offset: the position of the local tensor's first element in the whole flattened parameter
             (non-zero for an FSDP2 shard).
-        numel: the number of elements of the whole parameter.
+        numel: the number of elements of the whole parameter (kept for callers; the bits do not need it).
         compensation: the Kahan compensation buffer (local, same dtype and shape as the parameter).
+        compile: write with the compiled kernel (one fused pass) rather than eagerly; bit-identical.
     """
 
     rounding: str = "nearest"
@@ -86,16 +91,35 @@ class WriteBack:
     offset: int = 0
     numel: int = 0
     compensation: Tensor | None = None
+    compile: bool = False
 
     def __call__(self, param: Tensor, work: Tensor) -> None:
         """Write ``work`` (fp32, same shape; overwritten) into ``param`` (bf16/fp16, local)."""
-        if self.rounding == "stochastic":
-            stochastic_round_(param, work, key=self.key, offset=self.offset, numel=self.numel or param.numel())
+        if self.compile:
+            from lomo_lightning.optim.kernels import compiled
+
+            compiled(write_)(param.view(-1), work.view(-1), self.rounding, self.key_tensor(param.device), self._flat_compensation())
+        elif self.rounding == "stochastic":
+            key = self.key_tensor(param.device)
+            assert key is not None
+            _stochastic_blocks(param, work, key)
         elif self.rounding == "kahan":
             assert self.compensation is not None, "Kahan write-back needs its compensation buffer"
             kahan_write_back_(param, work, self.compensation)
         else:
             param.copy_(work)
+
+    def key_tensor(self, device: torch.device) -> Tensor | None:
+        """What a kernel needs of the key: ``[k, offset]`` (int64) under stochastic rounding, else ``None``."""
+        if self.rounding != "stochastic":
+            return None
+        return torch.tensor([key_word(self.key), self.offset], dtype=torch.int64, device=device)
+
+    def _flat_compensation(self) -> Tensor | None:
+        if self.rounding != "kahan":
+            return None
+        assert self.compensation is not None, "Kahan write-back needs its compensation buffer"
+        return self.compensation.view(-1)
 
 
 def kahan_write_back_(param: Tensor, work: Tensor, compensation: Tensor) -> None:
@@ -111,10 +135,12 @@ def kahan_write_back_(param: Tensor, work: Tensor, compensation: Tensor) -> None
     compensation.copy_(work.sub_(param))
 
 
-def stochastic_round_(param: Tensor, work: Tensor, *, key: tuple[int, ...], offset: int = 0, numel: int | None = None) -> None:
+def stochastic_round_(
+    param: Tensor, work: Tensor, *, key: tuple[int, ...], offset: int = 0, numel: int | None = None, compile: bool = False
+) -> None:
     """``param <- round(work)``, rounded up or down at random so that ``E[param] = work`` exactly.
 
-    ``work`` (fp32, contiguous, the shape of ``param``) is overwritten. Infinities and NaNs stay what
+    ``work`` (fp32, contiguous, the shape of ``param``) may be overwritten. Infinities and NaNs stay what
     they are, and a finite value never becomes infinite where round-to-nearest would not: one just above
     the dtype's largest finite value saturates to it.
 
@@ -123,48 +149,86 @@ def stochastic_round_(param: Tensor, work: Tensor, *, key: tuple[int, ...], offs
         work: its new value in fp32.
         key: identifies the write; the random bits are a function of ``key`` and the elements' positions.
         offset: the position of ``param``'s first element in the whole flattened tensor it is a shard of.
-        numel: the number of elements of that whole tensor (default: ``param.numel()``).
+        numel: the number of elements of that whole tensor (accepted for compatibility; the bits of an
+            element depend on its position only, not on the tensor's size).
+        compile: one compiled pass over the whole tensor instead of eager blocks (bit-identical).
     """
     if param.dtype not in LOW_PRECISION:
         raise TypeError(f"stochastic rounding writes bf16 or fp16 tensors, got {param.dtype}")
-    source = work.view(-1)
-    target = param.view(-1)
-    total = param.numel() if numel is None else numel
-    round_block = _round_to_bf16 if param.dtype == torch.bfloat16 else _round_to_fp16
-    random_bits = 16 if param.dtype == torch.bfloat16 else 24
-    end = offset + target.numel()
-    for block_start in range(offset - offset % BLOCK, end, BLOCK):
-        start, stop = max(block_start, offset), min(block_start + BLOCK, end)
-        bits = _block_bits(key, block_start, min(BLOCK, total - block_start), random_bits, param.device)
-        bits = bits[start - block_start : stop - block_start]
-        target[start - offset : stop - offset].copy_(round_block(source[start - offset : stop - offset], bits))
+    WriteBack("stochastic", key=key, offset=offset, compile=compile)(param, work)
 
 
-def _block_bits(key: tuple[int, ...], block_start: int, size: int, random_bits: int, device: torch.device) -> Tensor:
-    """``size`` uniform int32 in ``[0, 2^random_bits)``: the bits of one block, a function of ``key`` and the block.
+def _stochastic_blocks(param: Tensor, work: Tensor, key: Tensor) -> None:
+    """The eager stochastic write: :func:`write_` on blocks of :data:`BLOCK` elements (bounded temporaries)."""
+    target, source = param.view(-1), work.view(-1)
+    for start in range(0, target.numel(), BLOCK):
+        block_key = key + torch.tensor([0, start], dtype=torch.int64, device=key.device) if start else key
+        write_(target[start : start + BLOCK], source[start : start + BLOCK], "stochastic", block_key, None)
 
-    Drawn as 64-bit words, each split into 16-bit lanes (bf16 needs 16 bits) or 32-bit lanes (fp16
-    needs 24): a generator call per word, not per element, halves to quarters the cost of the draw.
-    The whole block is drawn even when only part of it is needed, so the bits of an element do not
-    depend on which part of the tensor the caller holds.
+
+def key_word(key: tuple[int, ...]) -> int:
+    """The 32-bit word ``k`` of a write's key ``(seed, step, index)`` that its bits are hashed with."""
+    return int.from_bytes(hashlib.blake2b(repr(tuple(key)).encode(), digest_size=4).digest(), "little")
+
+
+def _times_32(x: Tensor, multiplier: int) -> Tensor:
+    """``x * multiplier mod 2^32`` for int64 ``x`` in ``[0, 2^32)``, never overflowing int64.
+
+    A product of two 32-bit words needs 64 unsigned bits; int64 holds 63. A multiplier below 2^31 keeps
+    the product below 2^63; one above is split as ``2^31 + m'``, and ``x * 2^31 mod 2^32`` is ``x``'s
+    lowest bit moved to bit 31. Overflow would be undefined in C++ (inductor's CPU code), so it is avoided.
     """
-    seed = int.from_bytes(hashlib.blake2b(repr((*key, block_start)).encode(), digest_size=8).digest(), "little")
-    generator = _generator(device)
-    generator.manual_seed(seed)
-    lane = torch.int16 if random_bits <= 16 else torch.int32
-    per_word = 64 // torch.iinfo(lane).bits
-    words = torch.empty(-(-size // per_word), dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
-    return words.view(lane)[:size].to(torch.int32).bitwise_and_(2**random_bits - 1)
+    if multiplier < 2**31:
+        return (x * multiplier) & _MASK_32
+    return (x * (multiplier - 2**31) + ((x & 1) << 31)) & _MASK_32
 
 
-@functools.cache
-def _generator(device: torch.device) -> torch.Generator:
-    """One generator per device, re-seeded for every block (so it holds no state worth saving)."""
-    return torch.Generator(device=device)
+def _lowbias32(x: Tensor) -> Tensor:
+    """C. Wellons' ``lowbias32`` (hash-prospector): a 32-bit bijection whose output bits flip ~50% per input bit."""
+    x = x ^ (x >> 16)
+    x = _times_32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _times_32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_bits(positions: Tensor, key: Tensor, count: int) -> Tensor:
+    """``count`` (<= 32) uniform random bits for each element at ``positions`` (int64, >= 0): a pure function.
+
+    ``key[0]`` is the write's :func:`key_word`. The position's low word is xor-ed with it, its high
+    word (non-zero beyond 2^32 elements) spread by a golden-ratio multiplier, and the result hashed by
+    :func:`_lowbias32`; the top ``count`` bits are returned (int64 in ``[0, 2^count)``).
+    """
+    high = ((positions >> 32) * _GOLDEN_32) & _MASK_32
+    return _lowbias32((positions & _MASK_32) ^ key[0] ^ high) >> (32 - count)
+
+
+def write_(param: Tensor, work: Tensor, rounding: str, key: Tensor | None, compensation: Tensor | None) -> None:
+    """``param <- rounding(work)``, elementwise on flat tensors: the write-back as one pass for a kernel.
+
+    The eager write runs it on blocks, the compiled one on the whole tensor; both give the same bits.
+    ``key`` is ``[k, offset]`` (:meth:`WriteBack.key_tensor`) under stochastic rounding; ``compensation``
+    the Kahan buffer. ``work`` is only read.
+    """
+    if rounding == "stochastic":
+        assert key is not None
+        positions = torch.arange(param.numel(), dtype=torch.int64, device=param.device) + key[1]
+        if param.dtype == torch.bfloat16:
+            param.copy_(_round_to_bf16(work, random_bits(positions, key, 16).to(torch.int32)))
+        else:
+            param.copy_(_round_to_fp16(work, random_bits(positions, key, 24)))
+    elif rounding == "kahan":
+        assert compensation is not None
+        total = work + compensation
+        written = total.to(param.dtype)
+        param.copy_(written)
+        compensation.copy_(total - written)
+    else:
+        param.copy_(work)
 
 
 def _round_to_bf16(x: Tensor, bits: Tensor) -> Tensor:
-    """Stochastic rounding to bf16 by torchao's bit trick; ``x`` (fp32) is overwritten and returned.
+    """Stochastic rounding to bf16 by torchao's bit trick: the bf16 result of fp32 ``x`` and 16 random ``bits``.
 
     A bf16 value is an fp32 value whose low 16 bits are zero. Adding 16 uniform random bits to the
     low half of the fp32 pattern carries into the high half with probability ``low / 2^16``: truncating
@@ -174,13 +238,13 @@ def _round_to_bf16(x: Tensor, bits: Tensor) -> Tensor:
     (a quiet NaN keeps its quiet bit) and saturates a finite value to the largest one.
     """
     pattern = x.view(torch.int32)
-    in_range = pattern.bitwise_and(_MAGNITUDE_BITS).le_(_BF16_MAX_BITS)  # 1 where |x| <= bf16's max, else 0
-    pattern.addcmul_(bits, in_range).bitwise_and_(_LOW_16_BITS_CLEARED)
-    return x
+    in_range = (pattern & _MAGNITUDE_BITS) <= _BF16_MAX_BITS
+    rounded = torch.where(in_range, pattern + bits, pattern) & _LOW_16_BITS_CLEARED
+    return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
 def _round_to_fp16(x: Tensor, bits: Tensor) -> Tensor:
-    """Stochastic rounding to fp16, exactly unbiased; ``bits`` holds 24 random bits per element.
+    """Stochastic rounding to fp16, exactly unbiased, from 24 random ``bits`` per element.
 
     fp16 is not a truncation of fp32 (its exponent range is narrower, and below 2^-14 its values are
     evenly spaced by 2^-24), so the spacing of fp16 values around ``|x|`` is computed from ``x``'s
@@ -191,12 +255,11 @@ def _round_to_fp16(x: Tensor, bits: Tensor) -> Tensor:
     picks 0 or 2^-24 with a probability exact to 2^-24.
     """
     nearest = x.to(torch.float16)
-    exponent = (x.view(torch.int32) >> 23).bitwise_and_(0xFF)  # biased
-    exponent.clamp_(min=_FP16_MIN_EXPONENT + _FP32_EXPONENT_BIAS).sub_(_FP16_MANTISSA_BITS)
-    spacing = exponent.bitwise_left_shift_(23).view(torch.float32)  # 2^(e - 10), built from its bits: exact
-    units = x.abs().div_(spacing)
-    rounded = units.trunc()
-    away = bits.to(torch.float32).lt_(units.sub_(rounded).mul_(2.0**24))
-    rounded.add_(away).mul_(spacing).clamp_(max=_FP16_MAX)
+    exponent = ((x.view(torch.int32) >> 23) & 0xFF).clamp(min=_FP16_MIN_EXPONENT + _FP32_EXPONENT_BIAS) - _FP16_MANTISSA_BITS
+    spacing = (exponent << 23).view(torch.float32)  # 2^(e - 10), built from its bits: exact
+    units = x.abs() / spacing
+    whole = units.trunc()
+    away = bits.to(torch.float32) < (units - whole) * 2.0**24
+    rounded = ((whole + away.to(torch.float32)) * spacing).clamp(max=_FP16_MAX)
     rounded = torch.copysign(rounded, x)  # keeps the sign of zero
-    return torch.where(nearest.isfinite(), rounded, nearest.to(torch.float32))
+    return torch.where(nearest.isfinite(), rounded.to(torch.float16), nearest)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lomo_lightning.layout import local_tensor
 from lomo_lightning.optim.base import PerParameterOptimizer
+from lomo_lightning.optim.kernels import Compile
 
 
 class SFTAdamW(PerParameterOptimizer):
@@ -41,6 +42,8 @@ class SFTAdamW(PerParameterOptimizer):
         rounding: how a 16-bit parameter receives its fp32 result (:class:`~lomo_lightning.optim.Lomo`);
             sparse fine-tuning's values are fp32, so it matters only for 16-bit parameters.
         seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``).
+        compile: ``"auto"``, ``True`` or ``False``: the 16-bit write-back as one compiled pass
+            (:mod:`lomo_lightning.optim.kernels`; bit-identical). The rule's own math runs eagerly.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class SFTAdamW(PerParameterOptimizer):
         weight_decay: float = 0.0,
         rounding: str = "stochastic",
         seed: int | None = None,
+        compile: Compile = "auto",
     ):
         if lr < 0.0:
             raise ValueError(f"SFTAdamW: lr must be >= 0, got {lr}.")
@@ -61,7 +65,7 @@ class SFTAdamW(PerParameterOptimizer):
             raise ValueError(f"SFTAdamW: eps must be >= 0, got {eps}.")
         if weight_decay < 0.0:
             raise ValueError(f"SFTAdamW: weight_decay must be >= 0, got {weight_decay}.")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rounding=rounding, seed=seed))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rounding=rounding, seed=seed), compile=compile)
 
     @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lomo_lightning.layout import matrix_entries, shard_group
 from lomo_lightning.optim.base import PerParameterOptimizer
+from lomo_lightning.optim.kernels import Compile
 
 
 class SM3(PerParameterOptimizer):
@@ -48,6 +49,8 @@ class SM3(PerParameterOptimizer):
         rounding: how a 16-bit parameter receives its fp32 result (:class:`~lomo_lightning.optim.Lomo`);
             sparse fine-tuning's values are fp32, so it matters only for 16-bit parameters.
         seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``).
+        compile: ``"auto"``, ``True`` or ``False``: the 16-bit write-back as one compiled pass
+            (:mod:`lomo_lightning.optim.kernels`; bit-identical). The rule's own math runs eagerly.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class SM3(PerParameterOptimizer):
         eps: float = 1e-8,
         rounding: str = "stochastic",
         seed: int | None = None,
+        compile: Compile = "auto",
     ):
         if lr < 0.0:
             raise ValueError(f"SM3: lr must be >= 0, got {lr}.")
@@ -68,7 +72,7 @@ class SM3(PerParameterOptimizer):
             raise ValueError(f"SM3: weight_decay must be >= 0, got {weight_decay}.")
         if eps < 0.0:
             raise ValueError(f"SM3: eps must be >= 0, got {eps}.")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, rounding=rounding, seed=seed))
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, rounding=rounding, seed=seed), compile=compile)
 
     @torch.no_grad()
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:

@@ -1,0 +1,274 @@
+"""Compiled update kernels against eager ones and the floor, on SmolLM2-135M-Instruct (CPU or GPU).
+
+    python benchmarks/compiled_kernels.py                         # timing in fp32 and bf16, then agreement
+    python benchmarks/compiled_kernels.py --parts agreement       # a subset; merged into the previous results
+    python benchmarks/compiled_kernels.py --device cuda --out kernels_cuda   # what benchmarks/gpu_check.sh runs
+
+Parts, each in a fresh process (so each pays its own compilation):
+
+- ``timing``: the *floor* (forward and backward, every gradient dropped the moment it is ready, no update)
+  and fused AdaLomo eager (``compile=False``) and compiled (``compile=True``), in bf16 with each rounding
+  (stochastic, Kahan, nearest) and in fp32, all on copies of one model, one step of each in turn (so a
+  change of the machine's load hits every row alike); the step is the median of the timed rounds after a
+  warm-up round. The compiled rows' warm-up round pays the compilation: its extra time over the eager
+  row's warm-up is reported separately as the compile time (the first compiled row pays most of it:
+  the kernels are shared). bf16 matmuls run as fp32 matmuls of the bf16 operands
+  rounded to bf16 on CPU (``precision.Bf16MatmulsInFp32``: this CPU has no bf16 units), natively on CUDA.
+- ``agreement``: 5 fused AdaLomo steps eager and compiled from the same weights on the same batches, in
+  bf16 (stochastic) and fp32: the share of parameter elements bit-identical, and the largest distance
+  in units in the last place (the contract: at most 1, and >= 99.9% identical).
+
+Batches: 2 x 128 random token ids (the timing and the agreement do not depend on the text).
+Results: ``benchmarks/results/<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("timing", "agreement")
+SETTINGS: dict[str, Any] = dict(
+    seq_len=128,
+    batch_size=2,
+    timed_steps=3,
+    agreement_steps=5,
+    lr=5e-4,
+    # the rows timed beside the floor (a smaller set on a busy machine: every row is a model copy and a step)
+    timing_runs={
+        "bfloat16": ["eager_stochastic", "compiled_stochastic", "eager_kahan", "compiled_kahan", "eager_nearest", "compiled_nearest"],
+        "float32": ["eager", "compiled"],
+    },
+)
+
+
+def batches(n: int, settings: dict[str, Any], vocab: int, device: str) -> list[dict]:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (settings["batch_size"], settings["seq_len"]), generator=generator).to(device)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fused_adalomo(model, settings: dict[str, Any], rounding: str, compile: bool):
+    from lomo_lightning import AdaLomo, FusedUpdater
+
+    optimizer = AdaLomo(model.parameters(), lr=settings["lr"], rounding=rounding, seed=0, compile=compile)
+    return FusedUpdater(model, optimizer)
+
+
+def compute(dtype: str, device: str):
+    """On CPU, bf16 matmuls as fp32 matmuls of bf16 operands (``precision.Bf16MatmulsInFp32``); native elsewhere."""
+    import contextlib
+
+    from precision import compute_mode
+
+    if device != "cpu":
+        return contextlib.nullcontext()
+    return compute_mode(dtype, {"emulate_bf16_matmuls": True})
+
+
+def run_timing(dtype: str, settings: dict[str, Any], device: str) -> dict[str, Any]:
+    import torch
+    from precision import drop_gradients, load_model
+
+    base = load_model(dtype).to(device)
+    data = batches(1 + settings["timed_steps"], settings, base.config.vocab_size, device)
+    floor = copy.deepcopy(base)
+    drop_gradients(floor)
+    runs: dict[str, Any] = {"floor": (floor, None)}
+    for name in settings["timing_runs"][dtype]:  # "eager" or "compiled", then the rounding in bf16
+        mode, _, rounding = name.partition("_")
+        model = copy.deepcopy(base)
+        runs[name] = (model, fused_adalomo(model, settings, rounding or "nearest", mode == "compiled"))
+    del base
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for batch in data:  # round 0 warms up (state, compilation)
+        for name, (model, updater) in runs.items():
+            sync(device)
+            began = time.perf_counter()
+            with compute(dtype, device):
+                loss = model(**batch).loss
+                loss.backward() if updater is None else updater.backward(loss)
+            sync(device)
+            samples[name].append(time.perf_counter() - began)
+        print(f"timing {dtype}: round {len(samples['floor'])} done: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in samples.items()), flush=True)
+    from torch._dynamo.utils import counters
+
+    rows = {}
+    floor_s = statistics.median(samples["floor"][1:])
+    for name, times in samples.items():
+        step = statistics.median(times[1:])
+        rows[name] = {"step_s": step, "step_over_floor": step / floor_s, "warmup_s": times[0], "samples_s": times}
+        eager = name.replace("compiled", "eager")
+        if name.startswith("compiled") and eager in samples:
+            # the warm-up's extra time over the eager warm-up (which also makes the state): compiling
+            rows[name]["compile_s"] = times[0] - samples[eager][0]
+    return {"dtype": dtype, "device": device, "rows": rows, "graphs": dict(counters["stats"]), "threads": torch.get_num_threads()}
+
+
+def units_apart(a, b):
+    """Representable values of ``a``'s dtype between ``a`` and ``b`` (sign-magnitude order)."""
+    import torch
+
+    bits = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    sign = 2 ** (8 * a.element_size() - 1) - 1
+    ordered = [x.contiguous().view(bits).long() for x in (a, b)]
+    ordered = [torch.where(x < 0, -(x & sign), x) for x in ordered]
+    return (ordered[0] - ordered[1]).abs()
+
+
+def run_agreement(dtype: str, settings: dict[str, Any], device: str) -> dict[str, Any]:
+    from precision import load_model
+
+    base = load_model(dtype).to(device)
+    data = batches(settings["agreement_steps"], settings, base.config.vocab_size, device)
+    rounding = "stochastic" if dtype == "bfloat16" else "nearest"
+    finals = []
+    for compile in (False, True):
+        model = copy.deepcopy(base)
+        updater = fused_adalomo(model, settings, rounding, compile)
+        for batch in data:
+            with compute(dtype, device):
+                updater.backward(model(**batch).loss)
+        finals.append([p.detach() for p in model.parameters()])
+    per_tensor = [units_apart(p, q) for p, q in zip(*finals)]
+    elements = sum(d.numel() for d in per_tensor)
+    identical = sum(int((d == 0).sum()) for d in per_tensor)
+    moved = sum(int((p != q).sum()) for p, q in zip(finals[0], base.parameters()))
+    return {
+        "dtype": dtype,
+        "device": device,
+        "steps": settings["agreement_steps"],
+        "elements": elements,
+        "identical_share": identical / elements,
+        "max_units_apart": max(int(d.max()) for d in per_tensor),
+        "within_one_unit_share": sum(int((d <= 1).sum()) for d in per_tensor) / elements,
+        "moved_share": moved / elements,
+    }
+
+
+def run_in_subprocess(part: str, name: str, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    print(f"== {part}: {name}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, __file__, "--worker", part, name, "--settings", json.dumps(settings), "--result", str(out)]
+        command += ["--threads", str(args.threads), "--device", args.device]
+        began = time.perf_counter()
+        completed = subprocess.run(command, stdout=None, stderr=subprocess.PIPE, text=True)
+        if completed.returncode != 0:
+            print(completed.stderr[-4000:], file=sys.stderr)
+            return {"error": completed.stderr.strip().splitlines()[-1] if completed.stderr else "failed"}
+        result = json.loads(out.read_text())
+        result["wall_s"] = time.perf_counter() - began
+        return result
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env = results.get("environment", {})
+    lines = [
+        "# Compiled update kernels: SmolLM2-135M-Instruct, fused AdaLomo",
+        "",
+        f"Batches of {results['settings']['batch_size']} x {results['settings']['seq_len']} random tokens; lr "
+        f"{results['settings']['lr']}. Device: {env.get('device')}; machine: {env.get('machine')}; torch {env.get('torch')}; "
+        f"{env.get('threads')} torch thread(s); commit {str(env.get('git_commit'))[:7]}; {env.get('date')}. Timings on a "
+        "machine shared with other jobs are noisy: compare the ratios of one run (every row's steps interleaved).",
+        "",
+    ]
+    timing = results.get("timing", {})
+    if timing:
+        lines += [
+            f"## Step time (median of {results['settings']['timed_steps']} interleaved rounds after a warm-up round)",
+            "",
+            "| dtype | run | step (s) | step / floor | warm-up step (s) | compile (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for dtype, result in timing.items():
+            if "rows" not in result:
+                lines.append(f"| {dtype} | failed: {result.get('error')} | | | | |")
+                continue
+            for name, row in result["rows"].items():
+                compile_s = f"{row['compile_s']:.1f}" if "compile_s" in row else ""
+                lines.append(
+                    f"| {dtype} | {name} | {row['step_s']:.2f} | {row['step_over_floor']:.3f} | {row['warmup_s']:.1f} | {compile_s} |"
+                )
+    agreement = results.get("agreement", {})
+    if agreement:
+        lines += [
+            "",
+            f"## Compiled against eager, {results['settings']['agreement_steps']} fused AdaLomo steps from the same weights",
+            "",
+            "| dtype | elements | bit-identical | within 1 unit | most units apart | moved by training |",
+            "|---|---|---|---|---|---|",
+        ]
+        for dtype, row in agreement.items():
+            if "elements" not in row:
+                lines.append(f"| {dtype} | failed: {row.get('error')} | | | | |")
+                continue
+            lines.append(
+                f"| {dtype} | {row['elements']} | {100 * row['identical_share']:.4f}% | {100 * row['within_one_unit_share']:.4f}% "
+                f"| {row['max_units_apart']} | {100 * row['moved_share']:.1f}% |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--timed-steps", type=int, default=SETTINGS["timed_steps"])
+    parser.add_argument("--bf16-runs", nargs="+", default=SETTINGS["timing_runs"]["bfloat16"], help="bf16 rows beside the floor")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="compiled_kernels", help="results file stem under benchmarks/results/")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        from precision import quiet
+
+        quiet(args.threads)
+        part, name = args.worker
+        worker = {"timing": run_timing, "agreement": run_agreement}[part]
+        Path(args.result).write_text(json.dumps(worker(name, json.loads(args.settings), args.device)))
+        return
+
+    from precision import environment
+
+    settings = dict(SETTINGS, timed_steps=args.timed_steps, timing_runs=dict(SETTINGS["timing_runs"], bfloat16=args.bf16_runs))
+    path = RESULTS / f"{args.out}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if results.get("settings") not in (None, settings):  # other settings: keep only what they share
+        results = {"agreement": results.get("agreement", {})} if results.get("settings", {}).get("agreement_steps") == settings["agreement_steps"] else {}
+    results.update(settings=settings, environment=dict(environment(), device=args.device, threads=args.threads))
+    for part in [p for p in PARTS if p in args.parts]:
+        for dtype in args.dtypes:
+            results.setdefault(part, {})[dtype] = run_in_subprocess(part, dtype, settings, args)
+            RESULTS.mkdir(exist_ok=True)
+            path.write_text(json.dumps(results, indent=1))
+            (RESULTS / f"{args.out}.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

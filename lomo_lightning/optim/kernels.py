@@ -1,0 +1,173 @@
+"""Compiled kernels: a rule's per-parameter math and its 16-bit write-back as one ``torch.compile``d pass.
+
+Each rule's step is a chain of elementwise torch ops (and, for AdaLomo, a few row and column sums). Run
+eagerly, every op is a pass over the parameter; compiled by inductor (C++/OpenMP on CPU, Triton on CUDA)
+the chain fuses into one or two loops that read the parameter and its gradient once and write the
+parameter in place, with no fp32 working copy. The functions compiled here are plain torch code, the
+same that the eager path runs (or, where the eager path is the memory-lean in-place reference, the same
+ops in the same order), so:
+
+- elementwise steps (LOMO, the write-back of every rule) are bit-identical compiled and eager: IEEE ops in
+  the same order, and inductor contracts no multiply-add (``-ffp-contract=off``);
+- steps with reductions (AdaLomo's statistics and RMS) sum in another order: within one unit in the
+  last place of the parameter's dtype, and nearly always equal.
+
+Each function is compiled once per process with dynamic shapes (``torch.compile(dynamic=True)``) and
+shared by every parameter of every rule; hyper-parameters reach it as tensors, so a learning-rate
+schedule does not recompile. ``compile="auto"`` (the default of the rules and the engine) compiles for a
+rule over at least :data:`AUTO_MIN_ELEMENTS` elements where a one-time probe finds a working compiler,
+and otherwise runs eagerly (saying so in one logged line where the compiler fails);
+the environment variable ``LOMO_LIGHTNING_COMPILE`` (``0``/``1``/``auto``) decides ``"auto"`` instead
+(the test suite sets it to ``0`` and runs its compiled group with ``-m compiled``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import torch
+from torch import Tensor
+
+from lomo_lightning.optim.rounding import write_
+
+log = logging.getLogger(__name__)
+
+Compile = bool | Literal["auto"]
+COMPILE_ENV = "LOMO_LIGHTNING_COMPILE"
+# "auto" compiles for rules over at least this many elements: below, the one-time compilation (10-60 s on
+# a small CPU) costs more than eager steps lose (a quick start on a tiny model stays as fast as it was)
+AUTO_MIN_ELEMENTS = 2**25
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def check_compile(compile: Any, owner: str) -> Compile:
+    """``compile`` if it is ``True``, ``False`` or ``"auto"``; a ``ValueError`` naming ``owner`` otherwise."""
+    if isinstance(compile, bool):
+        return compile
+    if compile == "auto":
+        return "auto"
+    raise ValueError(f"{owner}: compile must be True, False or 'auto', got {compile!r}.")
+
+
+def use_compile(compile: Compile, device: torch.device | str = "cpu", elements: int | None = None) -> bool:
+    """Whether to run compiled kernels on ``device``: ``compile`` itself; for ``"auto"`` the environment
+    (``LOMO_LIGHTNING_COMPILE``) if set, else whether the rule is large enough (``elements``, the number of
+    elements it updates, at least :data:`AUTO_MIN_ELEMENTS`) and the probe of the device type succeeds."""
+    if compile != "auto":
+        return bool(compile)
+    setting = os.environ.get(COMPILE_ENV, "auto").strip().lower()
+    if setting in ("0", "false", "off", "no"):
+        return False
+    if setting in ("1", "true", "on", "yes"):
+        return True
+    if elements is not None and elements < AUTO_MIN_ELEMENTS:
+        return False
+    return compiler_works(torch.device(device).type)
+
+
+@functools.cache
+def compiler_works(device_type: str = "cpu") -> bool:
+    """Once per process: does ``torch.compile`` build and run a small integer-and-float kernel here?
+
+    Compiles the stochastic write of a few elements (the arithmetic every kernel uses); any failure
+    (no C++ compiler, no Triton, an unsupported backend) means eager, with one logged line.
+    """
+    try:
+        param = torch.zeros(8, dtype=torch.bfloat16, device=device_type)
+        work = torch.linspace(-1, 1, 8, device=device_type)
+        key = torch.tensor([1, 0], dtype=torch.int64, device=device_type)
+        compiled(write_)(param, work, "stochastic", key, None)
+        expected = torch.zeros_like(param)
+        write_(expected, work, "stochastic", key, None)
+        if not torch.equal(param.view(torch.int16), expected.view(torch.int16)):
+            raise RuntimeError("the compiled write differs from the eager one")
+    except Exception as error:  # noqa: BLE001 - any failure of the compiler means the eager fallback
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        log.warning("lomo_lightning: torch.compile does not work on %s here (%s); the update rules run eagerly.", device_type, reason)
+        return False
+    return True
+
+
+@functools.cache
+def compiled(function: _F) -> _F:
+    """``function`` compiled once per process, with dynamic shapes, as one graph.
+
+    ``emulate_precision_casts``: inductor otherwise keeps a value cast to bf16/fp16 in fp32 when it is
+    used again in the same kernel, and Kahan summation's ``(work + c) - bf16(work + c)`` would be 0.
+    """
+    options: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision_casts": True}
+    return torch.compile(function, dynamic=True, fullgraph=True, options=options)  # type: ignore[return-value]
+
+
+def scalars(*values: float, device: torch.device) -> Tensor:
+    """Hyper-parameters as one fp32 tensor: a kernel reads them as data, so new values do not recompile."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+# -- the rules' kernels --------------------------------------------------------------------------
+# Flat (or 2-D) local tensors in, the parameter (and Kahan buffer, statistics) written in place. A 16-bit
+# parameter never gets an fp32 working copy: its new value exists only inside the kernel's loop.
+
+
+def _store_(param: Tensor, work: Tensor, rounding: str, key: Tensor | None, compensation: Tensor | None) -> None:
+    """``param <- work``: fp32 as it is, bf16/fp16 through the write-back."""
+    if param.dtype == torch.float32:
+        param.copy_(work)
+    else:
+        write_(param.view(-1), work.reshape(-1), rounding, key, compensation)
+
+
+def lomo_step_(
+    param: Tensor, grad: Tensor, hyper: Tensor, decays: bool, rounding: str, key: Tensor | None, compensation: Tensor | None
+) -> None:
+    """LOMO: ``param <- param * hyper[1] - grad * hyper[0]`` (``hyper = [lr, 1 - lr * weight_decay]``) in fp32.
+
+    The eager :func:`~lomo_lightning.optim.lomo.lomo_update` does the same three roundings in this order.
+    """
+    work = param.float()
+    if decays:
+        work = work * hyper[1]
+    _store_(param, work - grad.float() * hyper[0], rounding, key, compensation)
+
+
+def adalomo_statistics_(param: Tensor, grad: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """AdaLomo's work on a matrix before its collective: the row statistic ``R`` updated in place, and the
+    partial sums ``(sum(theta^2), col sums of g^2, col sums of (g / sqrt(R))^2, sum(R))``.
+
+    ``hyper = [beta, 1 - beta, eps1]``. The same ops as the eager
+    :func:`~lomo_lightning.optim.adalomo.adalomo_update`, without its in-place scratch: ``grad`` is read only.
+    """
+    grad = grad.float()  # a 16-bit gradient (unfused) is widened as the eager step widens it
+    param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square().reshape(1)
+    row_mean = torch.linalg.vector_norm(grad, dim=1).square() / grad.shape[1] + hyper[2]
+    new_row = row * hyper[0] + row_mean * hyper[1]
+    row.copy_(new_row)
+    col_squares = grad.square().sum(0)
+    scaled_squares = (grad * new_row.rsqrt().unsqueeze(1)).square().sum(0)
+    return param_squares, col_squares, scaled_squares, new_row.sum().reshape(1)
+
+
+def adalomo_apply_(
+    param: Tensor,
+    grad: Tensor,
+    row: Tensor,
+    col_factor: Tensor,
+    decay: Tensor,
+    scale: Tensor,
+    decays: bool,
+    rounding: str,
+    key: Tensor | None,
+    compensation: Tensor | None,
+) -> None:
+    """AdaLomo's update of a matrix after its collective, one elementwise pass:
+    ``u = g * rsqrt(R) * col_factor``, ``theta <- theta * decay - u * scale`` (``col_factor = rsqrt(C) sqrt(mean R)``,
+    ``scale = lr_t / normalizer``), written back. Elementwise: the same roundings as the eager update."""
+    update = grad.float() * row.rsqrt().unsqueeze(1) * col_factor.unsqueeze(0)
+    work = param.float()
+    if decays:
+        work = work * decay
+    _store_(param, work - update * scale, rounding, key, compensation)
