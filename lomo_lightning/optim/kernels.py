@@ -26,12 +26,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from lomo_lightning.optim.compiling import compiled
 from lomo_lightning.optim.rounding import write_
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ COMPILE_ENV = "LOMO_LIGHTNING_COMPILE"
 # "auto" compiles for rules over at least this many elements: below, the one-time compilation (10-60 s on
 # a small CPU) costs more than eager steps lose (a quick start on a tiny model stays as fast as it was)
 AUTO_MIN_ELEMENTS = 2**25
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def check_compile(compile: Any, owner: str) -> Compile:
@@ -90,17 +89,6 @@ def compiler_works(device_type: str = "cpu") -> bool:
         log.warning("lomo_lightning: torch.compile does not work on %s here (%s); the update rules run eagerly.", device_type, reason)
         return False
     return True
-
-
-@functools.cache
-def compiled(function: _F) -> _F:
-    """``function`` compiled once per process, with dynamic shapes, as one graph.
-
-    ``emulate_precision_casts``: inductor otherwise keeps a value cast to bf16/fp16 in fp32 when it is
-    used again in the same kernel, and Kahan summation's ``(work + c) - bf16(work + c)`` would be 0.
-    """
-    options: dict[str, str | int | bool | Callable[..., Any]] = {"emulate_precision_casts": True}
-    return torch.compile(function, dynamic=True, fullgraph=True, options=options)  # type: ignore[return-value]
 
 
 def scalars(*values: float, device: torch.device) -> Tensor:

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lomo_lightning.optim.compiling import compiled
+
 ROUNDINGS = ("stochastic", "kahan", "nearest")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -96,8 +98,6 @@ class WriteBack:
     def __call__(self, param: Tensor, work: Tensor) -> None:
         """Write ``work`` (fp32, same shape; overwritten) into ``param`` (bf16/fp16, local)."""
         if self.compile:
-            from lomo_lightning.optim.kernels import compiled
-
             compiled(write_)(param.view(-1), work.view(-1), self.rounding, self.key_tensor(param.device), self._flat_compensation())
         elif self.rounding == "stochastic":
             key = self.key_tensor(param.device)
