@@ -9,6 +9,7 @@ DPO reference log-probabilities.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # Beside each entry (inside a directory entry, ``<name>.sha256`` beside a file): the SHA-256 of its content.
 DIGEST_FILE = "lomo-cache.sha256"
 CACHE_HINT = "data.cache_dir=<folder> or LOMO_LIGHTNING_CACHE=<folder>"
+# What datasets names the caches of `map`/`filter` that it writes into a loaded dataset's folder
+DATASETS_MAP_CACHE = "cache-*.arrow"
 
 
 class UnsafeCache(ValueError):
@@ -53,10 +56,20 @@ def check_cache_folder(directory: Path) -> None:
             )
 
 
+def _stored(file: Path) -> bool:
+    """Whether ``file`` of a directory entry is part of what was stored.
+
+    Not the digest file, and not the map caches that ``datasets`` writes beside a dataset it loaded
+    (``cache-<fingerprint>.arrow``, e.g. the tokenized instructions): they are derived from the entry
+    later, keyed by fingerprint, and only the folder's owner can write them (:func:`check_cache_folder`).
+    """
+    return file.is_file() and file.name != DIGEST_FILE and not fnmatch.fnmatch(file.name, DATASETS_MAP_CACHE)
+
+
 def content_digest(path: Path) -> str:
-    """SHA-256 of a file, or of a directory's files (their relative names and bytes, in order), its digest file excluded."""
+    """SHA-256 of a file, or of a directory's stored files (their relative names and bytes, in order)."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != DIGEST_FILE) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if _stored(p)) if path.is_dir() else [path]
     for file in files:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode() + b"\0")
@@ -89,7 +102,7 @@ def verified_entry(entry: Path) -> bool:
         return False
     problem = entry_problem(entry)
     if problem is not None:
-        log.warning("Cache entry %s is %s: rebuilding it", entry, problem)
+        log.warning("Cache entry %s cannot be used (%s): rebuilding it", entry, problem)
         return False
     return True
 

@@ -311,6 +311,28 @@ def test_row4_a_planted_data_cache_entry_is_rejected_and_rebuilt(tmp_path, caplo
     assert not verified_entry(reference)
 
 
+def test_row4_a_cached_dataset_stays_verified_after_datasets_caches_a_map_beside_it(tmp_path, caplog):
+    """``datasets`` writes ``cache-<fingerprint>.arrow`` into a loaded dataset's folder (the tokenized
+    instructions are such a map): derived, not stored, so the entry is still what was stored and is reused."""
+    from datasets import Dataset, DatasetDict
+
+    from lomo_lightning.data.cache import cached_dataset_dict
+
+    entry = tmp_path / "cache" / "datasets" / "records"
+    built = []
+
+    def build() -> DatasetDict:
+        built.append(1)
+        return DatasetDict({"train": Dataset.from_dict({"x": list(range(50))})})
+
+    loaded = cached_dataset_dict(entry, build)
+    loaded["train"].map(lambda row: {"y": row["x"] * 2}, new_fingerprint="doubled")
+    assert list(entry.glob("train/cache-*.arrow")), "datasets wrote its map cache into the entry"
+
+    assert cached_dataset_dict(entry, build)["train"]["x"] == list(range(50))
+    assert built == [1] and "Cache entry" not in caplog.text
+
+
 # -- rows 5 and 8: a new run gets a directory of its own, and cleaning up removes only what it wrote ----
 
 
