@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -359,8 +360,7 @@ def sft_density(config) -> float:
 def training_loss(model: nn.Module, batch: dict[str, Tensor], setting: Setting) -> Tensor:
     """The loss as ``CausalLMModule.compute_loss`` computes it, with ``setting``'s ``loss_chunk_tokens``, in the forward
     context of its ``training_step`` (activation offloading where ``setting.offloading``)."""
-    from lomo_lightning.loss import chunked_causal_lm_loss
-
+    from lomo_lightning import chunked_causal_lm_loss
     from lomo_lightning.activations import ActivationOffloading
     from lomo_lightning.objectives.causal_lm import auto_chunk_tokens
 
@@ -442,10 +442,12 @@ def prepare(method: str, model: nn.Module, setting: Setting, group: Any = None) 
         WriteBack("stochastic", key=(group["seed"], 0, 0), offset=0, numel=param.numel())
         if group["rounding"] == "stochastic" else write_back_of(param, group, state, step=0, position=0)
     )
-    if group is None:
-        updater = _fake_safe(FusedUpdater)(model, rule)
-    else:
-        updater = _fake_safe(ShardedFusedUpdater)(model, rule, group=group)
+    # the rule learns each parameter's facts when the engine attaches, its shard offset among them: zeros too
+    with mock.patch("lomo_lightning.optim.base.flat_offset", lambda param: 0):
+        if group is None:
+            updater = _fake_safe(FusedUpdater)(model, rule)
+        else:
+            updater = _fake_safe(ShardedFusedUpdater)(model, rule, group=group)
 
     def fused_step(batch: dict[str, Tensor]) -> None:
         updater.backward(loss(batch))

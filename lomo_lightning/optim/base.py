@@ -51,7 +51,7 @@ class ParameterFacts(NamedTuple):
     """What a rule needs to know about one parameter that does not change between steps."""
 
     layout: ShardLayout  # where its whole-tensor statistics are completed
-    offset: int  # the position of its local shard's first element in the whole flattened tensor
+    offset: int  # the position of its local shard's first element in the whole flattened tensor (16-bit only)
     position: int  # its index among all parameters of all param groups (stochastic rounding's key)
     distributed: bool  # a DTensor: elementwise work runs on its local shard (asked each step: FSDP2 may replace it)
     low_precision: bool  # bf16/fp16: updated on an fp32 working copy and written back
@@ -107,12 +107,13 @@ class PerParameterOptimizer(Optimizer):
         position = next((i for i, p in enumerate(p for group in self.param_groups for p in group["params"]) if p is param), None)
         if position is None:
             raise KeyError(f"{type(self).__name__}: the parameter of shape {tuple(param.shape)} is in none of its param groups.")
+        low_precision = needs_write_back(param)
         facts = ParameterFacts(
             layout=ShardLayout.of(param),
-            offset=flat_offset(param),
+            offset=flat_offset(param) if low_precision else 0,  # only a write-back's random bits need it
             position=position,
             distributed=is_distributed(param),
-            low_precision=needs_write_back(param),
+            low_precision=low_precision,
             compiled=self.compiles(param),
         )
         self._facts[param] = facts
