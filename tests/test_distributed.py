@@ -300,7 +300,7 @@ def test_every_rank_holds_the_reference_log_probs_of_one_process(runs, case, tmp
         for rank_values in got["per_rank"]:
             assert torch.equal(rank_values[split], expected), split
     cached = list((runs / f"{case}-cache" / "reference_logps").glob("*.safetensors"))
-    assert sorted(path.name for path in cached) == sorted(path.name for path in (tmp_path / "reference_logps").iterdir())
+    assert sorted(path.name for path in cached) == sorted(path.name for path in (tmp_path / "reference_logps").glob("*.safetensors"))
 
 
 def test_hft_resampled_every_step_under_fsdp_equals_one_process(runs):

@@ -535,18 +535,20 @@ def test_sparse_fine_tuning_on_two_fsdp_ranks_saves_a_model_its_delta_rebuilds(t
         "strategy=fsdp",
         "trainer.devices=2",
     ]
-    command = [sys.executable, "-m", "lomo_lightning.train", f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"]
-    done = subprocess.run(  # in tmp_path: Hydra's outputs/<date>/<time> and rank 1's log land there, not in the checkout
-        command + tiny(*overrides), cwd=tmp_path, env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=300
+    run, workdir = tmp_path / "run", tmp_path / "workdir"
+    workdir.mkdir()
+    command = [sys.executable, "-m", "lomo_lightning.train", f"output_dir={run}", f"data.cache_dir={cache_dir}"]
+    done = subprocess.run(  # in workdir: Hydra's outputs/<date>/<time> and rank 1's log land there, not in the checkout
+        command + tiny(*overrides), cwd=workdir, env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    cfg = OmegaConf.load(tmp_path / "config.yaml")
+    cfg = OmegaConf.load(run / "config.yaml")
     assert cfg.trainer.devices == 2 and cfg.strategy.fused._target_.endswith("LomoFSDPStrategy")
 
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    base = instantiate(cfg.model, tokenizer=load_tokenizer(str(tmp_path / "model")), seq_len=cfg.data.seq_len)
+    trained = AutoModelForCausalLM.from_pretrained(run / "model")
+    base = instantiate(cfg.model, tokenizer=load_tokenizer(str(run / "model")), seq_len=cfg.data.seq_len)
     untouched = {name: value.clone() for name, value in base.state_dict().items()}
-    apply_sparse_delta(base, tmp_path / "model" / "sparse_delta.safetensors")
+    apply_sparse_delta(base, run / "model" / "sparse_delta.safetensors")
     rebuilt = base.state_dict()
     assert max((trained.state_dict()[name] - value).abs().max().item() for name, value in untouched.items()) > 1e-5
     for name, value in trained.state_dict().items():
