@@ -294,8 +294,9 @@ def test_every_rank_holds_the_reference_log_probs_of_one_process(runs, case, tmp
     assert got["global_step"] == 2
     for split, (count, seed) in {"train": (RandomPreferencePairs.TRAIN, 3), "val": (RandomPreferencePairs.VAL, 4)}.items():
         pairs = Dataset.from_list(preference_pairs(count, seed=seed))
-        expected = reference_log_probs(
-            tiny_llama(), pairs, PreferenceCollator(0), batch_size=RandomPreferencePairs.BATCH, cache_dir=tmp_path
+        expected = reference_log_probs(  # with the module's default loss chunking ("auto"), which keys the cache
+            tiny_llama(), pairs, PreferenceCollator(0), batch_size=RandomPreferencePairs.BATCH, cache_dir=tmp_path,
+            chunk_tokens="auto",
         )
         for rank_values in got["per_rank"]:
             assert torch.equal(rank_values[split], expected), split
