@@ -294,6 +294,7 @@ def run_memory(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     dtype, _, checkpointing = name.partition("+")
+    os.environ.setdefault("LOMO_LIGHTNING_COMPILE", "0")  # eager rules: MemTracker cannot see into compiled kernels
     train, _ = data(settings)
     model = load_model(dtype)
     if checkpointing:
