@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,11 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from harness.env import RESULTS
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-RESULTS = ROOT / "benchmarks" / "results"
 WORLD = 2
 MODES = (
     "fsdp_adamw",
@@ -118,7 +114,7 @@ def batch(args: argparse.Namespace, rank: int, step: int) -> dict[str, torch.Ten
 def tracker_peak(step_fn, *tracked) -> dict[str, int] | str:
     """MemTracker's peak of one step, by category; the error text if it cannot track this setup."""
     try:
-        from memory_speed import skip_frozen_parameters, track_sparse_compressed_tensors
+        from harness.memory import skip_frozen_parameters, track_sparse_compressed_tensors
         from torch.distributed._tools.mem_tracker import MemTracker
 
         track_sparse_compressed_tensors()  # SFT's backward samples its gradients through a sparse CSR tensor

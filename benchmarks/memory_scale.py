@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -47,10 +45,12 @@ from typing import Any
 from unittest import mock
 
 import torch
+from harness import env, memory, methods
+from harness.env import (
+    RESULTS,
+    gib,
+)
 from torch import Tensor, nn
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 GIB = 2**30
 
@@ -178,11 +178,6 @@ def _peak_only(tracker_class: type) -> type:
     return PeakMemoryTracker
 
 
-class _NoHandle:
-    def remove(self) -> None:
-        pass
-
-
 def peak_by_category(step: Callable[[], None], model: nn.Module, optimizers: list, state: list[Tensor]) -> dict[str, int]:
     """The MemTracker peak of ``step()``, in bytes by category (``step`` runs once, inside the tracker).
 
@@ -209,19 +204,9 @@ def peak_by_category(step: Callable[[], None], model: nn.Module, optimizers: lis
             tracker._track_optimizer_states(opt_type, optimizer)
     else:
         tracker = _peak_only(MemTracker)()
-        for param in model.parameters():
-            if not param.requires_grad:
-                # MemTracker hooks the gradient of every parameter it meets; a frozen one refuses the hook
-                tracker._param_to_grad_hook_handles[param] = (_NoHandle(), _NoHandle())
+        memory.skip_frozen_parameters(tracker, model)
         tracker.track_external(model, *optimizers)
-        categories = {
-            "parameters": [_MemRefType.PARAM],
-            "gradients": [_MemRefType.GRAD],
-            "optimizer_state": [_MemRefType.OPT],
-            "activations": [_MemRefType.ACT],
-            "temporaries": [_MemRefType.TEMP],
-            "other": [_MemRefType.OTH, _MemRefType.BUFFER],
-        }
+        categories = {}  # harness.memory.categories
         opt_type = _MemRefType.OPT
     for tensor in state:
         tracker._update_and_maybe_create_winfos(tensor, opt_type)
@@ -232,6 +217,8 @@ def peak_by_category(step: Callable[[], None], model: nn.Module, optimizers: lis
     peaks = tracker.get_tracker_snapshot("peak")
     # the device's memory only: offloaded activations wait on the meta device, standing for the host
     snapshot = next(peak for device, peak in peaks.items() if device.type != "meta")
+    if not categories:
+        return memory.categories(snapshot)
     return {name: sum(snapshot.get(kind, 0) for kind in kinds) for name, kinds in categories.items()}
 
 
@@ -346,9 +333,11 @@ def _fake_safe(updater_class: type) -> type:
 
 
 def lora_parameter_count(config) -> int:
-    """Rank-r LoRA on every projection of every block (A: r x in, B: out x r)."""
-    h, i = config.hidden_size, config.intermediate_size
-    return config.num_hidden_layers * LORA_RANK * (4 * 2 * h + 2 * (h + i) + (i + h))
+    """Rank-r LoRA on every projection of every block, as peft counts it (:func:`harness.methods.lora_parameter_count`)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # peft's modules are built for real (on the meta device)
+        return methods.lora_parameter_count(config, LORA_RANK)
 
 
 def sft_density(config) -> float:
@@ -452,18 +441,13 @@ def prepare(method: str, model: nn.Module, setting: Setting, group: Any = None) 
     def fused_step(batch: dict[str, Tensor]) -> None:
         updater.backward(loss(batch))
 
-    state = (lambda: _sft_state(sft)) if sft is not None else (lambda: [])
+    state = (lambda: methods.sft_state(sft)) if sft is not None else (lambda: [])
     trainable = sft.budget if sft is not None else _numel(params)
     return Training(model, fused_step, [rule], state, trainable)
 
 
 def _numel(params) -> int:
     return sum(p.numel() for p in params)
-
-
-def _sft_state(sft) -> list[Tensor]:
-    """SFT's own O(k) state beside its values (parameters) and SM3's accumulators (the rule's state): the indices."""
-    return [layer.indices for layer in sft.layers.values()]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -740,24 +724,10 @@ def check_adalomo_blocks(size: str, setting: Setting, log: Callable[[str], None]
 # report
 
 
-def gib(x: float) -> float:
-    return x / GIB
-
-
 def environment() -> dict[str, Any]:
     import transformers
 
-    import lomo_lightning
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "git_commit": commit,
-        "lomo_lightning_path": str(Path(lomo_lightning.__file__).parent),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
+    return env.environment(transformers=transformers.__version__)
 
 
 def _category_cells(categories: dict[str, float], names: list[str]) -> str:

@@ -8,7 +8,7 @@ standard library's source, tokenized by the model's own tokenizer), fp32, activa
     python benchmarks/peers.py --methods floor adalomo badam     # a subset, merged into the previous results
     python benchmarks/peers.py --seq 32 --timed-steps 1 --tag check    # does every method run? a few minutes
 
-Per method it records what ``benchmarks/memory_speed.py`` records (and with its code): the MemTracker peak
+Per method it records what ``benchmarks/memory_speed.py`` records (the harness's ``memory.measure``): the MemTracker peak
 of one step split into parameters, gradients, optimizer state, activations and temporaries, and the median
 step time of the timed steps after warm-up, as a ratio to the *floor*: the same forward and backward with
 every gradient dropped the moment it is ready and no update. The floor runs first and again last; its step
@@ -41,23 +41,16 @@ nothing, or trains only a part of the model per step (BAdam, LoRA), shows it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import sys
-import traceback
-import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # memory_speed, also when imported from elsewhere
-
-import memory_speed  # noqa: E402
-from memory_speed import CATEGORIES, RESULTS, environment, measure, mib  # noqa: E402
+from harness import memory
+from harness.env import environment, mib, quiet, write
+from harness.methods import floor, loss_of, smollm2
 
 
 @dataclass(frozen=True)
@@ -99,21 +92,6 @@ GALORE = dict(LOW_RANK, scale=0.25)
 APOLLO = dict(LOW_RANK, proj="random", scale_type="channel", scale=1.0)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# worker: one method in this process
-
-
-def load_model(bf16: bool):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from lomo_lightning.models import smollm2_directory
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2_directory(), dtype=torch.bfloat16 if bf16 else torch.float32)
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
-
 
 def real_text_batch(batch: int, seq: int):
     """``batch`` rows of ``seq`` tokens: the standard library's source files, in their fixed order, tokenized."""
@@ -131,10 +109,6 @@ def real_text_batch(batch: int, seq: int):
     import torch
 
     return torch.tensor(ids[: batch * seq]).view(batch, seq)
-
-
-def loss_of(model, batch):
-    return model(input_ids=batch, labels=batch).loss
 
 
 def state_tensors(optimizers) -> list:
@@ -159,7 +133,7 @@ def standard(model, optimizer):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, {"optimizer": [optimizer], "optimizer_state_fn": [lambda: state_tensors([optimizer])]}
+    return step, [optimizer], lambda: state_tensors([optimizer])
 
 
 def backward_only(model, optimizers):
@@ -168,7 +142,7 @@ def backward_only(model, optimizers):
     def step(batch):
         loss_of(model, batch).backward()
 
-    return step, {"optimizer": list(optimizers), "optimizer_state_fn": [lambda: state_tensors(optimizers)]}
+    return step, list(optimizers), lambda: state_tensors(optimizers)
 
 
 def low_rank_targets(model) -> set:
@@ -199,15 +173,15 @@ def layerwise(model, make_optimizer: Callable) -> list:
     return list(optimizers.values())
 
 
-def build_peer(method: str, model) -> tuple[Callable, dict[str, list]]:
-    """``step(batch)`` and what MemTracker must be told, for a peer; raises whatever the peer raises."""
+def build_peer(method: str, model) -> tuple[Callable, list, Callable]:
+    """``(step(batch), optimizers, state())`` for MemTracker, for a peer; raises whatever the peer raises."""
     import torch
 
     if method == "lomo_optim_lomo":
         from lomo_optim import Lomo
 
         optimizer = Lomo(model, lr=1e-3)
-        return (lambda batch: optimizer.fused_backward(loss_of(model, batch), 1e-3)), {}
+        return (lambda batch: optimizer.fused_backward(loss_of(model, batch), 1e-3)), [], list
 
     if method.startswith("optimi_adamw"):
         from optimi import AdamW, prepare_for_gradient_release
@@ -271,11 +245,9 @@ def build_peer(method: str, model) -> tuple[Callable, dict[str, list]]:
             named_parameters_list=list(model.named_parameters()),
             switch_block_every=100, switch_mode="random", verbose=0,
         )
-        step, tracked = standard(model, optimizer)
+        step, _, _ = standard(model, optimizer)
         # the state is the base optimizer's, and the fp32 copy of the active block it updates
-        tracked = {"optimizer": [optimizer.base_optimizer],
-                   "optimizer_state_fn": [lambda: state_tensors([optimizer.base_optimizer]) + list(optimizer.param_idx2hp.values())]}
-        return step, tracked
+        return step, [optimizer.base_optimizer], lambda: state_tensors([optimizer.base_optimizer]) + list(optimizer.param_idx2hp.values())
 
     raise ValueError(f"unknown method {method}")
 
@@ -284,44 +256,26 @@ def fingerprint(model) -> list[float]:
     return [float(p.detach().double().sum()) for p in model.parameters()]
 
 
-def run_worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(spec["threads"])
+def worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
+    quiet(spec["threads"])
     entry = METHODS[method]
-    model = load_model(entry.bf16)
-    n_params = sum(p.numel() for p in model.parameters())
+    model = smollm2("bfloat16" if entry.bf16 else "float32", checkpointing=True)
     batch = real_text_batch(spec["batch"], spec["seq"])
     if method.startswith("floor") or method in ("adamw", "lora", "lomo_optim_adalomo", *OURS):
-        # memory_speed.py's own methods, unchanged (the floor, and LoRA with its rank)
-        base = "floor" if method.startswith("floor") else method
-        model, step, tracked, _, _ = memory_speed.build_method(base, model, dict(lora_rank=spec["lora_rank"]))
+        from memory_speed import method_on  # memory_speed.py's own methods (lomo-train's builders), unchanged
+
+        built = floor(model) if method.startswith("floor") else method_on(method, model, dict(lora_rank=spec["lora_rank"]))
+        model, step, optimizers, state = built.model, built.step, built.optimizers, built.state
     else:
-        step, tracked = build_peer(method, model)
+        step, optimizers, state = build_peer(method, model)
     before = fingerprint(model)
     steps = spec["bf16_steps"] if entry.bf16 else spec
-    measured = measure(model, step, batch, tracked, warmup=steps["warmup"], timed=steps["timed"])
+    measured = memory.measure(model, step, batch, optimizers, state, warmup=steps["warmup"], timed=steps["timed"])
     after = fingerprint(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {
-        "method": method,
-        "parameters": n_params,
-        "trainable_now": trainable,
-        "parameter_tensors": len(before),
-        "changed_tensors": sum(a != b for a, b in zip(before, after)),
-        "finite": all(math.isfinite(x) for x in after),
-        **measured,
-    }
-
-
-def failure(error: Exception) -> str:
-    """The exception's first line and the line of code outside torch that raised it."""
-    frames = traceback.extract_tb(error.__traceback__)
-    origin = next((f for f in reversed(frames) if f"{os.sep}torch{os.sep}" not in f.filename), frames[-1])
-    where = f"{Path(origin.filename).parent.name}/{Path(origin.filename).name}:{origin.lineno}"
-    message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-    return f"{message} (at {where}: `{origin.line}`)"
+    return {"method": method, "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_now": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "parameter_tensors": len(before), "changed_tensors": sum(a != b for a, b in zip(before, after)),
+            "finite": all(math.isfinite(x) for x in after), **measured}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,19 +307,13 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     its step time within 1.10x of the floor."""
     by_method = {r["method"]: r for r in rows if "error" not in r}
     ours = by_method.get("adalomo")
-    checks = []
-
-    def check(name: str, value: float | None, bound: float, strict: bool = False) -> None:
-        verdict = None if value is None else bool(value < bound if strict else value <= bound)
-        checks.append({"target": name, "value": None if value is None else round(value, 4), "bound": bound,
-                       "relation": "<" if strict else "<=", "pass": verdict})
-
-    check("AdaLomo peak / floor", ours and ours.get("peak_over_floor"), 1.05)
-    check("AdaLomo step time / floor", ours and ours.get("step_over_floor"), 1.10)
+    checks: list[dict[str, Any]] = []
+    memory.check(checks, "AdaLomo peak / floor", ours and ours.get("peak_over_floor"), 1.05)
+    memory.check(checks, "AdaLomo step time / floor", ours and ours.get("step_over_floor"), 1.10)
     for method, entry in METHODS.items():
         row = by_method.get(method)
         if entry.full_parameter and method not in (*OURS, *FLOORS, "floor_bf16") and row and ours and not entry.bf16:
-            check(f"AdaLomo peak / {entry.label}", ours["peak_bytes"] / row["peak_bytes"], 1.0, strict=True)
+            memory.check(checks, f"AdaLomo peak / {entry.label}", ours["peak_bytes"] / row["peak_bytes"], 1.0, strict=True)
     return checks
 
 
@@ -388,11 +336,11 @@ def markdown(spec: dict[str, Any], rows: list[dict[str, Any]], checks: list[dict
             updates = "none"
         lines.append(
             f"| {entry.label} | {entry.package} | {updates} | {mib(row['peak_bytes']):.1f} | "
-            + " | ".join(f"{mib(c[k]):.1f}" for k in CATEGORIES)
+            + " | ".join(f"{mib(c[k]):.1f}" for k in memory.CATEGORIES)
             + f" | {number(row.get('peak_over_floor'), 3)} | {number(row.get('step_time_s'), 2)} "
             f"| {number(row.get('step_over_floor'), 2)} | {row['changed_tensors']}/{row['parameter_tensors']} |"
         )
-    target_lines = memory_speed.targets_table(checks)
+    target_lines = memory.targets_table(checks)
     setting = (
         f"SmolLM2-135M-Instruct (134.5M parameters, tied embeddings), fp32 unless marked bf16, batch {spec['batch']} x "
         f"{spec['seq']} tokens of real text, activation checkpointing on for every method; {spec['warmup']} warm-up + "
@@ -403,47 +351,20 @@ def markdown(spec: dict[str, Any], rows: list[dict[str, Any]], checks: list[dict
     return "\n".join([f"Setting: {setting}.", "", *lines, "", *target_lines, ""])
 
 
-def run(methods: list[str], spec: dict[str, Any], name: str, torchtune_torchao: str | None = None, jobs: int = 1) -> None:
-    """Every method in ``methods`` in a fresh process, ``jobs`` at a time, in order; the results are written
-    after each one, so an interrupted run keeps what it measured. A run of a subset merges into the previous
-    results of ``name``."""
-    path = RESULTS / f"peers_{name}.json"
-    previous = json.loads(path.read_text())["results"] if path.exists() and set(methods) != set(METHODS) else []
-    measured: dict[str, dict[str, Any]] = {r["method"]: r for r in previous}
-
-    def run_one(method: str) -> dict[str, Any]:
-        env = None
-        if method == "torchtune_adamw" and torchtune_torchao:  # its torchao, first on its worker's path alone
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [torchtune_torchao, os.environ.get("PYTHONPATH")]))}
-        return memory_speed.run_in_subprocess(method, spec, script=__file__, env=env)
-
-    table = ""
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for row in pool.map(run_one, methods):
-            measured[row["method"]] = row
-            if "error" in row:
-                print(f"[peers] {row['method']} failed: {row['error']}", flush=True)
-            else:
-                print(f"[peers] {row['method']}: peak {mib(row['peak_bytes']):.1f} MiB, step "
-                      f"{row.get('step_time_s', math.nan):.2f} s, changed {row['changed_tensors']}/{row['parameter_tensors']}", flush=True)
-            table = write_results(name, spec, [measured[m] for m in METHODS if m in measured])
-    print(table)
-
-
 def write_results(name: str, spec: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     add_ratios(rows)
     checks = evaluate_targets(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"peers_{name}.json").write_text(json.dumps(
-        {"spec": spec, "environment": environment(), "lr": {"ours": 1e-3, "peers": PEER_LR}, "galore": GALORE,
-         "apollo": APOLLO, "results": rows, "targets": checks}, indent=2))
     table = markdown(spec, rows, checks)
-    (RESULTS / f"peers_{name}.md").write_text(f"# Peers side by side ({name})\n\n{table}")
-    memory_speed.plot(name, rows, labels={m: e.label for m, e in METHODS.items()}, prefix="peers")
+    write(f"peers_{name}", {"spec": spec, "environment": environment(), "lr": {"ours": 1e-3, "peers": PEER_LR},
+                            "galore": GALORE, "apollo": APOLLO, "results": rows, "targets": checks},
+          table, f"Peers side by side ({name})")
+    memory.plot(f"peers_{name}", rows, {m: e.label for m, e in METHODS.items()})
     return table
 
 
 def main() -> None:
+    if memory.worker_main(worker):
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--batch", type=int, default=2)
@@ -455,21 +376,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="methods measured at once: memory is exact either way, step times only with 1")
     parser.add_argument("--torchtune-torchao", metavar="DIR", help="a directory holding torchao<=0.14 for torchtune's worker alone")
     parser.add_argument("--tag", default="smollm2", help="results go to benchmarks/results/peers_<tag>.*")
-    parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        try:
-            result = run_worker(args.worker, json.loads(args.spec))
-        except Exception as error:  # a peer that cannot run here: its reason is the result
-            traceback.print_exc()
-            result = {"method": args.worker, "error": failure(error)}
-        Path(args.out).write_text(json.dumps(result))
-        return
     spec = dict(batch=args.batch, seq=args.seq, warmup=args.warmup_steps, timed=args.timed_steps, threads=args.threads,
                 bf16_steps=dict(warmup=0, timed=args.bf16_timed_steps), lora_rank=8)
-    run(args.methods, spec, args.tag, args.torchtune_torchao, args.jobs)
+
+    def env(method: str) -> dict[str, str] | None:  # torchtune's torchao, first on its worker's path alone
+        if method != "torchtune_adamw" or not args.torchtune_torchao:
+            return None
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [args.torchtune_torchao, os.environ.get("PYTHONPATH")]))}
+
+    memory.run_methods(__file__, args.methods, spec, list(METHODS), f"peers_{args.tag}",
+                       lambda rows: write_results(args.tag, spec, rows), args.jobs, env)
 
 
 if __name__ == "__main__":

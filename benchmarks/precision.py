@@ -47,16 +47,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from harness import env
+from harness.env import RESULTS
+from harness.methods import smollm2
 from torch.overrides import TorchFunctionMode
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("quality", "memory", "timing")
 
 SETTINGS = dict(
@@ -90,26 +91,13 @@ MEMORY_RUNS = ["float32", "bfloat16", "float32+checkpointing", "bfloat16+checkpo
 
 
 def quiet(threads: int) -> None:
-    import torch
-
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
-
-    datasets.disable_progress_bars()
-    torch.set_num_threads(threads)
+    env.quiet(threads)
 
 
 def load_model(dtype: str):
     """SmolLM2-135M-Instruct in train mode; bf16 is the fp32 checkpoint rounded to nearest once."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from lomo_lightning.models import smollm2_directory
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2_directory(), dtype=torch.float32)
-    return model.to(getattr(torch, dtype)).train()
+    return smollm2("float32").to(getattr(torch, dtype)).train()
 
 
 def data(settings: dict[str, Any]) -> tuple[list[dict], list[dict]]:
@@ -302,10 +290,11 @@ def run_quality(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 def run_memory(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """``name``: a dtype, optionally ``+checkpointing`` (activation checkpointing of every block)."""
-    from memory_speed import peak_by_category
+    from harness.memory import peak_by_category
     from torch.distributed._tools.mem_tracker import MemTracker
 
     dtype, _, checkpointing = name.partition("+")
+    os.environ.setdefault("LOMO_LIGHTNING_COMPILE", "0")  # eager rules: MemTracker cannot see into compiled kernels
     train, _ = data(settings)
     model = load_model(dtype)
     if checkpointing:
@@ -385,20 +374,7 @@ def run_in_subprocess(part: str, name: str, settings: dict[str, Any], threads: i
 
 
 def environment() -> dict[str, Any]:
-    import torch
-
-    root = Path(__file__).resolve().parents[1]
-    # LOMO_BENCH_LIBRARY_COMMIT: the commit of a snapshot the benchmark runs from (see benchmarks/README.md)
-    commit = os.environ.get("LOMO_BENCH_LIBRARY_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs",
-        "git_commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
+    return env.environment(machine=f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs")
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:

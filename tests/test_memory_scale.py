@@ -23,12 +23,14 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_scale.py"
 
 @pytest.fixture(scope="module")
 def memory_scale():
+    sys.path.insert(0, str(SCRIPT.parent))  # its harness, as when it runs as a script
     spec = importlib.util.spec_from_file_location("memory_scale", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     yield module
     del sys.modules[spec.name]
+    sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.mark.parametrize(

@@ -62,3 +62,17 @@ def test_each_readme_snippet_runs_as_written(line, code, namespace, tmp_path, mo
     monkeypatch.chdir(tmp_path)  # Lightning's logs, the snippets' own files
     namespace.update(model=tiny_llama(), module=Module())
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
+
+
+def test_the_readme_figures_are_what_their_results_json_renders(monkeypatch):
+    """Every table between ``<!-- figures:NAME -->`` markers equals its rendering from ``benchmarks/results/*.json``:
+    a figure edited by hand, or a results file changed without ``python -m benchmarks.harness.readme``, fails here."""
+    monkeypatch.syspath_prepend(str(README.parent))
+    from benchmarks.harness import readme
+
+    blocks = 0
+    for path in readme.READMES:
+        text = path.read_text()
+        blocks += len(readme.BLOCK.findall(text))
+        assert readme.render(text) == text, f"{path.name}: run python -m benchmarks.harness.readme"
+    assert blocks >= len(readme.FIGURES)
