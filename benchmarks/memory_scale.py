@@ -428,7 +428,7 @@ def prepare(method: str, model: nn.Module, setting: Setting, group: Any = None) 
     # stochastic rounding keys its bits on the step count and the shard's offset, values a fake tensor (and a
     # fake process group) lack: key them on zeros, which draws the same bits in the same memory
     rule.write_back = lambda param, group, state: (
-        WriteBack("stochastic", key=(group["seed"], 0, 0), offset=0, numel=param.numel())
+        WriteBack("stochastic", key=(group["seed"], 0, 0)).write(param.device)
         if group["rounding"] == "stochastic" else write_back_of(param, group, state, step=0, position=0)
     )
     # the rule learns each parameter's facts when the engine attaches, its shard offset among them: zeros too

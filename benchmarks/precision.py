@@ -199,8 +199,10 @@ class RuleClock:
 
         def timed_halves(update):
             began = time.perf_counter()
-            partial = next(update)
+            partial = next(update, None)  # None: a whole tensor's update, which ran to its end
             self.rule_s += time.perf_counter() - began
+            if partial is None:
+                return
             sums = yield partial
             began = time.perf_counter()
             try:
@@ -219,16 +221,21 @@ class RuleClock:
 
     @classmethod
     def time_write_backs(cls) -> None:
-        from lomo_lightning.optim import rounding
+        """Time every eager write-back: the rules' own (``write_`` as Lomo and AdaLomo call it) and the rest's
+        (``Write.__call__``: SM3, SFTAdamW, stock rules)."""
+        from lomo_lightning.optim import adalomo, lomo, rounding
 
-        write_back = rounding.WriteBack.__call__
+        def timed(write):
+            def timed_write(*args):
+                began = time.perf_counter()
+                write(*args)
+                cls.write_back_s += time.perf_counter() - began
 
-        def timed_write_back(this, param, work):
-            began = time.perf_counter()
-            write_back(this, param, work)
-            cls.write_back_s += time.perf_counter() - began
+            return timed_write
 
-        rounding.WriteBack.__call__ = timed_write_back
+        for module in (adalomo, lomo):
+            module.write_ = timed(module.write_)
+        rounding.Write.__call__ = timed(rounding.Write.__call__)
 
     def take(self) -> tuple[float, float]:
         """``(rule seconds, write-back seconds)`` since the last call."""

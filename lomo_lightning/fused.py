@@ -19,6 +19,7 @@ from lomo_lightning.optim.base import (
     FusableRule,
     PerParameterOptimizer,
     SplitStepRule,
+    finish_update,
     keep_state_dtypes,
     needs_write_back,
     write_back_of,
@@ -353,17 +354,16 @@ class FusedUpdater:
             group = self.optimizer.param_groups[facts.group_index]
             if self._splits:  # the engine completes the partial sums of a split step, or defers them to the placement
                 update = self.optimizer.begin_step_parameter(param, values, group, grad_is_scratch=True)  # type: ignore[attr-defined]
-                partial = next(update)
+                partial = next(update, None)  # None: a whole tensor's update, which ran to its end
+                if partial is None:
+                    return
                 if facts.batch is not None:
                     self.placement.defer(facts.batch, update, partial)
                     return
                 if facts.shard_group is not None:
                     dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=facts.shard_group)
-                try:
-                    update.send(partial)
-                except StopIteration:
-                    return
-                raise RuntimeError("a split update asked for a second collective")
+                finish_update(update, partial)
+                return
             if self._rule is not None:
                 self._rule.step_parameter(param, grad, group, grad_is_scratch=True)
             else:

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from lomo_lightning.layout import ShardLayout, local_tensor
-from lomo_lightning.optim.base import PerParameterOptimizer, finish_update
-from lomo_lightning.optim.kernels import Compile, adalomo_apply_, adalomo_statistics_, compiled, scalars
-from lomo_lightning.optim.rounding import WriteBack
+from lomo_lightning.optim.base import PerParameterOptimizer, run_update
+from lomo_lightning.optim.kernels import Compile, adalomo_apply_, adalomo_statistics_, compiled
+from lomo_lightning.optim.rounding import Write, write_
 
 
 class AdaLomo(PerParameterOptimizer):
@@ -93,16 +93,17 @@ class AdaLomo(PerParameterOptimizer):
         it right after), which saves a temporary the size of the parameter.
         """
         update = self.begin_step_parameter(param, grad, group, grad_is_scratch=grad_is_scratch)
-        finish_update(update, self.facts(param).layout.sum_(next(update)))
+        run_update(update, self.facts(param).layout)
 
     def begin_step_parameter(
         self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False
     ) -> Generator[Tensor, Tensor, None]:
         """The update of ``param`` as a coroutine, for an engine that batches the collectives of several.
 
-        ``next(update)`` runs it up to the partial sums it needs completed over the shard group (a 1-D
-        fp32 tensor); :func:`finish_update` sends them back summed over the group and runs it to the end.
-        On a plain tensor the partial sums are already whole. The state's step count advances here.
+        On a shard, ``next(update)`` runs it up to the partial sums it needs completed over the shard group
+        (a 1-D fp32 tensor); :func:`finish_update` sends them back summed over the group and runs it to the
+        end. A whole tensor's partial sums are complete: ``next(update, None)`` runs it to the end at once.
+        The state's step count advances here.
         """
         facts = self._facts.get(param) or self.facts(param)
         shard = facts.layout
@@ -110,7 +111,7 @@ class AdaLomo(PerParameterOptimizer):
         if not state:
             self._init_state(param, state, shard)
         state["step"] += 1
-        write_back = self.write_back(param, group, state) if facts.low_precision else None
+        write = self.write_back(param, group, state) if facts.low_precision else None
         # the compiled matrix step only reads the gradient: no fp32 copy of it is needed
         reads_only = facts.compiled and param.dim() >= 2
         if facts.distributed:  # elementwise work on the local shards, the state's included
@@ -127,7 +128,7 @@ class AdaLomo(PerParameterOptimizer):
             decay_rate=group["decay_rate"],
             weight_decay=group["weight_decay"],
             shard=shard,
-            write_back=write_back,
+            write=write,
             compile=facts.compiled,
         )
 
@@ -150,20 +151,6 @@ class AdaLomo(PerParameterOptimizer):
 _BLOCK_ELEMENTS = 2**18
 
 
-def column_sum_of_squares(matrix: Tensor) -> Tensor:
-    """``sum_i matrix[i, j]**2`` in blocks of rows.
-
-    One reduction over dim 0 of a large matrix is an order of magnitude slower on CPU than over dim 1
-    (128 ms against 7 ms for a 32000 x 768 embedding), and squaring the matrix whole would need a
-    temporary the size of the parameter; a block at a time is fast and bounded everywhere.
-    """
-    rows_per_block = max(1, _BLOCK_ELEMENTS // max(matrix.shape[1], 1))
-    total = matrix.new_zeros(matrix.shape[1])
-    for block in matrix.split(rows_per_block):
-        total.add_(block.square().sum(0))
-    return total
-
-
 def adalomo_update(
     param: Tensor,
     grad: Tensor,
@@ -176,22 +163,25 @@ def adalomo_update(
     decay_rate: float,
     weight_decay: float,
     shard: ShardLayout,
-    write_back: WriteBack | None = None,
+    write: Write | None = None,
     compile: bool = False,
 ) -> Generator[Tensor, Tensor, None]:
     """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite.
 
-    A 16-bit ``param`` is updated on an fp32 working copy, written back by ``write_back`` (default:
-    round to nearest). ``compile``: a matrix's step runs as two compiled kernels around the collective
+    A 16-bit ``param`` is updated on an fp32 working copy, written back by ``write`` (default: round to
+    nearest). ``compile``: a matrix's step runs as two compiled kernels around the collective
     (:func:`~lomo_lightning.optim.kernels.adalomo_statistics_`, :func:`~lomo_lightning.optim.kernels.adalomo_apply_`),
     which read ``grad`` (of any float dtype) without overwriting it and make no fp32 working copy; a
     vector's step is small and stays eager.
 
-    A coroutine: it yields once, the partial sums that span the whole tensor, and continues when sent
-    them summed over the shard group (see :func:`finish_update`). The update's sum of squares follows
+    A coroutine. On a shard (``shard.group``) it yields once, the partial sums that span the whole tensor,
+    and continues when sent them summed over the shard group (see :func:`finish_update`); a whole tensor's
+    sums are complete, and it runs to its end at the first ``next()``. The update's sum of squares follows
     from column sums, without a pass over ``u``: ``sum(u^2) = mean(R) * sum_j (sum_i g_ij^2 / R_i) / C_j``.
-    A matrix yields its column sums of ``g^2`` and ``g^2 / R`` (on a shard also its column-state chunk,
-    see :func:`_column_sums`), the row-state sum and the parameter's sum of squares; a vector, two sums.
+    A matrix's partial sums are ``[col sums of g^2, col sums of g^2 / R, (C,) sum(R), sum(theta^2)]``: on a
+    shard each rank keeps one chunk of ``C`` and puts it at its place among zeros, so that the sum that
+    completes the column sums also assembles the whole ``C`` (one collective of ``3 * cols + 2`` numbers). A
+    vector's are ``[sum(u^2), sum(theta^2)]``.
     """
     eps1, eps2 = eps
     beta = 1.0 - math.pow(step, decay_rate)
@@ -200,26 +190,43 @@ def adalomo_update(
     if matrix:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         g2d = update.view(row.numel(), -1)
+        rows, cols = g2d.shape
         if compile:
-            hyper = scalars(beta, 1.0 - beta, eps1, device=param.device)
-            param_squares, col_squares, scaled_squares, row_sum = compiled(adalomo_statistics_)(
-                param.view(row.numel(), -1), g2d, row, hyper
-            )
+            hyper = torch.tensor([beta, 1.0 - beta, eps1], dtype=torch.float32, device=param.device)
+            param_squares, col_squares, scaled_squares, row_sum = compiled(adalomo_statistics_)(param.view(rows, -1), g2d, row, hyper)
         else:
             param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
             # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
-            row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(g2d.shape[1]).add_(eps1)
+            row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(cols).add_(eps1)
             row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
-            col_squares = column_sum_of_squares(g2d)
-            g2d.mul_(row.rsqrt().unsqueeze(1))  # g / sqrt(R): the row half of u, known before any collective
-            scaled_squares = column_sum_of_squares(g2d)
+            row_rsqrt = row.rsqrt()
+            # column sums of g^2 and of (g / sqrt(R))^2, g scaled by its row factor on the way (the row half of u,
+            # known before any collective), in blocks of rows: one reduction over dim 0 of a large matrix is an
+            # order of magnitude slower on CPU than over dim 1, and a whole g^2 would be a temporary of its size
+            col_squares, scaled_squares = g2d.new_zeros(cols), g2d.new_zeros(cols)
+            rows_per_block = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+            for start in range(0, rows, rows_per_block):
+                block = g2d[start : start + rows_per_block]
+                col_squares.add_(block.square().sum(0))
+                block.mul_(row_rsqrt[start : start + rows_per_block].unsqueeze(1))
+                scaled_squares.add_(block.square().sum(0))
             row_sum = row.sum()
-        sums = yield _column_sums(col, col_squares, scaled_squares, row_sum, param_squares, shard)
-        col_factor, row_avg, param_squares, update_squares = _column_step(
-            col, sums, cols=g2d.shape[1], beta=beta, eps1=eps1, shard=shard
-        )
+        parts = [col_squares, scaled_squares]
+        if shard.group is not None:
+            whole_col = col_squares.new_zeros(cols)
+            whole_col[shard.columns(cols)] = col
+            parts.append(whole_col)
+        partial = torch.cat([*parts, row_sum.reshape(1), param_squares])
+        sums = partial if shard.group is None else (yield partial)
+        col_squares, scaled_squares = sums[:cols], sums[cols : 2 * cols]
+        whole_col = col if shard.group is None else sums[2 * cols : 3 * cols]
+        whole_col.mul_(beta).add_(col_squares.div_(shard.rows).add_(eps1), alpha=1.0 - beta)
+        if whole_col is not col:
+            col.copy_(whole_col[shard.columns(cols)])
+        row_avg = sums[-2].div(shard.rows)
+        param_squares, update_squares = sums[-1], scaled_squares.div_(whole_col).sum().mul_(row_avg)
         # u = g * rsqrt(R / mean(R)) * rsqrt(C)
-        factor = col_factor.rsqrt().mul_(row_avg.sqrt())
+        factor = whole_col.rsqrt().mul_(row_avg.sqrt())
         if not compile:
             g2d.mul_(factor.unsqueeze(0))
     else:
@@ -227,57 +234,23 @@ def adalomo_update(
         vec = state["exp_avg_sq"]
         vec.mul_(beta).add_(update.square().add_(eps1), alpha=1.0 - beta)
         update.mul_(vec.rsqrt())
-        sums = yield torch.cat([torch.linalg.vector_norm(update).square_().reshape(1), param_squares])
+        partial = torch.cat([torch.linalg.vector_norm(update).square_().reshape(1), param_squares])
+        sums = partial if shard.group is None else (yield partial)
         update_squares, param_squares = sums[0], sums[1]
     # grouped update normalization: u / max(1, RMS(u) / d)
     normalizer = update_squares.div(shard.numel).sqrt_().div_(clip_threshold).clamp_(min=1.0)
     lr_t = param_squares.div(shard.numel).sqrt_().clamp_(min=eps2).mul_(lr)
     decay = 1.0 - lr_t * weight_decay
     scale = lr_t.div_(normalizer)  # theta - u * (lr_t / normalizer): the two scalars folded, u read once
+    write = write or Write()
     if compile and matrix:
-        write = write_back or WriteBack()
-        compensation = write.compensation.view(-1) if write.compensation is not None else None
         compiled(adalomo_apply_)(
-            param.view(row.numel(), -1), g2d, row, factor, decay, scale, weight_decay != 0.0,
-            write.rounding, write.key_tensor(param.device), compensation,
-        )  # fmt: skip
+            param.view(rows, -1), g2d, row, factor, decay, scale, weight_decay != 0.0, write.rounding, write.key, write.compensation
+        )
         return
     work = param if param.dtype == torch.float32 else param.float()
     if weight_decay != 0.0:
         work.mul_(decay)
     work.sub_(update.mul_(scale))  # the kernel's roundings, in its order
     if work is not param:
-        (write_back or WriteBack())(param, work)
-
-
-def _column_sums(col: Tensor, col_squares: Tensor, scaled_squares: Tensor, row_sum: Tensor, param_squares: Tensor, shard: ShardLayout) -> Tensor:
-    """The partial sums a matrix needs completed: ``[col sums of g^2, col sums of g^2/R, (C,) sum(R), sum(theta^2)]``.
-
-    On a shard each rank keeps one chunk of ``C`` and puts it at its place among zeros, so that the
-    same sum that completes the column sums also assembles the whole ``C``: sharded statistics, still
-    one collective (latency-bound: ``3 * cols + 2`` numbers).
-    """
-    parts = [col_squares, scaled_squares]
-    if shard.group is not None:
-        whole_col = col_squares.new_zeros(col_squares.numel())
-        whole_col[shard.columns(col_squares.numel())] = col
-        parts.append(whole_col)
-    return torch.cat([*parts, row_sum.reshape(1), param_squares])
-
-
-def _column_step(
-    col: Tensor, sums: Tensor, *, cols: int, beta: float, eps1: float, shard: ShardLayout
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Update the column statistics from the completed :func:`_column_sums`.
-
-    Returns ``(C, mean(R), sum(theta^2), sum(u^2))`` with ``C`` whole; on a shard, ``col`` (this rank's
-    chunk) is updated from it.
-    """
-    col_squares, scaled_squares = sums[:cols], sums[cols : 2 * cols]
-    whole = col if shard.group is None else sums[2 * cols : 3 * cols]
-    whole.mul_(beta).add_(col_squares.div_(shard.rows).add_(eps1), alpha=1.0 - beta)
-    if whole is not col:
-        col.copy_(whole[shard.columns(cols)])
-    row_avg = sums[-2].div(shard.rows)
-    update_squares = scaled_squares.div_(whole).sum().mul_(row_avg)
-    return whole, row_avg, sums[-1], update_squares
+        (compiled(write_) if compile else write_)(param.view(-1), work.view(-1), write.rounding, write.key, write.compensation)

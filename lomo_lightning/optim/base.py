@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from lomo_lightning.layout import ShardLayout, flat_offset, is_distributed, local_tensor
 from lomo_lightning.optim.kernels import Compile, check_compile, use_compile
-from lomo_lightning.optim.rounding import WriteBack, check_rounding, is_low_precision
+from lomo_lightning.optim.rounding import Write, WriteBack, check_rounding, is_low_precision, key_word
 
 
 @runtime_checkable
@@ -36,10 +36,12 @@ class FusableRule(Protocol):
 class SplitStepRule(FusableRule, Protocol):
     """A rule whose step needs sums over a whole sharded tensor, and can split it around them.
 
-    ``begin_step_parameter`` is ``step_parameter`` as a generator: it yields its partial sums once (a 1-D
-    fp32 tensor) and finishes when sent them summed over :func:`~lomo_lightning.layout.shard_group`
-    (:func:`finish_update`). On FSDP2 shards the engine batches those collectives, one per unit. ``grad``
-    may be the local shard of a ``DTensor`` parameter's gradient.
+    ``begin_step_parameter`` is ``step_parameter`` as a generator. On a shard it yields its partial sums
+    once (a 1-D fp32 tensor) and finishes when sent them summed over
+    :func:`~lomo_lightning.layout.shard_group` (:func:`finish_update`); on FSDP2 shards the engine batches
+    those collectives, one per unit. A whole tensor's sums are complete as they are: its update may run to
+    its end at the first ``next()`` (:func:`run_update`). ``grad`` may be the local shard of a ``DTensor``
+    parameter's gradient.
     """
 
     def begin_step_parameter(
@@ -143,13 +145,14 @@ class PerParameterOptimizer(Optimizer):
         """
         raise NotImplementedError
 
-    def write_back(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> WriteBack:
+    def write_back(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Write:
         """How the fp32 result for ``param`` (bf16/fp16) is written back; stochastic rounding keys its
-        bits on ``state["step"]``, which the rule has advanced for this update."""
+        bits on ``state["step"]``, which the rule has advanced for this update. Runs once per update."""
         facts = self._facts.get(param) or self.facts(param)
         if group["rounding"] == "stochastic":
-            key = (group["seed"], int(state["step"]), facts.position)
-            return WriteBack("stochastic", key=key, offset=facts.offset, numel=facts.layout.numel, compile=facts.compiled)
+            word = key_word((group["seed"], int(state["step"]), facts.position))
+            key = torch.tensor([word, facts.offset], dtype=torch.int64, device=param.device)
+            return Write("stochastic", key, compile=facts.compiled)
         return write_back_of(param, group, state, step=0, position=facts.position, compile=facts.compiled)
 
     def compiles(self, param: Tensor) -> bool:
@@ -175,7 +178,7 @@ def write_back_of(
     position: int,
     like: Tensor | None = None,
     compile: bool = False,
-) -> WriteBack:
+) -> Write:
     """The write-back of ``param``'s update under ``group["rounding"]``; creates the state it needs.
 
     Stochastic rounding draws its bits from ``(group["seed"], step, position)`` and the elements'
@@ -183,14 +186,12 @@ def write_back_of(
     ``like`` (default: the parameter). ``compile``: the write runs as one compiled pass (bit-identical).
     """
     rounding = group["rounding"]
-    if rounding == "stochastic":
-        key = (group["seed"], step, position)
-        return WriteBack(rounding, key=key, offset=flat_offset(param), numel=param.numel(), compile=compile)
-    if rounding == "kahan":
-        if "kahan_comp" not in state:
-            state["kahan_comp"] = torch.zeros_like(param if like is None else like)
-        return WriteBack(rounding, compensation=local_tensor(state["kahan_comp"]), compile=compile)
-    return WriteBack(rounding, compile=compile)
+    if rounding == "kahan" and "kahan_comp" not in state:
+        state["kahan_comp"] = torch.zeros_like(param if like is None else like)
+    compensation = local_tensor(state["kahan_comp"]) if rounding == "kahan" else None
+    offset = flat_offset(param) if rounding == "stochastic" else 0
+    described = WriteBack(rounding, (group["seed"], step, position), offset=offset, compensation=compensation, compile=compile)
+    return described.write(local_tensor(param).device)
 
 
 def needs_write_back(param: Tensor) -> bool:
@@ -224,6 +225,13 @@ def keep_state_dtypes(optimizer: Optimizer) -> None:
 
     optimizer.register_load_state_dict_pre_hook(remember)
     optimizer.register_load_state_dict_post_hook(restore)
+
+
+def run_update(update: Generator[Tensor, Tensor, None], layout: ShardLayout) -> None:
+    """Run a split update (``begin_step_parameter``) to its end, completing its partial sums over ``layout``."""
+    partial = next(update, None)
+    if partial is not None:  # None: a whole tensor's update, which ran to its end
+        finish_update(update, layout.sum_(partial))
 
 
 def finish_update(update: Generator[Tensor, Tensor, None], sums: Tensor) -> None:

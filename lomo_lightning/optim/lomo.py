@@ -11,7 +11,7 @@ from torch import Tensor
 from lomo_lightning.layout import local_tensor
 from lomo_lightning.optim.base import PerParameterOptimizer
 from lomo_lightning.optim.kernels import Compile, compiled, lomo_step_, scalars
-from lomo_lightning.optim.rounding import WriteBack
+from lomo_lightning.optim.rounding import Write, write_
 
 
 class Lomo(PerParameterOptimizer):
@@ -56,13 +56,13 @@ class Lomo(PerParameterOptimizer):
     def step_parameter(self, param: Tensor, grad: Tensor, group: dict[str, Any], *, grad_is_scratch: bool = False) -> None:
         """Update ``param`` alone from ``grad`` with the hyper-parameters of ``group``."""
         facts = self._facts.get(param) or self.facts(param)
-        write_back = None
+        write = None
         if facts.low_precision:
             state = self.state[param]
             if group["rounding"] == "stochastic":
                 state.setdefault("step", torch.tensor(0.0))
                 state["step"] += 1
-            write_back = self.write_back(param, group, state)
+            write = self.write_back(param, group, state)
         # elementwise: a shard (FSDP2 DTensor) is updated through its local tensor, without DTensor dispatch
         if facts.distributed:
             param, grad = local_tensor(param), local_tensor(grad)
@@ -71,7 +71,7 @@ class Lomo(PerParameterOptimizer):
             grad,
             lr=group["lr"],
             weight_decay=group["weight_decay"],
-            write_back=write_back,
+            write=write,
             grad_is_scratch=grad_is_scratch,
             compile=facts.compiled,
         )
@@ -83,22 +83,20 @@ def lomo_update(
     *,
     lr: float,
     weight_decay: float,
-    write_back: WriteBack | None = None,
+    write: Write | None = None,
     grad_is_scratch: bool = False,
     compile: bool = False,
 ) -> None:
-    """``param <- param * (1 - lr * weight_decay) - grad * lr``, computed in fp32 (a 16-bit ``param`` via ``write_back``).
+    """``param <- param * (1 - lr * weight_decay) - grad * lr``, computed in fp32 (a 16-bit ``param`` via ``write``).
 
     Three roundings, in this order, eager or compiled (:func:`~lomo_lightning.optim.kernels.lomo_step_`,
     one pass with no fp32 working copy): the two are bit-identical. ``grad_is_scratch``: ``grad`` (fp32)
     may be overwritten, which spares the eager update a temporary.
     """
+    write = write or Write()
     if compile:
-        write = write_back or WriteBack()
         hyper = scalars(lr, 1.0 - lr * weight_decay, device=param.device)
-        key = write.key_tensor(param.device)
-        compensation = write.compensation.view(-1) if write.compensation is not None else None
-        compiled(lomo_step_)(param.view(-1), grad.view(-1), hyper, weight_decay != 0.0, write.rounding, key, compensation)
+        compiled(lomo_step_)(param.view(-1), grad.view(-1), hyper, weight_decay != 0.0, write.rounding, write.key, write.compensation)
         return
     work = param if param.dtype == torch.float32 else param.float()
     if weight_decay != 0.0:
@@ -106,4 +104,4 @@ def lomo_update(
     step = grad.mul_(lr) if grad_is_scratch and grad.dtype == torch.float32 else grad.to(torch.float32, copy=True).mul_(lr)
     work.sub_(step)
     if work is not param:
-        (write_back or WriteBack())(param, work)
+        write_(param.view(-1), work.view(-1), write.rounding, write.key, write.compensation)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -74,9 +75,28 @@ def is_low_precision(tensor: Tensor) -> bool:
     return tensor.dtype in LOW_PRECISION
 
 
+class Write(NamedTuple):
+    """One write-back as :func:`write_` takes it: what a rule makes once per update (its hot path).
+
+    ``key``: under stochastic rounding ``[k, offset]`` (int64), the write's :func:`key_word` and the
+    position of the local tensor's first element in the whole flattened parameter (non-zero for an FSDP2
+    shard); ``compensation``: the flat Kahan buffer; ``compile``: one compiled pass rather than eager
+    (bit-identical).
+    """
+
+    rounding: str = "nearest"
+    key: Tensor | None = None
+    compensation: Tensor | None = None
+    compile: bool = False
+
+    def __call__(self, param: Tensor, work: Tensor) -> None:
+        """Write ``work`` (fp32, the shape of ``param``; may be overwritten) into ``param`` (bf16/fp16, local)."""
+        (compiled(write_) if self.compile else write_)(param.view(-1), work.view(-1), self.rounding, self.key, self.compensation)
+
+
 @dataclass(frozen=True)
 class WriteBack:
-    """How the fp32 result of one update is written into its 16-bit parameter.
+    """How the fp32 result of one update is written into its 16-bit parameter, described (:meth:`write` makes it).
 
     Args:
         rounding: one of :data:`ROUNDINGS`.
@@ -96,30 +116,17 @@ class WriteBack:
     compile: bool = False
 
     def __call__(self, param: Tensor, work: Tensor) -> None:
-        """Write ``work`` (fp32, same shape; overwritten) into ``param`` (bf16/fp16, local)."""
-        if self.compile:
-            compiled(write_)(param.view(-1), work.view(-1), self.rounding, self.key_tensor(param.device), self._flat_compensation())
-        elif self.rounding == "stochastic":
-            key = self.key_tensor(param.device)
-            assert key is not None
-            _stochastic_blocks(param, work, key)
-        elif self.rounding == "kahan":
+        """Write ``work`` (fp32, same shape; may be overwritten) into ``param`` (bf16/fp16, local)."""
+        self.write(param.device)(param, work)
+
+    def write(self, device: torch.device | str) -> Write:
+        """This write-back as the kernels take it, its key on ``device``."""
+        if self.rounding == "stochastic":
+            return Write(self.rounding, torch.tensor([key_word(self.key), self.offset], dtype=torch.int64, device=device), compile=self.compile)
+        if self.rounding == "kahan":
             assert self.compensation is not None, "Kahan write-back needs its compensation buffer"
-            kahan_write_back_(param, work, self.compensation)
-        else:
-            param.copy_(work)
-
-    def key_tensor(self, device: torch.device) -> Tensor | None:
-        """What a kernel needs of the key: ``[k, offset]`` (int64) under stochastic rounding, else ``None``."""
-        if self.rounding != "stochastic":
-            return None
-        return torch.tensor([key_word(self.key), self.offset], dtype=torch.int64, device=device)
-
-    def _flat_compensation(self) -> Tensor | None:
-        if self.rounding != "kahan":
-            return None
-        assert self.compensation is not None, "Kahan write-back needs its compensation buffer"
-        return self.compensation.view(-1)
+            return Write(self.rounding, compensation=self.compensation.view(-1), compile=self.compile)
+        return Write(self.rounding, compile=self.compile)
 
 
 def kahan_write_back_(param: Tensor, work: Tensor, compensation: Tensor) -> None:
@@ -158,89 +165,77 @@ def stochastic_round_(
     WriteBack("stochastic", key=key, offset=offset, compile=compile)(param, work)
 
 
-def _stochastic_blocks(param: Tensor, work: Tensor, key: Tensor) -> None:
-    """The eager stochastic write: :func:`write_` on blocks of :data:`BLOCK` elements (bounded temporaries)."""
-    target, source = param.view(-1), work.view(-1)
-    for start in range(0, target.numel(), BLOCK):
-        block_key = key + torch.tensor([0, start], dtype=torch.int64, device=key.device) if start else key
-        write_(target[start : start + BLOCK], source[start : start + BLOCK], "stochastic", block_key, None)
-
-
 def key_word(key: tuple[int, ...]) -> int:
     """The 32-bit word ``k`` of a write's key ``(seed, step, index)`` that its bits are hashed with."""
     return int.from_bytes(hashlib.blake2b(repr(tuple(key)).encode(), digest_size=4).digest(), "little")
 
 
-def _times_32(x: Tensor, multiplier: int) -> Tensor:
-    """``x * multiplier mod 2^32`` for int64 ``x`` in ``[0, 2^32)``, never overflowing int64.
-
-    A product of two 32-bit words needs 64 unsigned bits; int64 holds 63. A multiplier below 2^31 keeps
-    the product below 2^63; one above is split as ``2^31 + m'``, and ``x * 2^31 mod 2^32`` is ``x``'s
-    lowest bit moved to bit 31. Overflow would be undefined in C++ (inductor's CPU code), so it is avoided.
-    """
-    if multiplier < 2**31:
-        return (x * multiplier) & _MASK_32
-    return (x * (multiplier - 2**31) + ((x & 1) << 31)) & _MASK_32
-
-
-def _lowbias32(x: Tensor) -> Tensor:
-    """C. Wellons' ``lowbias32`` (hash-prospector): a 32-bit bijection whose output bits flip ~50% per input bit."""
-    x = x ^ (x >> 16)
-    x = _times_32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _times_32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
 def random_bits(positions: Tensor, key: Tensor, count: int) -> Tensor:
     """``count`` (<= 32) uniform random bits for each element at ``positions`` (int64, >= 0): a pure function.
 
-    ``key[0]`` is the write's :func:`key_word`. The position's low word is xor-ed with it, its high
-    word (non-zero beyond 2^32 elements) spread by a golden-ratio multiplier, and the result hashed by
-    :func:`_lowbias32`; the top ``count`` bits are returned (int64 in ``[0, 2^count)``).
+    ``key[0]`` is the write's :func:`key_word`. The position's low word is xor-ed with it, its high word
+    (non-zero beyond 2^32 elements) spread by a golden-ratio multiplier, and the result hashed by C. Wellons'
+    ``lowbias32`` (hash-prospector: a 32-bit bijection whose output bits flip ~50% per input bit); the top
+    ``count`` bits are returned (int64 in ``[0, 2^count)``).
+
+    ``lowbias32`` multiplies 32-bit words mod 2^32, a product that needs 64 unsigned bits where int64 holds
+    63, and overflow would be undefined in C++ (inductor's CPU code). A multiplier below 2^31 keeps the
+    product below 2^63; the one above is split as ``2^31 + m'``, and ``x * 2^31 mod 2^32`` is ``x``'s lowest
+    bit moved to bit 31.
     """
     high = ((positions >> 32) * _GOLDEN_32) & _MASK_32
-    return _lowbias32((positions & _MASK_32) ^ key[0] ^ high) >> (32 - count)
+    x = (positions & _MASK_32) ^ key[0] ^ high
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK_32  # below 2^31
+    x = x ^ (x >> 15)
+    x = (x * (0x846CA68B - 2**31) + ((x & 1) << 31)) & _MASK_32  # 0x846CA68B = 2^31 + m'
+    x = x ^ (x >> 16)
+    return x >> (32 - count)
 
 
 def write_(param: Tensor, work: Tensor, rounding: str, key: Tensor | None, compensation: Tensor | None) -> None:
-    """``param <- rounding(work)``, elementwise on flat tensors: the write-back as one pass for a kernel.
+    """``param <- rounding(work)`` on flat tensors: every write-back, eager or inside a compiled kernel.
 
-    The eager write runs it on blocks, the compiled one on the whole tensor; both give the same bits.
-    ``key`` is ``[k, offset]`` (:meth:`WriteBack.key_tensor`) under stochastic rounding; ``compensation``
-    the Kahan buffer. ``work`` is only read.
+    ``key`` is ``[k, offset]`` (:class:`Write`) under stochastic rounding, ``compensation`` the flat Kahan
+    buffer. Run eagerly, ``work`` may be overwritten and a stochastic write of more than :data:`BLOCK`
+    elements goes block by block (its temporaries stay a few bytes per element of one block); compiled, it is
+    one pass that only reads ``work`` and has no temporary. Both write the same bits.
+
+    bf16 by torchao's bit trick: a bf16 value is an fp32 value whose low 16 bits are zero. Adding 16 uniform
+    random bits to the low half of the fp32 pattern carries into the high half with probability
+    ``low / 2^16``: truncating afterwards rounds the magnitude up with exactly the probability that makes the
+    rounding unbiased (the sign bit is apart, so this is rounding away from / towards zero). Values beyond
+    bf16's largest finite value, infinities and NaNs get no random bits: they are truncated, which keeps them
+    (a quiet NaN keeps its quiet bit) and saturates a finite value to the largest one.
     """
+    eager = not torch.compiler.is_compiling()
     if rounding == "stochastic":
         assert key is not None
+        if eager and param.numel() > BLOCK:
+            for start in range(0, param.numel(), BLOCK):
+                block_key = key + torch.tensor([0, start], dtype=torch.int64, device=key.device)
+                write_(param[start : start + BLOCK], work[start : start + BLOCK], rounding, block_key, None)
+            return
         positions = torch.arange(param.numel(), dtype=torch.int64, device=param.device) + key[1]
         if param.dtype == torch.bfloat16:
-            param.copy_(_round_to_bf16(work, random_bits(positions, key, 16).to(torch.int32)))
+            pattern = work.view(torch.int32)
+            bits = random_bits(positions, key, 16).to(torch.int32)
+            in_range = (pattern & _MAGNITUDE_BITS) <= _BF16_MAX_BITS
+            rounded = torch.where(in_range, pattern + bits, pattern) & _LOW_16_BITS_CLEARED
+            param.copy_(rounded.view(torch.float32).to(torch.bfloat16))  # exact: the low 16 bits are zero
         else:
             param.copy_(_round_to_fp16(work, random_bits(positions, key, 24)))
     elif rounding == "kahan":
-        assert compensation is not None
-        total = work + compensation
-        written = total.to(param.dtype)
-        param.copy_(written)
-        compensation.copy_(total - written)
+        assert compensation is not None, "Kahan write-back needs its compensation buffer"
+        if eager:
+            kahan_write_back_(param, work, compensation)  # in place: no temporary
+        else:
+            total = work + compensation
+            written = total.to(param.dtype)
+            param.copy_(written)
+            compensation.copy_(total - written)
     else:
         param.copy_(work)
-
-
-def _round_to_bf16(x: Tensor, bits: Tensor) -> Tensor:
-    """Stochastic rounding to bf16 by torchao's bit trick: the bf16 result of fp32 ``x`` and 16 random ``bits``.
-
-    A bf16 value is an fp32 value whose low 16 bits are zero. Adding 16 uniform random bits to the
-    low half of the fp32 pattern carries into the high half with probability ``low / 2^16``: truncating
-    afterwards rounds the magnitude up with exactly the probability that makes the rounding unbiased
-    (the sign bit is apart, so this is rounding away from / towards zero). Values beyond bf16's largest
-    finite value, infinities and NaNs get no random bits: they are truncated, which keeps them
-    (a quiet NaN keeps its quiet bit) and saturates a finite value to the largest one.
-    """
-    pattern = x.view(torch.int32)
-    in_range = (pattern & _MAGNITUDE_BITS) <= _BF16_MAX_BITS
-    rounded = torch.where(in_range, pattern + bits, pattern) & _LOW_16_BITS_CLEARED
-    return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
 def _round_to_fp16(x: Tensor, bits: Tensor) -> Tensor:
