@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from harness import methods
 from harness.env import RESULTS
 
 WORLD = 2
@@ -69,14 +70,16 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
 
-def make_optimizer(mode: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    from lomo_lightning import AdaLomo, Lomo
+# each rule as conf/method builds it (lomo-train method=...), at these rates
+RULES = {"adamw": ["method=adamw", "method.optimizer.lr=1e-4", "method.optimizer.weight_decay=0.01"],
+         "adalomo": ["method=adalomo", "method.optimizer.lr=1e-3"], "lomo": ["method=lomo", "method.optimizer.lr=1e-3"]}
 
-    if mode.endswith("adamw"):
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    if mode.endswith("adalomo"):
-        return AdaLomo(params, lr=1e-3)
-    return Lomo(params, lr=1e-3)
+
+def make_optimizer(mode: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    from lomo_lightning.preflight import checked_method
+
+    factory, _ = checked_method(methods.compose(*RULES[mode.rsplit("_", 1)[-1]]).method, 1)
+    return factory(params)
 
 
 def local_bytes(tensors: list[torch.Tensor]) -> int:
@@ -93,9 +96,9 @@ def local_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, sft: Any = None) -> list[torch.Tensor]:
-    """The optimizer's state, plus what sparse fine-tuning keeps besides the parameters: the indices of its values."""
+    """The optimizer's state, plus what sparse fine-tuning keeps besides the parameters (its indices)."""
     tensors = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return tensors + [layer.indices for layer in sft.layers.values()] if sft is not None else tensors
+    return tensors + methods.sft_state(sft) if sft is not None else tensors
 
 
 def apply_sft(model: torch.nn.Module) -> Any:

@@ -27,6 +27,8 @@ class Method:
     optimizers: list = field(default_factory=list)
     state: Callable[[], list] = list
     config: Any = None
+    engine: Any = None  # a fused method's FusedUpdater (its clipping, rounding)
+    strategy: str = "auto"  # the single-device Lightning strategy that runs this step: "lomo" (fused) or "auto"
 
 
 def compose(*overrides: str) -> Any:
@@ -45,10 +47,13 @@ def loss_of(model: Any, batch: Any) -> Any:
     return model(**batch).loss if isinstance(batch, dict) else model(input_ids=batch, labels=batch).loss
 
 
-def build(model: Any, overrides: list[str], total_steps: int = 100, loss: Callable[[Any, Any], Any] = loss_of) -> Method:
-    """The method of ``lomo-train <overrides>`` on ``model`` (a selection is applied to it)."""
-    import torch
+def build(model: Any, overrides: list[str], total_steps: int = 100, loss: Callable[[Any, Any], Any] = loss_of,
+          engine: Callable[..., Any] | None = None) -> Method:
+    """The method of ``lomo-train <overrides>`` on ``model`` (a selection is applied to it).
 
+    ``engine(model, rule, clip_grad_norm=...)`` makes a fused method's engine (default: ``FusedUpdater``, as the
+    single-device fused strategy; e.g. ``ShardedFusedUpdater`` with a shard group for ``lomo_fsdp``'s).
+    """
     from lomo_lightning import FusedUpdater
     from lomo_lightning.preflight import checked_method
     from lomo_lightning.selection import SparseFineTuning
@@ -64,24 +69,34 @@ def build(model: Any, overrides: list[str], total_steps: int = 100, loss: Callab
     rule = factory(list(model.parameters()))
     clip = cfg.method.gradient_clip_val
     if cfg.method.fused:
-        updater = FusedUpdater(model, rule, clip_grad_norm=clip)
+        updater = (engine or FusedUpdater)(model, rule, clip_grad_norm=clip)
 
         def step(batch: Any) -> None:
             updater.backward(loss(model, batch))
             if sft is not None:
                 sft.step(rule)  # SFTReselectionCallback.on_train_batch_end
     else:
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def step(batch: Any) -> None:
-            loss(model, batch).backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            rule.step()
-            rule.zero_grad(set_to_none=True)
-
+        step = standard(model, rule, loss, clip).step
+        updater = None
     trainable = sft.budget if sft is not None else sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Method(model, step, trainable, [rule], (lambda: sft_state(sft)) if sft is not None else list, cfg)
+    return Method(model, step, trainable, [rule], (lambda: sft_state(sft)) if sft is not None else list, cfg, updater,
+                  "lomo" if cfg.method.fused else "auto")
+
+
+def standard(model: Any, optimizer: Any, loss: Callable[[Any, Any], Any] = loss_of, clip: float | None = None) -> Method:
+    """The standard step: ``backward()``, norm clipping to ``clip`` (as Lightning's), ``step()``, ``zero_grad()``."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch: Any) -> None:
+        loss(model, batch).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Method(model, step, sum(p.numel() for p in params), [optimizer])
 
 
 def sft_state(sft: Any) -> list:
@@ -117,15 +132,7 @@ def lora(model: Any, rank: int, lr: float = 1e-3, loss: Callable[[Any, Any], Any
     from peft import get_peft_model
 
     model = get_peft_model(model, lora_config(rank))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-
-    def step(batch: Any) -> None:
-        loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return Method(model, step, sum(p.numel() for p in params), [optimizer])
+    return standard(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr), loss)
 
 
 def lora_parameter_count(model_or_config: Any, rank: int) -> int:
