@@ -130,7 +130,7 @@ class Trainer:
     """One method on one model: ``step(batch)`` trains on a batch, with the LR schedule applied."""
 
     def __init__(self, model, method: str, lr: float, total_steps: int, *, weight_decay: float = 0.0,
-                 sft_budget: int = 10_000, lora_rank: int = 4, hft_seed: int = 0):
+                 sft_budget: int = 10_000, lora_rank: int = 4, seed: int = 0):
         import torch
 
         from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SFTAdamW
@@ -161,13 +161,15 @@ class Trainer:
                 reselection_steps=20,
                 selection_accumulation_steps=5,
                 total_steps=total_steps,
+                seed=seed,  # the initial random active sets
             ).apply(model)
-            # SpIEL's rules for the values, fused here one tensor at a time: AdamW with per-entry ages (AG), SM3 (MA)
+            # SpIEL's rules for the values, fused here one tensor at a time: AdamW with per-entry ages (AG), SM3 (MA);
+            # their defaults are the reference's (SFTAdamW eps 1e-6); weight decay pulls the deltas toward the base
             rule = SFTAdamW if method == "sft_ag" else SM3
-            self.optimizer = rule(self.sft.parameters(), lr=lr, weight_decay=0.0)
+            self.optimizer = rule(self.sft.parameters(), lr=lr, weight_decay=weight_decay)
         else:
             if method in ("hft", "hft_adalomo"):
-                HalfFineTuning(ratio=0.5, seed=hft_seed).apply(model)
+                HalfFineTuning(ratio=0.5, seed=seed).apply(model)
             params = [p for p in model.parameters() if p.requires_grad]
             if method == "lomo":
                 self.optimizer = Lomo(params, lr=lr, weight_decay=weight_decay)

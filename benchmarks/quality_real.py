@@ -63,10 +63,11 @@ def instruct_data(tokenizer, val_examples: int = VAL_EXAMPLES, seq_len: int = SE
 
 def run(method: str, lr: float, steps: int, eval_every: int, val_examples: int = VAL_EXAMPLES, threads: int = 2,
         seed: int = 0, seq_len: int = SEQ_LEN, batch: int = BATCH, general: bool = True, greedy: bool = False,
-        prose_blocks: int = 4, initial: dict | None = None, progress: str | None = None) -> dict:
+        prose_blocks: int = 4, initial: dict | None = None, progress: str | None = None, weight_decay: float = 0.0) -> dict:
     """One method at one learning rate; the held-out loss (and the general-ability probes) every ``eval_every`` steps.
 
-    ``seed`` orders the training batches (seed 0: the data module's own order) and draws HFT's mask; the
+    ``seed`` orders the training batches (seed 0: the data module's own order) and draws HFT's mask and SFT's
+    initial entries; ``weight_decay`` is the rule's (on SFT's deltas: toward the base); the
     held-out examples are the same for every seed. ``general=False`` skips the general-ability probes,
     ``greedy`` adds the greedy-answer check to them, ``prose_blocks`` is the prose blocks per text.
     ``initial``: the base model's evaluations, if known, recorded as step 0 instead of evaluating again.
@@ -92,7 +93,8 @@ def run(method: str, lr: float, steps: int, eval_every: int, val_examples: int =
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).train()
     budget = lora_parameter_count(model, LORA_RANK)  # SFT at LoRA's trainable count exactly
     rule_name = {"sft_ma": "sft_sm3"}.get(method, method)
-    trainer = qc.Trainer(model, rule_name, lr=lr, total_steps=steps, lora_rank=LORA_RANK, sft_budget=budget, hft_seed=seed)
+    trainer = qc.Trainer(model, rule_name, lr=lr, total_steps=steps, lora_rank=LORA_RANK, sft_budget=budget, seed=seed,
+                         weight_decay=weight_decay)
     val = instruct.val_dataloader()
     evals: dict[str, Any] = {"instruct_val_loss": lambda: qc.evaluate(trainer.model, val)}
     if general:
