@@ -440,8 +440,8 @@ def pilot(args: argparse.Namespace) -> None:
 SFT_LORA = dict(steps=30, eval_every=5)
 SFT_LORA_PILOT = {"lora": (1e-3, 3e-3, 1e-2), "sft_ag": (3e-4, 1e-3), "sft_ma": (1e-3, 3e-3)}  # seed 0, no decay
 # SFT-AG's weight decay on the deltas (toward the base). The paper searched 1-30 at lr 1e-5 over thousands of steps;
-# what the deltas feel is the total shrink, sum(lr_t * decay): about 0.5 for 30 at lr 1e-3 over these 30 steps,
-# near the paper's (5e3 steps x 3e-4 x ~0.5), while 3 would shrink them by ~5% only
+# what the deltas feel is the total shrink, sum(lr_t * decay): for 30 over these 30 steps about 0.5 at lr 1e-3 and
+# 0.15 at 3e-4 (the paper's: ~5e3 steps x 3e-4 x ~0.5), while 3 would shrink them by 1.5-5% only
 SFT_DECAYS = (0.0, 30.0)
 ARM_LABELS = {"lora": "LoRA r=8 + AdamW (peft)", "sft_ag": "SFT-AG + SFTAdamW", "sft_ma": "SFT-MA + SM3"}
 
