@@ -3,6 +3,9 @@
     python benchmarks/claims_smollm2.py pilot --lrs 3e-3 1e-2   # full AdaLomo, seed 0: which learning rate forgets
     python benchmarks/claims_smollm2.py forgetting              # HFT vs full fine-tuning at equal target loss
     python benchmarks/claims_smollm2.py optimizers              # AdaLomo vs AdamW, LOMO beside, over the same runs
+    python benchmarks/claims_smollm2.py sft_lora --workers 1    # SFT (SpIEL) vs LoRA at LoRA's budget, along the runs
+    python benchmarks/claims_smollm2.py sft_lora --pilot        # its first part only: the learning rates (seed 0)
+    python benchmarks/claims_smollm2.py sft_lora --timing       # their step times, stepped in turns in one process
 
 Every run is :func:`quality_real.run` (fine-tuning on ``py_instruct`` through the chat template, prompt masked)
 with one shared set-up (:data:`SETUP`): short sequences, few steps, an evaluation every few steps of the
@@ -22,6 +25,9 @@ Each run also keeps its curve so far beside the cache, so a run stopped early le
   from the base loss down to the deepest level both methods reach. Claim: HFT's rise <= 0.6x full's.
 - ``optimizers`` (Lv et al., AdaLomo): the final held-out loss of AdamW, AdaLomo and LOMO, each at one
   learning rate, seeds paired. Claim: AdaLomo within 2% of AdamW.
+- ``sft_lora`` (Ansell et al., SpIEL): LoRA (rank 8) against SFT-AG (a small grid of weight decay on the deltas)
+  and SFT-MA at LoRA's exact trainable count, the held-out loss every few steps, seeds paired: the difference
+  along the trajectory and where it changes sign. Claim: SFT's held-out loss <= LoRA's.
 
 Writes ``benchmarks/results/claims_<study>.{json,md,png}``.
 """
@@ -428,6 +434,198 @@ def pilot(args: argparse.Namespace) -> None:
     write("claims_pilot", "\n".join(lines) + "\n", {"setup": SETUP, "runs": results})
 
 
+# ------------------------------------------------------------------------------------------------- SFT vs LoRA
+
+# longer runs than SETUP's, a held-out evaluation every few steps (no probes); SFT reselects after steps 5 and 25
+SFT_LORA = dict(steps=30, eval_every=5)
+SFT_LORA_PILOT = {"lora": (1e-3, 3e-3, 1e-2), "sft_ag": (3e-4, 1e-3), "sft_ma": (1e-3, 3e-3)}  # seed 0, no decay
+# SFT-AG's weight decay on the deltas (toward the base). The paper searched 1-30 at lr 1e-5 over thousands of steps;
+# what the deltas feel is the total shrink, sum(lr_t * decay): for 30 over these 30 steps about 0.5 at lr 1e-3 and
+# 0.15 at 3e-4 (the paper's: ~5e3 steps x 3e-4 x ~0.5), while 3 would shrink them by 1.5-5% only
+SFT_DECAYS = (0.0, 30.0)
+ARM_LABELS = {"lora": "LoRA r=8 + AdamW (peft)", "sft_ag": "SFT-AG + SFTAdamW", "sft_ma": "SFT-MA + SM3"}
+
+
+def sft_job(method: str, lr: float, seed: int, weight_decay: float = 0.0) -> dict[str, Any]:
+    return dict(job(method, lr, seed, False), **SFT_LORA, weight_decay=weight_decay)
+
+
+def arm_label(method: str, weight_decay: float) -> str:
+    return ARM_LABELS[method] + (f", decay {weight_decay:g}" if method == "sft_ag" else "")
+
+
+def losses(run: dict[str, Any]) -> list[float]:
+    return [p["instruct_val_loss"] for p in run["curve"]]
+
+
+def sft_lora_pilot(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Seed 0 of every method at every pilot learning rate, no decay (run, or from the cache); writes its page."""
+    configs = [sft_job(m, lr, 0) for m, lrs in SFT_LORA_PILOT.items() for lr in lrs]
+    if args.report_only:
+        configs = [c for c in configs if cache_path(c).exists()]
+        results = execute([(c, c) for c in configs], args.workers)
+    else:
+        results = run_configs(configs, args.workers)
+    steps = [p["step"] for p in results[0]["curve"]]
+    lines = [f"# Pilot: learning rates for SFT vs LoRA (seed 0, no weight decay, {SFT_LORA['steps']} steps)", "",
+             "Held-out response loss along the run; set-up as in `claims_sft_lora.md`, which takes each method's "
+             "learning rate with the lowest final loss here.", "",
+             "| method | lr | " + " | ".join(f"step {s}" for s in steps) + " | s |", "|---|---|" + "---|" * (len(steps) + 1)]
+    for r in results:
+        lines.append(f"| {ARM_LABELS[r['method']]} | {r['lr']:g} | " + " | ".join(f"{x:.4f}" for x in losses(r))
+                     + f" | {r['seconds']:.0f} |")
+    write("claims_sft_lora_pilot", "\n".join(lines) + "\n", {"setup": dict(SETUP, **SFT_LORA), "runs": results})
+    return results
+
+
+def time_steps(warmup: int, timed: int) -> dict[str, list[float]]:
+    """LoRA, SFT-AG and SFT-MA built in this one process and stepped in turns on the same batches (load hits all)."""
+    import time
+
+    import torch
+    from memory_speed import lora_parameter_count
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lomo_lightning.models import smollm2_directory
+
+    qc.quiet()
+    directory = smollm2_directory()
+    data = quality_real.instruct_data(AutoTokenizer.from_pretrained(directory), 8, SETUP["seq_len"], SETUP["batch"])
+    batches, trainers = qc.forever(data.train_dataloader), {}
+    for m in ARM_LABELS:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).train()
+        trainers[m] = qc.Trainer(model, {"sft_ma": "sft_sm3"}.get(m, m), lr=1e-3, total_steps=100,
+                                 lora_rank=quality_real.LORA_RANK, sft_budget=lora_parameter_count(model, quality_real.LORA_RANK))
+    times: dict[str, list[float]] = {m: [] for m in trainers}
+    for i in range(warmup + timed):
+        batch = next(batches)
+        for m, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.step(batch)
+            if i >= warmup:
+                times[m].append(time.perf_counter() - start)
+    return times
+
+
+def sft_lora_timing() -> None:
+    times = qc.run_pool(time_steps, [dict(warmup=2, timed=8)], workers=1)[0]
+    medians = {m: statistics.median(v) for m, v in times.items()}
+    lines = [f"# Step time, SFT vs LoRA at LoRA's budget, SmolLM2-135M-Instruct (batch {SETUP['batch']} x {SETUP['seq_len']})", "",
+             "The three built in one process and stepped in turns on the same batches, 8 steps after 2 warm-up, one "
+             "torch thread; a shared 2-core CPU.", "", "| method | step s (median) | vs LoRA |", "|---|---|---|"]
+    lines += [f"| {ARM_LABELS[m]} | {v:.3f} | {v / medians['lora']:.3f} |" for m, v in medians.items()]
+    write("claims_sft_lora_timing", "\n".join(lines) + "\n", {"steps_s": times, "median_s": medians})
+
+
+def sft_lora(args: argparse.Namespace) -> None:
+    if args.timing:
+        return sft_lora_timing()
+    pilot_runs = sft_lora_pilot(args)  # the pilot first (cached runs cost nothing): it picks the learning rates
+    if args.pilot:
+        return
+    best = {m: min((r for r in pilot_runs if r["method"] == m), key=lambda r: losses(r)[-1])["lr"] for m in SFT_LORA_PILOT}
+    lrs = dict(best, **dict(parse_lr(x) for x in args.lr_of))
+    arms = [("lora", 0.0)] + [("sft_ag", wd) for wd in SFT_DECAYS] + [("sft_ma", 0.0)]
+    configs = [sft_job(m, lrs[m], seed, wd) for seed in args.seeds for m, wd in arms]  # seed by seed: a stop leaves whole seeds
+    if args.report_only:
+        configs = [c for c in configs if cache_path(c).exists()]
+        results = execute([(c, c) for c in configs], args.workers)
+    else:
+        results = run_configs(configs, args.workers)
+    runs = {arm: [r for r, c in zip(results, configs) if (c["method"], c["weight_decay"]) == arm] for arm in arms}
+    seeds = [r["seed"] for r in runs[("lora", 0.0)]]
+    runs = {arm: rs for arm, rs in runs.items() if [r["seed"] for r in rs] == seeds}  # arms with every seed LoRA has
+    steps = [p["step"] for p in runs[("lora", 0.0)][0]["curve"]]
+    lora = [losses(r) for r in runs[("lora", 0.0)]]
+    summary: dict[str, Any] = {}
+    lines = [
+        f"# SFT (SpIEL) against LoRA at LoRA's budget, SmolLM2-135M-Instruct, {len(seeds)} seeds",
+        "",
+        f"py_instruct through the chat template, batch {SETUP['batch']} x <= {SETUP['seq_len']} tokens, {SFT_LORA['steps']} "
+        f"steps, linear warm-up 5% then cosine to 10%; held-out response loss on {SETUP['val_examples']} held-out "
+        f"functions every {SFT_LORA['eval_every']} steps (base model {lora[0][0]:.4f}). LoRA: rank 8, alpha 16 on "
+        f"q,k,v,o,gate,up,down, AdamW; SFT: exactly LoRA's trainable count ({runs[('lora', 0.0)][0]['trainable']:,}) on "
+        "the same matrices, reselection every 20 steps after step 5 (the first replaces every entry), SFT-AG with "
+        "SFTAdamW (eps 1e-6, the reference's), SFT-MA with SM3; weight decay on the deltas pulls them toward the base. "
+        "A seed orders the batches and draws SFT's initial entries; each method's learning rate is its best in the "
+        "pilot (seed 0, no decay: `claims_sft_lora_pilot.md`), whose runs are also seed 0 here.",
+        "",
+        f"## At the end (step {steps[-1]}; mean over seeds, 95% t-interval; ratios paired by seed)",
+        "",
+        "| method | lr | final held-out loss per seed | mean [95%] | / LoRA [95%] | SFT - LoRA [95%] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (m, wd), rs in runs.items():
+        final = [losses(r)[-1] for r in rs]
+        ratio = interval([x / y[-1] for x, y in zip(final, lora)])
+        diff = interval([x - y[-1] for x, y in zip(final, lora)])
+        ci = interval(final)
+        summary[f"{m}:{wd:g}"] = {"lr": lrs[m], "weight_decay": wd, "final": final, "final_ci": ci, "over_lora": ratio,
+                                   "minus_lora_by_step": [interval([a - b for a, b in zip(x, y)]) for x, y in
+                                                          zip(zip(*[losses(r) for r in rs]), zip(*lora))]}
+        lines.append(f"| {arm_label(m, wd)} | {lrs[m]:g} | {', '.join(f'{x:.4f}' for x in final)} | "
+                     f"{ci['mean']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}] | "
+                     + ("- | - |" if m == "lora" else f"{ratio['mean']:.4f} [{ratio['low']:.4f}, {ratio['high']:.4f}] | {fmt(diff)} |"))
+    lines += ["", "## Along the trajectory: SFT - LoRA held-out loss (mean over seeds [95%]; negative: SFT better)", "",
+              "| step | LoRA (mean) | " + " | ".join(arm_label(m, wd) for m, wd in runs if m != "lora") + " |",
+              "|---|---|" + "---|" * (len(runs) - 1)]
+    for i, step in enumerate(steps):
+        lines.append(f"| {step} | {statistics.fmean(x[i] for x in lora):.4f} | " + " | ".join(
+            fmt(summary[f"{m}:{wd:g}"]["minus_lora_by_step"][i]) for m, wd in runs if m != "lora") + " |")
+    lines += ["", "## The claim (SFT's held-out loss <= LoRA's at equal budget)", ""]
+    for (m, wd) in runs:
+        if m == "lora":
+            continue
+        cell = summary[f"{m}:{wd:g}"]
+        by_step = cell["minus_lora_by_step"][1:]
+        below = [s for s, d in zip(steps[1:], by_step) if d["mean"] <= 0]
+        sure_worse = [s for s, d in zip(steps[1:], by_step) if d["low"] > 0]
+        sure_better = [s for s, d in zip(steps[1:], by_step) if d["high"] < 0]
+        crossings = [steps[1:][i + 1] for i in range(len(by_step) - 1)
+                     if (by_step[i]["mean"] <= 0) != (by_step[i + 1]["mean"] <= 0)]
+        ratio = cell["over_lora"]
+        lines.append(
+            f"- {arm_label(m, wd)}: {ratio['mean']:.4f}x LoRA's final loss [{ratio['low']:.4f}, {ratio['high']:.4f}]; "
+            f"at or below LoRA (mean) at steps {below or 'none'}; above it with the interval excluding 0 at steps "
+            f"{sure_worse or 'none'}, below it so at {sure_better or 'none'}; "
+            + (f"the mean difference changes sign by step(s) {crossings}" if crossings else "no crossover in the mean"))
+    lines.append("\nThe best of several decays, picked over the same seeds, is an optimistic estimate of SFT-AG.")
+    write("claims_sft_lora", "\n".join(lines) + "\n",
+          {"setup": dict(SETUP, **SFT_LORA), "lrs": lrs, "decays": SFT_DECAYS, "seeds": seeds, "steps": steps,
+           "summary": summary, "runs": results})
+    sft_lora_plot(runs, steps)
+
+
+def sft_lora_plot(runs: dict[tuple[str, float], list[dict]], steps: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    colors = iter(("black", "tab:blue", "tab:cyan", "tab:purple", "tab:green"))
+    lora = [losses(r) for r in runs[("lora", 0.0)]]
+    for (m, wd), rs in runs.items():
+        color, label = next(colors), arm_label(m, wd)
+        mean = [statistics.fmean(x) for x in zip(*[losses(r) for r in rs])]
+        axes[0].plot(steps, mean, marker="o", ms=3, color=color, label=label)
+        for r in rs:
+            axes[0].plot(steps, losses(r), color=color, alpha=0.25, lw=0.8)
+        if m != "lora":
+            cis = [interval([a - b for a, b in zip(x, y)]) for x, y in zip(zip(*[losses(r) for r in rs]), zip(*lora))]
+            axes[1].plot(steps, [c["mean"] for c in cis], marker="o", ms=3, color=color, label=label)
+            axes[1].fill_between(steps, [c["low"] for c in cis], [c["high"] for c in cis], color=color, alpha=0.15)
+    axes[1].axhline(0.0, color="black", lw=0.8)
+    axes[0].set(xlabel="step", ylabel="held-out response loss (py_instruct)", title="mean over seeds (thin: each seed)")
+    axes[1].set(xlabel="step", ylabel="SFT - LoRA held-out loss", title="paired by seed, 95% t-interval (below 0: SFT better)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct: SFT (SpIEL) vs LoRA at LoRA's trainable budget")
+    fig.tight_layout()
+    fig.savefig(qc.RESULTS / "claims_sft_lora.png", dpi=120)
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -445,18 +643,21 @@ def write(name: str, text: str, payload: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["pilot", "forgetting", "optimizers"])
+    parser.add_argument("study", choices=["pilot", "forgetting", "optimizers", "sft_lora"])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=FORGET_LR, help="forgetting: the learning rate of both methods")
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2], help="pilot: the learning rates tried")
     parser.add_argument("--methods", nargs="+", default=["adalomo"], help="pilot: the methods tried")
-    parser.add_argument("--lr-of", nargs="*", default=[], metavar="METHOD=LR", help="optimizers: override a learning rate")
+    parser.add_argument("--lr-of", nargs="*", default=[], metavar="METHOD=LR",
+                        help="optimizers, sft_lora: override a learning rate")
     parser.add_argument("--report-only", action="store_true",
-                        help="forgetting, pilot: run nothing; report what finished (and what stopped runs left)")
+                        help="forgetting, pilot, sft_lora: run nothing; report what finished (and what stopped runs left)")
+    parser.add_argument("--pilot", action="store_true", help="sft_lora: the learning-rate pilot (seed 0) instead")
+    parser.add_argument("--timing", action="store_true", help="sft_lora: step times (the three in turns) instead")
     parser.add_argument("--run-only", nargs="*", default=[], metavar="METHOD", help="optimizers: only run these, no report")
     args = parser.parse_args()
-    {"pilot": pilot, "forgetting": forgetting, "optimizers": optimizers}[args.study](args)
+    {"pilot": pilot, "forgetting": forgetting, "optimizers": optimizers, "sft_lora": sft_lora}[args.study](args)
 
 
 if __name__ == "__main__":

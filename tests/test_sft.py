@@ -303,6 +303,41 @@ def test_accumulated_gradient_regrowth_seeds_moments_for_a_bias_correction_by_ea
         assert (optimizer.state[layer.values]["age"][grown] == A + 1).all()
 
 
+def reference_sft_adamw_step(p, grad, state, lr, weight_decay, betas=(0.9, 0.999), eps=1e-6):
+    """SpIEL's ``SftAdamW.step`` for one tensor, transcribed from AlanAnsell/peft ``src/peft/tuners/sft/optimizer.py``
+    (its defaults: betas (0.9, 0.999), eps 1e-6; the paper's ``finetune/finetune.py`` in ducdauge/sft-llm passes
+    only ``lr`` and the group's ``weight_decay``, 1 to 30 in its ``hp_search.sh``)."""
+    age, exp_avg, exp_avg_sq = state["age"], state["exp_avg"], state["exp_avg_sq"]
+    beta1, beta2 = betas
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    denom.mul_(1.0 - beta1**age)
+    denom.div_(torch.sqrt(1.0 - beta2**age))
+    p.addcdiv_(exp_avg, denom, value=-lr)
+    if weight_decay > 0.0:
+        p.add_(p, alpha=-lr * weight_decay)
+    age += 1
+
+
+def test_sft_adamw_with_its_defaults_steps_as_the_reference_does_with_the_papers_weight_decay():
+    lr, weight_decay = 1e-5, 30.0  # the paper's largest decay, at its SFT-AG learning rate
+    generator = torch.Generator().manual_seed(0)
+    values = nn.Parameter(torch.randn(64, generator=generator) * 1e-3)
+    expected = values.detach().clone()
+    optimizer = SFTAdamW([values], lr=lr, weight_decay=weight_decay)  # as the paper builds it: eps etc. left default
+    ages = torch.randint(1, 6, (64,), generator=generator).float()  # regrown entries start older than 1
+    reference = {"age": ages, "exp_avg": torch.zeros(64), "exp_avg_sq": torch.zeros(64)}
+    optimizer.state[values].update({key: value.clone() for key, value in reference.items()})
+    for _ in range(6):
+        grad = torch.randn(64, generator=generator) * 1e-6  # small: eps 1e-6 and 1e-8 give different steps here
+        values.grad = grad.clone()
+        optimizer.step()
+        reference_sft_adamw_step(expected, grad, reference, lr, weight_decay)
+        torch.testing.assert_close(values.detach(), expected, rtol=1e-6, atol=0)
+    assert torch.equal(optimizer.state[values]["age"], reference["age"])
+
+
 def test_kept_entries_keep_their_optimizer_state_and_regrown_ones_start_from_zero():
     model = tiny_llama()
     sft = sparse().apply(model)

@@ -73,13 +73,13 @@ LABELS_PEERS = {"floor": "floor (backward, gradients dropped, no update)", "adal
 
 
 def sft_vs_lora_smollm2() -> str:
-    """SFT against LoRA on SmolLM2: MemTracker peak (memory_speed.py) and step time in turns (sft_vs_lora_smollm2.py)."""
+    """SFT against LoRA on SmolLM2: MemTracker peak (memory_speed.py) and step time in turns (claims_smollm2.py sft_lora --timing)."""
     by = rows("memory_speed_smollm2")
-    steps = json.loads((RESULTS / "sft_vs_lora_smollm2.json").read_text())["timing"]["median_s"]
+    steps = json.loads((RESULTS / "claims_sft_lora_timing.json").read_text())["median_s"]
     body = []
     for m, label in [("lora", "LoRA + AdamW (peft)"), ("sft_ag", "SFT-AG + SFTAdamW (fused)"), ("sft_sm3", "SFT-MA + SM3 (fused)")]:
         ratio = by[m]["peak_bytes"] / by["lora"]["peak_bytes"]
-        body.append([label, mib(by[m]), f"{ratio:.3f}" + (" (FAIL)" if ratio > 1 else ""), f"{steps[m] / steps['lora']:.3f}"])
+        body.append([label, mib(by[m]), f"{ratio:.3f}" + (" (FAIL)" if ratio > 1 else ""), f"{steps[m.replace('sft_sm3', 'sft_ma')] / steps['lora']:.3f}"])
     return table(["", "peak MiB (MemTracker)", "peak / LoRA (target ≤ 1)", "step / LoRA (target ≤ 1.2)"], body)
 
 

@@ -110,7 +110,7 @@ class Trainer:
     """One method on one model: ``step(batch)`` trains on a batch, with the LR schedule applied."""
 
     def __init__(self, model, method: str, lr: float, total_steps: int, *, weight_decay: float = 0.0,
-                 sft_budget: int = 10_000, lora_rank: int = 4, hft_seed: int = 0):
+                 sft_budget: int = 10_000, lora_rank: int = 4, seed: int = 0):
         import torch
 
         from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SFTAdamW
@@ -139,13 +139,15 @@ class Trainer:
                 reselection_steps=20,
                 selection_accumulation_steps=5,
                 total_steps=total_steps,
+                seed=seed,  # the initial random active sets
             ).apply(model)
-            # SpIEL's rules for the values, fused here one tensor at a time: AdamW with per-entry ages (AG), SM3 (MA)
+            # SpIEL's rules for the values, fused here one tensor at a time: AdamW with per-entry ages (AG), SM3 (MA);
+            # their defaults are the reference's (SFTAdamW eps 1e-6); weight decay pulls the deltas toward the base
             rule = SFTAdamW if method == "sft_ag" else SM3
-            self.optimizer = rule(self.sft.parameters(), lr=lr, weight_decay=0.0)
+            self.optimizer = rule(self.sft.parameters(), lr=lr, weight_decay=weight_decay)
         else:
             if method in ("hft", "hft_adalomo"):
-                HalfFineTuning(ratio=0.5, seed=hft_seed).apply(model)
+                HalfFineTuning(ratio=0.5, seed=seed).apply(model)
             params = [p for p in model.parameters() if p.requires_grad]
             if method == "lomo":
                 self.optimizer = Lomo(params, lr=lr, weight_decay=weight_decay)
@@ -257,10 +259,11 @@ def smollm2_instruct_data(tokenizer, val_examples: int = VAL_EXAMPLES, seq_len: 
 
 def smollm2_run(method: str, lr: float, steps: int, eval_every: int, val_examples: int = VAL_EXAMPLES, threads: int = 2,
         seed: int = 0, seq_len: int = SEQ_LEN, batch: int = BATCH, general: bool = True, greedy: bool = False,
-        prose_blocks: int = 4, initial: dict | None = None, progress: str | None = None) -> dict:
+        prose_blocks: int = 4, initial: dict | None = None, progress: str | None = None, weight_decay: float = 0.0) -> dict:
     """One method at one learning rate; the held-out loss (and the general-ability probes) every ``eval_every`` steps.
 
-    ``seed`` orders the training batches (seed 0: the data module's own order) and draws HFT's mask; the
+    ``seed`` orders the training batches (seed 0: the data module's own order) and draws HFT's mask and SFT's
+    initial entries; ``weight_decay`` is the rule's (on SFT's deltas: toward the base); the
     held-out examples are the same for every seed. ``general=False`` skips the general-ability probes,
     ``greedy`` adds the greedy-answer check to them, ``prose_blocks`` is the prose blocks per text.
     ``initial``: the base model's evaluations, if known, recorded as step 0 instead of evaluating again.
@@ -285,7 +288,8 @@ def smollm2_run(method: str, lr: float, steps: int, eval_every: int, val_example
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).train()
     budget = lora_parameter_count(model, SMOLLM2_LORA_RANK)  # SFT at LoRA's trainable count exactly
     rule_name = {"sft_ma": "sft_sm3"}.get(method, method)
-    trainer = Trainer(model, rule_name, lr=lr, total_steps=steps, lora_rank=SMOLLM2_LORA_RANK, sft_budget=budget, hft_seed=seed)
+    trainer = Trainer(model, rule_name, lr=lr, total_steps=steps, lora_rank=SMOLLM2_LORA_RANK, sft_budget=budget, seed=seed,
+                      weight_decay=weight_decay)
     val = instruct.val_dataloader()
     evals: dict[str, Any] = {"instruct_val_loss": lambda: evaluate(trainer.model, val)}
     if general:

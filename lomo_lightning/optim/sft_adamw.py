@@ -37,8 +37,10 @@ class SFTAdamW(PerParameterOptimizer):
         params: parameters or parameter groups.
         lr: learning rate :math:`\eta`.
         betas: :math:`(\beta_1, \beta_2)`.
-        eps: :math:`\epsilon`.
-        weight_decay: decoupled weight decay :math:`\lambda`.
+        eps: :math:`\epsilon`; 1e-6 by default, the reference's (``SftAdamW``'s own default, which the
+            SpIEL paper's scripts keep), not PyTorch's 1e-8.
+        weight_decay: decoupled weight decay :math:`\lambda`. On sparse fine-tuning's values (the deltas)
+            it pulls each active weight toward its pretrained value; the paper's scripts search 1-30.
         rounding: how a 16-bit parameter receives its fp32 result (:class:`~lomo_lightning.optim.Lomo`);
             sparse fine-tuning's values are fp32, so it matters only for 16-bit parameters.
         seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``).
@@ -51,7 +53,7 @@ class SFTAdamW(PerParameterOptimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        eps: float = 1e-6,
         weight_decay: float = 0.0,
         rounding: str = "stochastic",
         seed: int | None = None,
