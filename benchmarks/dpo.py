@@ -501,21 +501,17 @@ def quality_plot(measures: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     kinds = list(measures)
-    for offset, measure in ((-0.2, "summed"), (0.2, "per_token")):
-        cis = [measures[k][measure] for k in kinds]
-        axes[0].errorbar([i + offset for i in range(len(kinds))], [c["mean"] for c in cis], fmt="o", capsize=4,
-                         yerr=[[c["mean"] - c["low"] for c in cis], [c["high"] - c["mean"] for c in cis]], label=measure)
-    tuned = kinds[1:]
-    for offset, side in ((-0.2, "chosen"), (0.2, "rejected")):
-        cis = [measures[k][f"logps_{side}_change"] for k in tuned]
-        axes[1].errorbar([i + offset for i in range(len(tuned))], [c["mean"] for c in cis], fmt="o", capsize=4,
-                         yerr=[[c["mean"] - c["low"] for c in cis], [c["high"] - c["mean"] for c in cis]], label=f"logps/{side}")
-    axes[0].set(ylabel="held-out preference accuracy (95% interval)", xticks=range(len(kinds)), xticklabels=kinds)
-    axes[1].set(ylabel="change from the base model (summed log-prob)", xticks=range(len(tuned)), xticklabels=tuned)
-    axes[1].axhline(0, color="gray", lw=0.8)
-    for ax in axes:
+    panels = ((kinds, ("summed", "per_token"), "held-out preference accuracy (95% interval)"),
+              (kinds[1:], ("logps_chosen_change", "logps_rejected_change"), "change from the base model (summed log-prob)"))
+    for ax, (names, keys, label) in zip(axes, panels):
+        for offset, key in zip((-0.2, 0.2), keys):
+            cis = [measures[k][key] for k in names]
+            ax.errorbar([i + offset for i in range(len(names))], [c["mean"] for c in cis], fmt="o", capsize=4, label=key,
+                        yerr=[[c["mean"] - c["low"] for c in cis], [c["high"] - c["mean"] for c in cis]])
+        ax.set(ylabel=label, xticks=range(len(names)), xticklabels=names)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    axes[1].axhline(0, color="gray", lw=0.8)
     fig.suptitle("SmolLM2-135M-Instruct, hard preference pairs: DPO against label-swap and SFT-on-chosen controls")
     fig.tight_layout()
     fig.savefig(RESULTS / "claims_dpo.png", dpi=120)
