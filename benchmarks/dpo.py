@@ -453,8 +453,8 @@ def quality_markdown(result: dict) -> str:
         "",
         "Where the margin comes from (mean change from the base model over held-out pairs, summed log-probabilities), "
         f"and greedy completion of {GENERATED} held-out bodies (prompt -> body, up to the real body's length + 32 tokens; "
-        "the code is the block after a ```python fence, else the text before any fence, of a repeated `def` "
-        "its body; matches: the same syntax tree as the real body, so formatting, comments and a repeated docstring aside):",
+        "the code is the block after a ```python fence, else the text before any fence, and the body of a repeated "
+        "`def`; matches: the same syntax tree as the real body, so formatting, comments and a repeated docstring aside):",
         "",
         "| model | logps/chosen change | logps/rejected change | completions that parse | match the real body |",
         "|---|---|---|---|---|",
