@@ -24,7 +24,7 @@ from lomo_lightning.data import (
 )
 from lomo_lightning.data.instructions import PY_INSTRUCTION
 from lomo_lightning.data.mutations import mutated_bodies, shuffled_lines
-from lomo_lightning.data.preferences import body_hash, extract_prompt
+from lomo_lightning.data.preferences import body_hash, extract_prompt, instruction_conversations
 
 MAX_FILES = 40
 VOCAB = 512
@@ -227,6 +227,24 @@ def test_stdlib_pairs_reject_one_mutation_of_each_body_that_still_parses_with_he
     assert not set(records["train"]["input"]) & set(records["val"]["input"]), "held-out functions come from held-out files"
     pairs.setup("fit")
     assert 0 < len(pairs.val_dataset) <= records["val"].num_rows
+
+
+def test_stdlib_pairs_are_tokenized_as_trls_dpo_trainer_tokenizes_their_conversations(cache_dir, chat_tokenizer):
+    """Prompt and body tokenized together and split at the prompt as TRL does: both sides of a pair share the
+    prompt's tokens, so no token at the boundary tells the chosen body from the rejected one."""
+    seq_len = 512
+    pairs = PyPreferenceDataModule(chat_tokenizer, max_files=MAX_FILES, val_fraction=0.2, cache_dir=cache_dir, seq_len=seq_len)
+    records = pairs.load_records()["val"]
+    pairs.setup("fit")
+    expected = trl_rows(list(instruction_conversations(records, chat_tokenizer)), chat_tokenizer, seq_len)
+    assert len(pairs.val_dataset) == len(expected) > 0
+    for row, theirs in zip(pairs.val_dataset, expected):
+        prompt = theirs["prompt"]
+        assert row["chosen_input_ids"][:prompt] == row["rejected_input_ids"][:prompt], "one prompt for both sides"
+        for side in ("chosen", "rejected"):
+            assert row[f"{side}_input_ids"] == theirs[side]
+            assert row[f"{side}_labels"] == [IGNORE_INDEX] * prompt + theirs[side][prompt:]
+    assert chat_tokenizer.decode(pairs.val_dataset[0]["chosen_input_ids"]).endswith(records[0]["chosen"] + "<|im_end|>\n")
 
 
 @pytest.mark.slow  # extracts the functions of the whole stdlib (~30 s)
