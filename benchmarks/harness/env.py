@@ -60,6 +60,24 @@ def write(name: str, payload: dict[str, Any], markdown: str, title: str | None =
     return path
 
 
+def figure(*args: Any, **kwargs: Any) -> Any:
+    """``plt.subplots(*args, **kwargs)`` on the Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save(fig: Any, name: str) -> None:
+    """``fig`` as ``results/<name>.png``, then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+    plt.close(fig)
+
+
 def mib(x: float) -> float:
     return x / 2**20
 
