@@ -18,7 +18,7 @@ import argparse
 from typing import Any
 
 from harness import memory
-from harness.env import environment, mib, quiet, write
+from harness.env import environment, figure, mib, quiet, save, write
 from harness.memory import peak_by_category, skip_frozen_parameters  # noqa: F401  # dpo.py imports them from here
 from harness.methods import Method, build, floor, llama, lora, lora_parameter_count, smollm2
 
@@ -174,12 +174,6 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_sweep(threads: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from harness.env import RESULTS
-
     base = dict(PRESETS["small"], warmup=1, timed=0, threads=threads)
     rows = []
     for hidden, layers, heads, intermediate in SWEEP_SIZES:
@@ -188,7 +182,7 @@ def run_sweep(threads: int) -> None:
             rows.append(dict(memory.in_subprocess(__file__, method, spec), hidden=hidden, layers=layers))
     write("memory_sweep_size", {"spec": base, "sizes": SWEEP_SIZES, "results": rows}, sweep_table(rows) + "\n",
           "Peak memory vs model size")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure(figsize=(7, 4.5))
     for method in ("adamw", "adalomo", "floor"):
         points = [(r["parameters"] / 1e6, mib(r["peak_bytes"]) / 1024) for r in rows if r["method"] == method and "error" not in r]
         ax.plot(*zip(*points), marker="o", label=LABELS[method])
@@ -196,8 +190,7 @@ def run_sweep(threads: int) -> None:
            title="Peak training memory vs model size (fp32, batch 2 x 256, checkpointing)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "memory_sweep_size.png", dpi=120)
+    save(fig, "memory_sweep_size")
     print(sweep_table(rows))
 
 

@@ -71,9 +71,11 @@ def figure(*args: Any, **kwargs: Any) -> Any:
 
 
 def save(fig: Any, name: str) -> None:
-    """``fig`` as ``results/<name>.png``, then closed."""
+    """``fig`` laid out tight, as ``results/<name>.png``, then closed."""
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / f"{name}.png", dpi=120)
     plt.close(fig)
 
