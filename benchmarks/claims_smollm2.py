@@ -300,7 +300,6 @@ def forgetting_plot(runs: dict[str, list[dict]], name: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct on py_instruct: what each method forgets on the way (one line per seed)")
-    fig.tight_layout()
     env.save(fig, name)
 
 
@@ -382,7 +381,6 @@ def optimizers_plot(runs: dict[str, list[dict]], name: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("SmolLM2-135M-Instruct: AdaLomo vs AdamW, LOMO (one line per seed)")
-    fig.tight_layout()
     env.save(fig, name)
 
 
@@ -605,7 +603,6 @@ def sft_lora_plot(runs: dict[tuple[str, float], list[dict]], steps: list[int]) -
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct: SFT (SpIEL) vs LoRA at LoRA's trainable budget")
-    fig.tight_layout()
     env.save(fig, "claims_sft_lora")
 
 
