@@ -95,15 +95,21 @@ def memory_speed_smollm2() -> str:
     return table(["method", "peak (MiB)", "params", "opt state", "activations", "temps", "other (buffers)", "peak / LoRA"], body)
 
 
-def memory_sweep_size() -> str:
-    data = json.loads((RESULTS / "memory_sweep_size.json").read_text())
+def sweep_table(data: dict[str, Any]) -> str:
+    """``memory_speed.py --sweep-size``: the peaks of AdamW, AdaLomo and the floor per model size (complete sizes only)."""
     body = []
     for hidden, *_ in data["sizes"]:
         r = {x["method"]: x for x in data["results"] if x.get("hidden") == hidden and "error" not in x}
+        if len(r) < 3:
+            continue
         a, f, w = (r[m]["peak_bytes"] for m in ("adalomo", "floor", "adamw"))
         body.append([f"{r['adamw']['parameters'] / 1e6:.1f}M", f"{w / 2**20:.0f}", f"{a / 2**20:.0f}", f"{f / 2**20:.0f}",
                      f"{a / w:.3f}", f"{a / f:.3f}"])
     return table(["parameters", "AdamW peak (MiB)", "AdaLomo peak (MiB)", "floor peak (MiB)", "AdaLomo / AdamW", "AdaLomo / floor"], body)
+
+
+def memory_sweep_size() -> str:
+    return sweep_table(json.loads((RESULTS / "memory_sweep_size.json").read_text()))
 
 
 def chunked_loss() -> str:

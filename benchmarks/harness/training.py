@@ -12,8 +12,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -157,13 +155,6 @@ def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str
         "seconds": time.perf_counter() - start,
         "trainable": trainer.trainable,
     }
-
-
-def run_pool(fn: Callable, jobs: list[dict], workers: int = 2) -> list[Any]:
-    """``fn(**job)`` for every job in fresh spawned processes (so one torch thread each, no forked state)."""
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(fn, **job) for job in jobs]
-        return [f.result() for f in futures]
 
 
 SEQ_LEN, BATCH, VAL_EXAMPLES = 256, 4, 64
