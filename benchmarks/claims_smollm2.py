@@ -7,7 +7,7 @@
     python benchmarks/claims_smollm2.py sft_lora --pilot        # its first part only: the learning rates (seed 0)
     python benchmarks/claims_smollm2.py sft_lora --timing       # their step times, stepped in turns in one process
 
-Every run is :func:`quality_real.run` (fine-tuning on ``py_instruct`` through the chat template, prompt masked)
+Every run is :func:`training.smollm2_run` (fine-tuning on ``py_instruct`` through the chat template, prompt masked)
 with one shared set-up (:data:`SETUP`): short sequences, few steps, an evaluation every few steps of the
 held-out response loss and, where a study needs it, the general-ability probes of :mod:`general_ability`
 (prose loss, fixed-QA answer loss, greedy answers to factual questions). A seed orders the training
@@ -43,22 +43,21 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from typing import Any
 
-import quality_common as qc
-import quality_real
+from harness import env, methods, training
 
 # The shared set-up, sized for a 2-core CPU shared by seven jobs: a step of batch 2 x 128 tokens costs ~7 CPU-s,
 # one evaluation with the probes ~45 CPU-s, so a run with the probes is ~3.5 CPU-minutes (10-17 wall minutes at
 # the 13-17% of a core each of two processes got here at nice 19)
 SETUP: dict[str, Any] = dict(seq_len=128, batch=2, steps=16, eval_every=8, val_examples=24, prose_blocks=1, threads=1)
 SEEDS = (0, 1, 2)
-# full AdaLomo and HFT: 3x past the top of quality_real.py's grid, where 16 steps at <= 3e-3 forgot nothing
+# full AdaLomo and HFT: 3x past the top of the former quality_real.py's grid, where 16 steps at <= 3e-3 forgot nothing
 FORGET_LR = 3e-3
 OPTIMIZER_LRS = {"adamw": 1e-4, "adalomo": FORGET_LR, "lomo": 1e-2}
 KEYS = ("prose_loss", "qa_loss", "qa_greedy")
 KEY_LABELS = {"prose_loss": "prose loss", "qa_loss": "QA answer loss", "qa_greedy": "greedy answers right"}
 LABELS = {"adalomo": "full fine-tuning (AdaLomo)", "hft": "HFT + AdaLomo", "adamw": "AdamW", "lomo": "LOMO"}
 LEVELS = (0.25, 0.5, 0.75, 1.0)  # target levels: fractions of the way from the base loss to the deepest common one
-CACHE = qc.RUNS / "claims"
+CACHE = env.RUNS / "claims"
 
 
 # Student's t, two-sided 95%, by degrees of freedom (scipy is not a dependency of the benchmarks)
@@ -99,13 +98,13 @@ def base_point(general: bool) -> dict[str, Any]:
 
 
 def execute(todo: list[tuple[dict[str, Any], dict[str, Any]]], workers: int) -> list[dict[str, Any]]:
-    """``quality_real.run(**arguments)`` for every ``(config, arguments)`` not cached yet, ``workers`` at a time in
+    """``training.smollm2_run(**arguments)`` for every ``(config, arguments)`` not cached yet, ``workers`` at a time in
     the given order, each cached under ``config`` as it finishes; then every run, from the cache."""
     CACHE.mkdir(parents=True, exist_ok=True)
     missing = [(c, a) for c, a in todo if not cache_path(c).exists()]
     if missing:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(quality_real.run, **a): c for c, a in missing}
+            futures = {pool.submit(training.smollm2_run, **a): c for c, a in missing}
             for future in as_completed(futures):
                 config, out = futures[future], future.result()
                 cache_path(config).write_text(json.dumps(dict(out, config=config)))
@@ -118,6 +117,13 @@ def run_configs(configs: list[dict[str, Any]], workers: int) -> list[dict[str, A
     """Every configuration's run, each starting from the base model's cached evaluations."""
     points = {g: base_point(g) for g in sorted({c["general"] for c in configs})}
     return execute([(c, dict(c, initial=points[c["general"]], progress=str(partial_path(c)))) for c in configs], workers)
+
+
+def finished_or_run(configs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every configuration's run; with ``--report-only`` only the finished ones, from the cache."""
+    if args.report_only:
+        return execute([(c, c) for c in configs if cache_path(c).exists()], args.workers)
+    return run_configs(configs, args.workers)
 
 
 def partial_path(config: dict[str, Any]):
@@ -147,8 +153,8 @@ def forgetting_by_seed(full: list[dict], hft: list[dict]) -> list[dict[str, Any]
         levels = [base - x * (base - deepest) for x in LEVELS]
         out.append({
             "seed": f["seed"], "base_loss": base, "levels": levels, "progress": deepest < base,
-            "full": [quality_real.forgetting_at(f, t, KEYS) for t in levels],
-            "hft": [quality_real.forgetting_at(h, t, KEYS) for t in levels],
+            "full": [training.forgetting_at(f, t, KEYS) for t in levels],
+            "hft": [training.forgetting_at(h, t, KEYS) for t in levels],
         })
     return out
 
@@ -279,12 +285,7 @@ def forgetting_report(runs: dict[str, list[dict]], per_seed: list[dict], summary
 
 
 def forgetting_plot(runs: dict[str, list[dict]], name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = env.figure(1, 3, figsize=(16, 4.5))
     colors = {"adalomo": "tab:red", "hft": "tab:blue"}
     for method in ("adalomo", "hft"):
         for i, r in enumerate(runs[method]):
@@ -299,8 +300,7 @@ def forgetting_plot(runs: dict[str, list[dict]], name: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct on py_instruct: what each method forgets on the way (one line per seed)")
-    fig.tight_layout()
-    fig.savefig(qc.RESULTS / f"{name}.png", dpi=120)
+    env.save(fig, name)
 
 
 def unfinished(configs: list[dict[str, Any]]) -> str:
@@ -371,12 +371,7 @@ def optimizers_report(runs: dict[str, list[dict]], lrs: dict[str, float]) -> tup
 
 
 def optimizers_plot(runs: dict[str, list[dict]], name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = env.figure(figsize=(7, 4.5))
     colors = {"adamw": "black", "adalomo": "tab:red", "lomo": "tab:orange"}
     for m, rs in runs.items():
         for i, r in enumerate(rs):
@@ -386,8 +381,7 @@ def optimizers_plot(runs: dict[str, list[dict]], name: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("SmolLM2-135M-Instruct: AdaLomo vs AdamW, LOMO (one line per seed)")
-    fig.tight_layout()
-    fig.savefig(qc.RESULTS / f"{name}.png", dpi=120)
+    env.save(fig, name)
 
 
 def optimizers(args: argparse.Namespace) -> None:
@@ -461,11 +455,7 @@ def losses(run: dict[str, Any]) -> list[float]:
 def sft_lora_pilot(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Seed 0 of every method at every pilot learning rate, no decay (run, or from the cache); writes its page."""
     configs = [sft_job(m, lr, 0) for m, lrs in SFT_LORA_PILOT.items() for lr in lrs]
-    if args.report_only:
-        configs = [c for c in configs if cache_path(c).exists()]
-        results = execute([(c, c) for c in configs], args.workers)
-    else:
-        results = run_configs(configs, args.workers)
+    results = finished_or_run(configs, args)
     steps = [p["step"] for p in results[0]["curve"]]
     lines = [f"# Pilot: learning rates for SFT vs LoRA (seed 0, no weight decay, {SFT_LORA['steps']} steps)", "",
              "Held-out response loss along the run; set-up as in `claims_sft_lora.md`, which takes each method's "
@@ -483,19 +473,19 @@ def time_steps(warmup: int, timed: int) -> dict[str, list[float]]:
     import time
 
     import torch
-    from memory_speed import lora_parameter_count
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lomo_lightning.models import smollm2_directory
 
-    qc.quiet()
+    env.quiet()
     directory = smollm2_directory()
-    data = quality_real.instruct_data(AutoTokenizer.from_pretrained(directory), 8, SETUP["seq_len"], SETUP["batch"])
-    batches, trainers = qc.forever(data.train_dataloader), {}
+    data = training.smollm2_instruct_data(AutoTokenizer.from_pretrained(directory), 8, SETUP["seq_len"], SETUP["batch"])
+    batches, trainers = training.forever(data.train_dataloader), {}
     for m in ARM_LABELS:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).train()
-        trainers[m] = qc.Trainer(model, {"sft_ma": "sft_sm3"}.get(m, m), lr=1e-3, total_steps=100,
-                                 lora_rank=quality_real.LORA_RANK, sft_budget=lora_parameter_count(model, quality_real.LORA_RANK))
+        trainers[m] = training.Trainer(model, {"sft_ma": "sft_sm3"}.get(m, m), lr=1e-3, total_steps=100,
+                                 lora_rank=training.SMOLLM2_LORA_RANK,
+                                       sft_budget=methods.lora_parameter_count(model, training.SMOLLM2_LORA_RANK))
     times: dict[str, list[float]] = {m: [] for m in trainers}
     for i in range(warmup + timed):
         batch = next(batches)
@@ -508,7 +498,8 @@ def time_steps(warmup: int, timed: int) -> dict[str, list[float]]:
 
 
 def sft_lora_timing() -> None:
-    times = qc.run_pool(time_steps, [dict(warmup=2, timed=8)], workers=1)[0]
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:  # a fresh process of its own
+        times = pool.submit(time_steps, warmup=2, timed=8).result()
     medians = {m: statistics.median(v) for m, v in times.items()}
     lines = [f"# Step time, SFT vs LoRA at LoRA's budget, SmolLM2-135M-Instruct (batch {SETUP['batch']} x {SETUP['seq_len']})", "",
              "The three built in one process and stepped in turns on the same batches, 8 steps after 2 warm-up, one "
@@ -527,12 +518,8 @@ def sft_lora(args: argparse.Namespace) -> None:
     lrs = dict(best, **dict(parse_lr(x) for x in args.lr_of))
     arms = [("lora", 0.0)] + [("sft_ag", wd) for wd in SFT_DECAYS] + [("sft_ma", 0.0)]
     configs = [sft_job(m, lrs[m], seed, wd) for seed in args.seeds for m, wd in arms]  # seed by seed: a stop leaves whole seeds
-    if args.report_only:
-        configs = [c for c in configs if cache_path(c).exists()]
-        results = execute([(c, c) for c in configs], args.workers)
-    else:
-        results = run_configs(configs, args.workers)
-    runs = {arm: [r for r, c in zip(results, configs) if (c["method"], c["weight_decay"]) == arm] for arm in arms}
+    results = finished_or_run(configs, args)
+    runs = {arm: [r for r in results if (r["config"]["method"], r["config"]["weight_decay"]) == arm] for arm in arms}
     seeds = [r["seed"] for r in runs[("lora", 0.0)]]
     runs = {arm: rs for arm, rs in runs.items() if [r["seed"] for r in rs] == seeds}  # arms with every seed LoRA has
     steps = [p["step"] for p in runs[("lora", 0.0)][0]["curve"]]
@@ -597,12 +584,7 @@ def sft_lora(args: argparse.Namespace) -> None:
 
 
 def sft_lora_plot(runs: dict[tuple[str, float], list[dict]], steps: list[int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = env.figure(1, 2, figsize=(13, 4.5))
     colors = iter(("black", "tab:blue", "tab:cyan", "tab:purple", "tab:green"))
     lora = [losses(r) for r in runs[("lora", 0.0)]]
     for (m, wd), rs in runs.items():
@@ -622,8 +604,7 @@ def sft_lora_plot(runs: dict[tuple[str, float], list[dict]], steps: list[int]) -
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct: SFT (SpIEL) vs LoRA at LoRA's trainable budget")
-    fig.tight_layout()
-    fig.savefig(qc.RESULTS / "claims_sft_lora.png", dpi=120)
+    env.save(fig, "claims_sft_lora")
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -635,9 +616,7 @@ def parse_lr(text: str) -> tuple[str, float]:
 
 
 def write(name: str, text: str, payload: dict[str, Any]) -> None:
-    qc.RESULTS.mkdir(exist_ok=True)
-    (qc.RESULTS / f"{name}.md").write_text(text)
-    (qc.RESULTS / f"{name}.json").write_text(json.dumps(dict(payload, environment=qc.environment()), indent=2))
+    env.write(name, dict(payload, environment=env.environment(model="SmolLM2-135M-Instruct")), text)
     print(text, flush=True)
 
 

@@ -41,31 +41,17 @@ from harness import methods
 from harness.env import RESULTS
 
 WORLD = 2
-MODES = (
-    "fsdp_adamw",
-    "fsdp_fused_adamw",
-    "fsdp_fused_adalomo",
-    "fsdp_fused_lomo",
-    "fsdp_fused_sft_adalomo",
-    "ddp_adamw",
-    "ddp_fused_adalomo",
-)
+MODES = ("fsdp_adamw", "fsdp_fused_adamw", "fsdp_fused_adalomo", "fsdp_fused_lomo", "fsdp_fused_sft_adalomo", "ddp_adamw",
+         "ddp_fused_adalomo")
 SFT_DENSITY = 0.01
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3 // 8 * 8,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=args.seq,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
+                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+                         max_position_embeddings=args.seq, tie_word_embeddings=False)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
@@ -142,21 +128,9 @@ def memory_of_one_process(args: argparse.Namespace) -> dict[str, Any]:
         model = build_model(args)
         sft = apply_sft(model) if rule.startswith("sft") else None
         optimizer = make_optimizer(f"one_{rule}", sft.parameters() if sft is not None else list(model.parameters()))
-        if rule == "adamw":
-
-            def step() -> None:
-                model(**batch(args, 0, 0)).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        else:
-            updater = FusedUpdater(model, optimizer)
-
-            def step() -> None:
-                updater.backward(model(**batch(args, 0, 0)).loss)
-
-        step()
-        peak = tracker_peak(step, model, optimizer)
+        step = plain_step(model, optimizer, args, 0) if rule == "adamw" else fused_step(model, FusedUpdater(model, optimizer), args, 0)
+        step(0)
+        peak = tracker_peak(lambda: step(0), model, optimizer)
         params, state = local_bytes(list(model.parameters())), local_bytes(state_tensors(optimizer, sft))
         out[rule] = {"param_bytes": params, "optimizer_state_bytes": state, "params_plus_state": params + state, "tracker_peak": peak}
     return out

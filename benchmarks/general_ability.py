@@ -124,6 +124,11 @@ def answer_is_right(answer: str, keys: tuple[str, ...]) -> bool:
     return any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w]|\.\d)", text) for key in keys)
 
 
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """``question`` as the user's turn through the chat template, up to where the assistant's answer starts."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+
 def prose_texts() -> dict[str, str]:
     """The English texts of ``prose_loss`` that exist here (Python's licence always does)."""
     texts = {"python-LICENSE": (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text(encoding="utf-8")}
@@ -149,10 +154,7 @@ class GeneralAbility:
 
     @staticmethod
     def _qa_example(tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> tuple[Tensor, Tensor]:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = torch.tensor([prompt_ids + answer_ids])
         labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
@@ -165,10 +167,7 @@ class GeneralAbility:
         One left-padded batch, so every prompt ends at the same position and generation starts right after it.
         """
         tokenizer = self.tokenizer
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in ANSWER_KEYS
-        ]
+        prompts = [chat_prompt(tokenizer, q) for q in ANSWER_KEYS]
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         try:

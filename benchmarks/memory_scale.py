@@ -572,14 +572,9 @@ def markdown(report: dict[str, Any]) -> str:
     return head + "\n".join(f"{title}\n\n{body}" for title, body in parts if body)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict[str, Any], results_name: str) -> None:
     fsdp = report.get("fsdp")
-    fig, axes = plt.subplots(1, 2 if fsdp else 1, figsize=(14 if fsdp else 8, 5.5), squeeze=False)
+    fig, axes = env.figure(1, 2 if fsdp else 1, figsize=(14 if fsdp else 8, 5.5), squeeze=False)
     ax, sizes = axes[0][0], report["sizes"]
     billions = [parameter_count(s, LLAMA1[s]["layers"]) / 1e9 for s in sizes]
     for method in report["methods"]:
@@ -614,9 +609,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set(xlabel="estimated peak per rank (GiB)")
         ax.set_title(f"Per rank, lomo_fsdp on {w['world']} ranks: {w['dtype']}, batch {w['batch']} x {w['seq']} a rank", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    env.save(fig, results_name)
 
 
 def size_method(value: str) -> tuple[str, str]:
@@ -673,7 +666,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
     (RESULTS / f"{name}.md").write_text(markdown(report))
-    plot(report, RESULTS / f"{name}.png")
+    plot(report, name)
     print(markdown(report))
 
 

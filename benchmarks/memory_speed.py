@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from harness import memory
-from harness.env import environment, mib, quiet, write
+from harness import memory, readme
+from harness.env import environment, figure, mib, quiet, save, write
 from harness.memory import peak_by_category, skip_frozen_parameters  # noqa: F401  # dpo.py imports them from here
 from harness.methods import Method, build, floor, llama, lora, lora_parameter_count, smollm2
 
@@ -161,34 +161,16 @@ def write_preset(preset: str, name: str, spec: dict[str, Any], rows: list[dict[s
 SWEEP_SIZES = [(256, 4, 4, 688), (512, 8, 8, 1376), (768, 12, 12, 2048), (1024, 16, 16, 2752)]  # hidden, layers, heads, ffn
 
 
-def sweep_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| parameters | AdamW peak (MiB) | AdaLomo peak (MiB) | floor peak (MiB) | AdaLomo / AdamW | AdaLomo / floor |",
-             "|---|---|---|---|---|---|"]
-    for hidden, *_ in SWEEP_SIZES:
-        r = {x["method"]: x for x in rows if x.get("hidden") == hidden and "error" not in x}
-        if len(r) == 3:
-            a, f, w = r["adalomo"]["peak_bytes"], r["floor"]["peak_bytes"], r["adamw"]["peak_bytes"]
-            lines.append(f"| {r['adamw']['parameters'] / 1e6:.1f}M | {mib(w):.0f} | {mib(a):.0f} | {mib(f):.0f} "
-                         f"| {a / w:.3f} | {a / f:.3f} |")
-    return "\n".join(lines)
-
-
 def run_sweep(threads: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from harness.env import RESULTS
-
     base = dict(PRESETS["small"], warmup=1, timed=0, threads=threads)
     rows = []
     for hidden, layers, heads, intermediate in SWEEP_SIZES:
         for method in ("adamw", "adalomo", "floor"):
             spec = dict(base, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate)
             rows.append(dict(memory.in_subprocess(__file__, method, spec), hidden=hidden, layers=layers))
-    write("memory_sweep_size", {"spec": base, "sizes": SWEEP_SIZES, "results": rows}, sweep_table(rows) + "\n",
-          "Peak memory vs model size")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    payload = {"spec": base, "sizes": SWEEP_SIZES, "results": rows}
+    write("memory_sweep_size", payload, readme.sweep_table(payload), "Peak memory vs model size")
+    fig, ax = figure(figsize=(7, 4.5))
     for method in ("adamw", "adalomo", "floor"):
         points = [(r["parameters"] / 1e6, mib(r["peak_bytes"]) / 1024) for r in rows if r["method"] == method and "error" not in r]
         ax.plot(*zip(*points), marker="o", label=LABELS[method])
@@ -196,9 +178,8 @@ def run_sweep(threads: int) -> None:
            title="Peak training memory vs model size (fp32, batch 2 x 256, checkpointing)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "memory_sweep_size.png", dpi=120)
-    print(sweep_table(rows))
+    save(fig, "memory_sweep_size")
+    print(readme.sweep_table(payload))
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from harness import memory
+from harness import memory, readme
 from harness.env import environment, mib, quiet, write
 from harness.methods import floor, loss_of, smollm2
 
@@ -61,25 +61,15 @@ class Method:
     bf16: bool = False
 
 
-METHODS: dict[str, Method] = {
-    "floor": Method("floor (backward, gradients dropped, no update)", "-", True),
-    "adalomo": Method("AdaLomo, fused (ours)", "lomo-lightning", True),
-    "lomo": Method("LOMO, fused (ours)", "lomo-lightning", True),
-    "adamw": Method("AdamW, standard", "torch", True),
-    "lomo_optim_lomo": Method("LOMO (lomo-optim)", "lomo-optim", True),
-    "lomo_optim_adalomo": Method("AdaLomo (lomo-optim)", "lomo-optim", True),
-    "optimi_adamw": Method("AdamW + gradient release (torch-optimi)", "torch-optimi", True),
-    "torchtune_adamw": Method("AdamW in backward (torchtune)", "torchtune", True),
-    "galore_layerwise": Method("GaLore-AdamW, layer-wise (galore-torch)", "galore-torch", True),
-    "galore8bit_layerwise": Method("GaLore-AdamW 8-bit, layer-wise (galore-torch)", "galore-torch + bitsandbytes", True),
-    "apollo_layerwise": Method("APOLLO-AdamW, layer-wise (apollo-torch)", "apollo-torch", True),
-    "adam_mini": Method("Adam-mini (adam-mini)", "adam-mini", True),
-    "badam": Method("BAdam, one block per step (badam)", "badam", False),
-    "lora": Method("LoRA r=8 + AdamW (peft)", "peft", False),
-    "floor_bf16": Method("floor, bf16", "-", True, bf16=True),
-    "optimi_adamw_bf16_kahan": Method("AdamW + gradient release, bf16 + Kahan (torch-optimi)", "torch-optimi", True, bf16=True),
-    "floor_repeat": Method("floor, run again last", "-", True),
-}
+# (package, full_parameter, bf16) by method; the labels are the README's (readme.PEER_LABELS)
+METHODS: dict[str, Method] = {name: Method(readme.PEER_LABELS[name], *facts) for name, facts in {
+    "floor": ("-", True), "adalomo": ("lomo-lightning", True), "lomo": ("lomo-lightning", True), "adamw": ("torch", True),
+    "lomo_optim_lomo": ("lomo-optim", True), "lomo_optim_adalomo": ("lomo-optim", True), "optimi_adamw": ("torch-optimi", True),
+    "torchtune_adamw": ("torchtune", True), "galore_layerwise": ("galore-torch", True),
+    "galore8bit_layerwise": ("galore-torch + bitsandbytes", True), "apollo_layerwise": ("apollo-torch", True),
+    "adam_mini": ("adam-mini", True), "badam": ("badam", False), "lora": ("peft", False), "floor_bf16": ("-", True, True),
+    "optimi_adamw_bf16_kahan": ("torch-optimi", True, True), "floor_repeat": ("-", True),
+}.items()}
 
 OURS = ("adalomo", "lomo")
 FLOORS = ("floor", "floor_repeat")

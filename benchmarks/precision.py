@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from harness import env, memory, methods
+from harness import env, memory, methods, training
 from harness.env import RESULTS
 from harness.methods import smollm2
 from torch.overrides import TorchFunctionMode
@@ -141,14 +141,7 @@ def data(settings: dict[str, Any]) -> tuple[list[dict], list[dict]]:
 
 def held_out_loss(model: Any, held_out: list[dict]) -> float:
     """Mean loss per predicted token, by an fp32 forward of ``model``'s weights."""
-    evaluated = copy.deepcopy(model).float().eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in held_out:
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(evaluated(**batch).loss) * n
-            count += n
-    return total / count
+    return training.evaluate(copy.deepcopy(model).float().eval(), held_out)
 
 
 def fused(model: Any, rule: str, settings: dict[str, Any], rounding: str = "stochastic") -> methods.Method:
@@ -223,11 +216,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     def ratio(a: dict, b: dict, key: str) -> float | None:
         return a[key] / b[key] if key in a and key in b else None
 
-    fp32 = {rule: quality.get(f"{rule}_fp32", {}) for rule in ("adalomo", "adamw")}
-    check("AdaLomo bf16 (stochastic) held-out gain / fp32", ratio(quality.get("adalomo_bf16_stochastic", {}), fp32["adalomo"], "gain"), 0.95, True)
-    check("AdaLomo bf16 (Kahan) held-out gain / fp32", ratio(quality.get("adalomo_bf16_kahan", {}), fp32["adalomo"], "gain"), 0.95, True)
-    check("AdaLomo bf16 (nearest) held-out gain / fp32 (reported)", ratio(quality.get("adalomo_bf16_nearest", {}), fp32["adalomo"], "gain"), 0.95, True)
-    check("AdamW bf16 (engine, stochastic) held-out gain / fp32", ratio(quality.get("adamw_bf16_stochastic", {}), fp32["adamw"], "gain"), 0.9, True)
+    for run, label, bound in (("adalomo_bf16_stochastic", "AdaLomo bf16 (stochastic)", 0.95), ("adalomo_bf16_kahan", "AdaLomo bf16 (Kahan)", 0.95),
+                              ("adalomo_bf16_nearest", "AdaLomo bf16 (nearest)", 0.95), ("adamw_bf16_stochastic", "AdamW bf16 (engine, stochastic)", 0.9)):
+        label += " held-out gain / fp32" + (" (reported)" if run.endswith("nearest") else "")
+        check(label, ratio(quality.get(run, {}), quality.get(f"{run.split('_')[0]}_fp32", {}), "gain"), bound, True)
     for suffix, label in (("", ""), ("+checkpointing", ", activation checkpointing")):
         check(f"peak memory, bf16 / fp32 fused AdaLomo{label}",
               ratio(peaks.get(f"bfloat16{suffix}", {}), peaks.get(f"float32{suffix}", {}), "peak_bytes"), 0.55, False)

@@ -21,7 +21,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def modules():
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        yield {name: importlib.import_module(name) for name in ("claims_smollm2", "quality_real", "general_ability")}
+        yield {name: importlib.import_module(name) for name in ("claims_smollm2", "harness.training", "general_ability")}
     finally:
         sys.path.remove(str(BENCHMARKS))
 
@@ -62,12 +62,12 @@ def test_every_greedy_question_is_one_of_the_probe_questions(modules):
 
 def test_forgetting_is_interpolated_where_the_target_is_first_reached(modules):
     run = made_up_run([2.0, 1.8, 1.6, 1.7], [3.0, 3.1, 3.3, 3.9])
-    at = modules["quality_real"].forgetting_at(run, 1.7, ("prose_loss", "qa_loss"))
+    at = modules["harness.training"].forgetting_at(run, 1.7, ("prose_loss", "qa_loss"))
     # halfway between steps 1 and 2 (losses 1.8 and 1.6): prose halfway between 3.1 and 3.3, minus the base 3.0
     assert at["prose_loss"] == pytest.approx(0.2)
     assert at["qa_loss"] == pytest.approx(0.4)
-    assert modules["quality_real"].forgetting_at(run, 1.5) is None  # never reached
-    assert modules["quality_real"].forgetting_at(run, 2.5) == {"prose_loss": 0.0, "qa_loss": 0.0}  # reached before training
+    assert modules["harness.training"].forgetting_at(run, 1.5) is None  # never reached
+    assert modules["harness.training"].forgetting_at(run, 2.5) == {"prose_loss": 0.0, "qa_loss": 0.0}  # reached before training
 
 
 def test_interval_is_students_t(modules):
@@ -98,7 +98,7 @@ def test_hft_forgetting_half_of_full_at_equal_loss_gives_ratio_one_half(modules)
 
 
 def test_a_run_stopped_early_leaves_every_evaluation_before_it(modules):
-    import quality_common as qc
+    from harness import training as qc
 
     class Stub:  # a trainer whose fifth step fails, as a run killed mid-way would stop
         trainable = 1

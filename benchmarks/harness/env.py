@@ -60,6 +60,26 @@ def write(name: str, payload: dict[str, Any], markdown: str, title: str | None =
     return path
 
 
+def figure(*args: Any, **kwargs: Any) -> Any:
+    """``plt.subplots(*args, **kwargs)`` on the Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save(fig: Any, name: str) -> None:
+    """``fig`` laid out tight, as ``results/<name>.png``, then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+    plt.close(fig)
+
+
 def mib(x: float) -> float:
     return x / 2**20
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .env import RESULTS, mib
+from .env import RESULTS, figure, mib, save
 
 CATEGORIES = ["parameters", "gradients", "optimizer_state", "activations", "temporaries", "other"]
 
@@ -172,13 +172,8 @@ def targets_table(checks: list[dict[str, Any]]) -> list[str]:
 
 def plot(name: str, rows: list[dict[str, Any]], labels: dict[str, str]) -> None:
     """``results/<name>_memory.png`` (peak by category) and ``<name>_time.png`` (median step, min-max)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in rows if "error" not in r]
-    fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5))
+    fig, ax = figure(figsize=(10, 0.5 * len(rows) + 1.5))
     left = [0.0] * len(rows)
     for category in CATEGORIES:
         values = [mib(r["peak_by_category_bytes"][category]) for r in rows]
@@ -187,16 +182,12 @@ def plot(name: str, rows: list[dict[str, Any]], labels: dict[str, str]) -> None:
     ax.invert_yaxis()
     ax.set(xlabel="MemTracker peak (MiB)", title=f"Peak memory by category ({name})")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}_memory.png", dpi=120)
-    plt.close(fig)
+    save(fig, f"{name}_memory")
     timed = [r for r in rows if "step_time_s" in r]
-    fig, ax = plt.subplots(figsize=(10, 0.5 * len(timed) + 1.5))
+    fig, ax = figure(figsize=(10, 0.5 * len(timed) + 1.5))
     ax.barh([labels[r["method"]] for r in timed], [r["step_time_s"] for r in timed], color="tab:orange")
     for i, r in enumerate(timed):
         ax.plot([min(r["step_times_s"]), max(r["step_times_s"])], [i, i], color="black", lw=1)
     ax.invert_yaxis()
     ax.set(xlabel="step time, s (bar: median; line: min-max of timed steps)", title=f"Step time ({name})")
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}_time.png", dpi=120)
-    plt.close(fig)
+    save(fig, f"{name}_time")

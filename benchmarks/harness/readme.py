@@ -54,22 +54,22 @@ def peers_smollm2() -> str:
             continue
         c = {k: f"{v / 2**20:.1f}" for k, v in r["peak_by_category_bytes"].items()}
         part = f" ({r['trainable_now'] / r['parameters']:.1%} of the weights)" if r["method"] in ("badam", "lora") else ""
-        label = LABELS_PEERS[r["method"]] + part
+        label = PEER_LABELS[r["method"]].join(["**"] * 2 if r["method"] == "adalomo" else ["", ""]) + part
         body.append([label, mib(r), c["parameters"], c["gradients"], c["optimizer_state"], c["activations"], c["temporaries"],
                      f"{r['peak_over_floor']:.3f}", f"{r['step_over_floor']:.2f}", f"{r['changed_tensors']}/{r['parameter_tensors']}"])
     return table(["method", "peak MiB", "weights", "grads", "opt state", "activations", "temps", "peak / floor", "step / floor",
                   "changed tensors"], body)
 
 
-LABELS_PEERS = {"floor": "floor (backward, gradients dropped, no update)", "adalomo": "**AdaLomo, fused (ours)**",
-                "lomo": "LOMO, fused (ours)", "adamw": "AdamW, standard", "lomo_optim_lomo": "LOMO (lomo-optim)",
-                "lomo_optim_adalomo": "AdaLomo (lomo-optim)", "optimi_adamw": "AdamW + gradient release (torch-optimi)",
-                "torchtune_adamw": "AdamW in backward (torchtune)", "galore_layerwise": "GaLore-AdamW, layer-wise (galore-torch)",
-                "galore8bit_layerwise": "GaLore-AdamW 8-bit, layer-wise (galore-torch)",
-                "apollo_layerwise": "APOLLO-AdamW, layer-wise (apollo-torch)", "adam_mini": "Adam-mini (adam-mini)",
-                "badam": "BAdam, one block per step (badam)", "lora": "LoRA r=8 + AdamW (peft)",
-                "floor_bf16": "floor, bf16", "optimi_adamw_bf16_kahan": "AdamW + gradient release, bf16 + Kahan (torch-optimi)",
-                "floor_repeat": "floor, run again last"}
+PEER_LABELS = {"floor": "floor (backward, gradients dropped, no update)", "adalomo": "AdaLomo, fused (ours)",
+               "lomo": "LOMO, fused (ours)", "adamw": "AdamW, standard", "lomo_optim_lomo": "LOMO (lomo-optim)",
+               "lomo_optim_adalomo": "AdaLomo (lomo-optim)", "optimi_adamw": "AdamW + gradient release (torch-optimi)",
+               "torchtune_adamw": "AdamW in backward (torchtune)", "galore_layerwise": "GaLore-AdamW, layer-wise (galore-torch)",
+               "galore8bit_layerwise": "GaLore-AdamW 8-bit, layer-wise (galore-torch)",
+               "apollo_layerwise": "APOLLO-AdamW, layer-wise (apollo-torch)", "adam_mini": "Adam-mini (adam-mini)",
+               "badam": "BAdam, one block per step (badam)", "lora": "LoRA r=8 + AdamW (peft)",
+               "floor_bf16": "floor, bf16", "optimi_adamw_bf16_kahan": "AdamW + gradient release, bf16 + Kahan (torch-optimi)",
+               "floor_repeat": "floor, run again last"}  # peers.py's labels too
 
 
 def sft_vs_lora_smollm2() -> str:
@@ -95,15 +95,21 @@ def memory_speed_smollm2() -> str:
     return table(["method", "peak (MiB)", "params", "opt state", "activations", "temps", "other (buffers)", "peak / LoRA"], body)
 
 
-def memory_sweep_size() -> str:
-    data = json.loads((RESULTS / "memory_sweep_size.json").read_text())
+def sweep_table(data: dict[str, Any]) -> str:
+    """``memory_speed.py --sweep-size``: the peaks of AdamW, AdaLomo and the floor per model size (complete sizes only)."""
     body = []
     for hidden, *_ in data["sizes"]:
         r = {x["method"]: x for x in data["results"] if x.get("hidden") == hidden and "error" not in x}
+        if len(r) < 3:
+            continue
         a, f, w = (r[m]["peak_bytes"] for m in ("adalomo", "floor", "adamw"))
         body.append([f"{r['adamw']['parameters'] / 1e6:.1f}M", f"{w / 2**20:.0f}", f"{a / 2**20:.0f}", f"{f / 2**20:.0f}",
                      f"{a / w:.3f}", f"{a / f:.3f}"])
     return table(["parameters", "AdamW peak (MiB)", "AdaLomo peak (MiB)", "floor peak (MiB)", "AdaLomo / AdamW", "AdaLomo / floor"], body)
+
+
+def memory_sweep_size() -> str:
+    return sweep_table(json.loads((RESULTS / "memory_sweep_size.json").read_text()))
 
 
 def chunked_loss() -> str:
@@ -240,18 +246,6 @@ def _scale() -> dict[str, Any]:
     return json.loads((RESULTS / "memory_scale.json").read_text())
 
 
-def memory_scale_7b() -> str:
-    return scale_7b(_scale())
-
-
-def memory_scale_sizes() -> str:
-    return scale_sizes(_scale())
-
-
-def memory_scale_fsdp() -> str:
-    return scale_fsdp(_scale())
-
-
 def memory_scale_claims() -> str:
     """The figures the READMEs' prose quotes: 7B fused AdaLomo against the paper's LOMO, 65B per rank of 8 x 24 GiB."""
     report = _scale()
@@ -274,7 +268,8 @@ def memory_scale_claims() -> str:
 
 FIGURES: dict[str, Callable[[], str]] = {f.__name__: f for f in (
     memory_speed_small, peers_smollm2, sft_vs_lora_smollm2, memory_speed_smollm2, memory_sweep_size, chunked_loss, distributed,
-    memory_scale_7b, memory_scale_sizes, memory_scale_fsdp, memory_scale_claims)}
+    memory_scale_claims)} | {f"memory_scale_{part}": lambda f=f: f(_scale()) for part, f in
+                             (("7b", scale_7b), ("sizes", scale_sizes), ("fsdp", scale_fsdp))}
 
 
 def render(text: str) -> str:

@@ -8,73 +8,17 @@ with the general-ability probes; :func:`forgetting_at` reads what a run forgot w
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from . import env
-from .env import RUNS, quiet
+from .env import quiet
 from .methods import lora_config, lora_parameter_count
 
 SMOLLM2_LORA_RANK = 8
-
-VOCAB = 4096
-MODEL = dict(hidden=128, layers=4, heads=4, intermediate=352)
-
-
-def arguments(doc: str, steps: int, workers: int) -> argparse.ArgumentParser:
-    """The options every quality script takes: ``--steps``, ``--eval-every`` and ``--workers``."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=workers)
-    return parser
-
-
-def build_model(seed: int = 0, max_positions: int = 512):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=MODEL["hidden"],
-        num_hidden_layers=MODEL["layers"],
-        num_attention_heads=MODEL["heads"],
-        num_key_value_heads=MODEL["heads"],
-        intermediate_size=MODEL["intermediate"],
-        vocab_size=VOCAB,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        use_cache=False,
-    )
-    return LlamaForCausalLM(config).train()
-
-
-def stdlib_data(subset: str = "all", seq_len: int = 128, batch_size: int = 8, max_val_blocks: int = 48):
-    from lomo_lightning.data import PythonStdlibDataModule
-
-    dm = PythonStdlibDataModule(
-        seq_len=seq_len, batch_size=batch_size, vocab_size=VOCAB, subset=subset, max_val_blocks=max_val_blocks
-    )
-    dm.prepare_data()
-    dm.setup()
-    return dm
-
-
-def instruct_data(seq_len: int = 192, batch_size: int = 8, max_val_examples: int = 64):
-    from lomo_lightning.data import PyInstructDataModule
-
-    dm = PyInstructDataModule(seq_len=seq_len, batch_size=batch_size, vocab_size=VOCAB, max_val_examples=max_val_examples)
-    dm.prepare_data()
-    dm.setup()
-    return dm
 
 
 def forever(loader_fn: Callable[[], Any]) -> Iterator[dict]:
@@ -213,38 +157,6 @@ def train(trainer: Trainer, batches: Iterator[dict], steps: int, evals: dict[str
     }
 
 
-def run_pool(fn: Callable, jobs: list[dict], workers: int = 2) -> list[Any]:
-    """``fn(**job)`` for every job in fresh spawned processes (so one torch thread each, no forked state)."""
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(fn, **job) for job in jobs]
-        return [f.result() for f in futures]
-
-
-def base_checkpoint(subset: str, steps: int, lr: float) -> Path:
-    """A base model trained on the stdlib ``subset`` with AdamW, cached under ``benchmarks/runs``."""
-    import torch
-
-    key = hashlib.sha256(json.dumps([MODEL, VOCAB, subset, steps, lr]).encode()).hexdigest()[:12]
-    path = RUNS / f"base-{subset}-{key}.pt"
-    if path.exists():
-        return path
-    quiet()
-    dm = stdlib_data(subset=subset)
-    model = build_model()
-    trainer = Trainer(model, "adamw", lr=lr, total_steps=steps, weight_decay=0.0)
-    batches = forever(dm.train_dataloader)
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step(next(batches))
-    val = evaluate(model, dm.val_dataloader())
-    print(f"base on {subset}: {steps} steps in {time.perf_counter() - start:.0f}s, val ppl {math.exp(val):.2f}", flush=True)
-    RUNS.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.rename(path)
-    return path
-
-
 SEQ_LEN, BATCH, VAL_EXAMPLES = 256, 4, 64
 
 
@@ -270,9 +182,6 @@ def smollm2_run(method: str, lr: float, steps: int, eval_every: int, val_example
     With ``steps=0`` this evaluates the base model only. ``progress``: a JSON file that holds the curve so far,
     rewritten after every evaluation.
     """
-    import json
-    from pathlib import Path
-
     import torch
     from general_ability import GeneralAbility
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -325,7 +234,3 @@ def forgetting_at(run: dict, target: float, keys: tuple[str, ...] = ("prose_loss
             return {key: (1 - w) * before["general"][key] + w * after["general"][key] - base[key] for key in keys}
     return None
 
-
-def environment() -> dict[str, Any]:
-    """:func:`env.environment` with the small Llama's shape."""
-    return env.environment(model=dict(MODEL, vocab=VOCAB, tied_embeddings=True, dtype="float32"))
