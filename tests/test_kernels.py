@@ -1,7 +1,7 @@
 """Compiled kernels (``compile=True``) against the eager reference, and the random bits they share.
 
 The tests marked ``compiled`` compile kernels (seconds each, once per process); the others are cheap.
-Contracts: the write-back and LOMO are bit-identical compiled and eager; AdaLomo (which sums in another
+Contracts: the write-back, LOMO, SM3 and SFTAdamW are bit-identical compiled and eager; AdaLomo (which sums in another
 order) is within one unit in the last place, nearly always equal; fused equals unfused with compilation
 on; ``compile="auto"`` falls back to eager, saying so once, where the compiler fails.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import batches, tiny_llama
 
-from lomo_lightning import AdaLomo, FusedUpdater, Lomo
+from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SFTAdamW
 from lomo_lightning.optim import kernels
 from lomo_lightning.optim.rounding import BLOCK, WriteBack, key_word, random_bits
 
@@ -109,6 +109,39 @@ def test_compiled_lomo_equals_eager_bit_for_bit_fused_and_unfused(dtype, roundin
     assert all(torch.equal(p, q) for p, q in zip(eager, compiled))
     assert all(torch.equal(p, q) for p, q in zip(compiled, unfused))
     assert not all(torch.equal(p, q) for p, q in zip(compiled, start.parameters())), "the steps must move the weights"
+
+
+def sparse_values(seed: int) -> torch.nn.Parameter:
+    """Sparse fine-tuning's values: fp32 entries of a 12 x 10 matrix (``matrix_entries``), not in index order."""
+    values = torch.nn.Parameter(torch.randn(40, generator=torch.Generator().manual_seed(seed)) * 1e-2)
+    indices = torch.randperm(120, generator=torch.Generator().manual_seed(seed))[:40]
+    values.matrix_entries = lambda: (indices, (12, 10))
+    return values
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("rule", ["sm3", "sft_adamw"])
+def test_compiled_sm3_and_sft_adamw_equal_eager_bit_for_bit_on_matrices_vectors_and_sparse_values(rule):
+    def make(compile: bool):
+        if rule == "sm3":
+            return lambda params: SM3(params, lr=1e-2, momentum=0.5, weight_decay=0.1, seed=3, compile=compile)
+        return lambda params: SFTAdamW(params, lr=1e-2, weight_decay=0.1, seed=3, compile=compile)
+
+    # a bf16 model (matrices and vectors, stochastic write-back), fused
+    start = tiny_llama(dtype=torch.bfloat16)
+    runs = [train(copy.deepcopy(start), make(compile)) for compile in (False, True)]
+    assert all(torch.equal(p.view(torch.int16), q.view(torch.int16)) for p, q in zip(*runs))
+    assert not all(torch.equal(p, q) for p, q in zip(runs[0], start.parameters())), "the steps must move the weights"
+    # sparse fine-tuning's fp32 values, unfused (SM3 keeps the accumulators of the whole matrix), with the state
+    finals = []
+    for compile in (False, True):
+        values = sparse_values(0)
+        optimizer = make(compile)([values])
+        for step in range(3):
+            values.grad = torch.randn(40, generator=torch.Generator().manual_seed(10 + step))
+            optimizer.step()
+        finals.append([values.detach(), *(v for v in optimizer.state[values].values() if isinstance(v, torch.Tensor))])
+    assert all(torch.equal(p, q) for p, q in zip(*finals))
 
 
 def units_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
