@@ -184,6 +184,24 @@ def units_apart(a, b):
     return (ordered[0] - ordered[1]).abs()
 
 
+def units_at_scale(a, b, start):
+    """``|a - b|`` in units in the last place of ``a``'s dtype at the magnitude of ``max(|start|, |a|, |b|)``.
+
+    What an operand's rounding error is measured in: where the update cancels the parameter (a result near 0),
+    two results one unit apart at the parameter's scale can be thousands of units apart at their own (a sign
+    apart, even), which :func:`units_apart` counts.
+    """
+    import torch
+
+    mantissa = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[a.dtype]
+    a, b, start = a.double(), b.double(), start.double()
+    scale = torch.maximum(start.abs(), torch.maximum(a.abs(), b.abs()))
+    _, exponent = torch.frexp(scale)  # scale = m * 2^exponent, m in [0.5, 1)
+    smallest = 2.0 ** (-126 - mantissa) if a.dtype != torch.float16 else 2.0**-24
+    ulp = torch.ldexp(torch.ones_like(scale), exponent - 1 - mantissa).clamp_(min=smallest)
+    return (a - b).abs_().div_(ulp)
+
+
 def run_agreement(case: str, settings: dict[str, Any], device: str) -> dict[str, Any]:
     """Eager and compiled steps of ``case`` (``rule:dtype``) from the same state with the same gradients, step by step."""
     import torch
@@ -215,12 +233,26 @@ def run_agreement(case: str, settings: dict[str, Any], device: str) -> dict[str,
         eager.step()
         eager.zero_grad(set_to_none=True)
         compiled.zero_grad(set_to_none=True)
-        per_tensor = [units_apart(p.detach(), q.detach()) for p, q in zip(reference.parameters(), other.parameters())]
+        pairs = [(p.detach(), q.detach(), b) for p, q, b in zip(reference.parameters(), other.parameters(), before)]
+        per_tensor = [units_apart(p, q) for p, q, _ in pairs]
+        scaled = [units_at_scale(p, q, b) for p, q, b in pairs]
         elements = sum(d.numel() for d in per_tensor)
+        worst = max(range(len(pairs)), key=lambda i: int(per_tensor[i].max()))
+        at = int(per_tensor[worst].argmax())
+        worst_scaled = max(range(len(pairs)), key=lambda i: float(scaled[i].max()))
+        at_scale = int(scaled[worst_scaled].argmax())
         steps.append({
             "step": index + 1,
             "identical_share": sum(int((d == 0).sum()) for d in per_tensor) / elements,
             "max_units_apart": max(int(d.max()) for d in per_tensor),
+            "beyond_one_unit": sum(int((d > 1).sum()) for d in per_tensor),
+            "max_units_at_scale": max(float(d.max()) for d in scaled),
+            "worst_element": {  # the element most units apart: before the step, eager, compiled
+                key: float(t.reshape(-1)[at]) for key, t in zip(("start", "eager", "compiled"), (pairs[worst][2], *pairs[worst][:2]))
+            },
+            "worst_element_at_scale": {  # the element most units apart at the operands' scale
+                key: float(t.reshape(-1)[at_scale]) for key, t in zip(("start", "eager", "compiled"), (pairs[worst_scaled][2], *pairs[worst_scaled][:2]))
+            },
             "moved_share": sum(int((p != b).sum()) for p, b in zip(reference.parameters(), before)) / elements,
             "compiled_step_s": compiled_s,
         })  # fmt: skip
@@ -234,6 +266,8 @@ def run_agreement(case: str, settings: dict[str, Any], device: str) -> dict[str,
         "steps": steps,
         "min_identical_share": min(s["identical_share"] for s in steps),
         "max_units_apart": max(s["max_units_apart"] for s in steps),
+        "max_units_at_scale": max(s["max_units_at_scale"] for s in steps),
+        "beyond_one_unit": max(s["beyond_one_unit"] for s in steps),
     }
 
 
@@ -295,10 +329,15 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "At each step both start from the same parameters and optimizer state (the eager trajectory's) and apply the "
             "same gradients. Contract: >= 99.9% of elements bit-identical and at most 1 unit in the last place apart, "
-            "at every step.",
+            "at every step. *Units apart*: representable values between the two results; *at the operands' scale*: "
+            "the difference in units in the last place at the magnitude of the parameter before the step (or of the "
+            "results, if larger), which is what a kernel's rounding error is bounded by. Where an update cancels the "
+            "parameter, results one unit apart at that scale can lie thousands of their own units apart (opposite "
+            "signs, even): the last two columns count those elements.",
             "",
-            "| rule | dtype (write-back) | elements | bit-identical, worst step | per step | most units apart | moved per step |",
-            "|---|---|---|---|---|---|---|",
+            "| rule | dtype (write-back) | elements | bit-identical, worst step | per step | most units at the operands' scale "
+            "| most units apart | elements > 1 unit apart, worst step | moved per step |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for case, row in agreement.items():
             rule, _, dtype = case.partition(":")
@@ -309,7 +348,7 @@ def markdown(results: dict[str, Any]) -> str:
             moved = ", ".join(f"{100 * s['moved_share']:.1f}%" for s in row["steps"])
             lines.append(
                 f"| {rule} | {dtype} ({row['rounding']}) | {row['elements']} | {100 * row['min_identical_share']:.4f}% | {per_step} "
-                f"| {row['max_units_apart']} | {moved} |"
+                f"| {row['max_units_at_scale']:.3g} | {row['max_units_apart']} | {row['beyond_one_unit']} | {moved} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lomo_lightning.layout import ShardLayout, local_tensor
 from lomo_lightning.optim.base import PerParameterOptimizer, finish_update
-from lomo_lightning.optim.kernels import Compile, adalomo_apply_, adalomo_statistics_, compiled, scalars
+from lomo_lightning.optim.kernels import Compile, adalomo_apply_, adalomo_statistics, compiled, scalars
 from lomo_lightning.optim.rounding import WriteBack
 
 
@@ -202,9 +202,7 @@ def adalomo_update(
         g2d = update.view(row.numel(), -1)
         if compile:
             hyper = scalars(beta, 1.0 - beta, eps1, device=param.device)
-            param_squares, col_squares, scaled_squares, row_sum = compiled(adalomo_statistics_)(
-                param.view(row.numel(), -1), g2d, row, hyper
-            )
+            param_squares, col_squares, scaled_squares, row_sum = adalomo_statistics(param, g2d, row, hyper)
         else:
             param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
             # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
