@@ -7,10 +7,13 @@ parameter in place, with no fp32 working copy. The functions compiled here are p
 same that the eager path runs (or, where the eager path is the memory-lean in-place reference, the same
 ops in the same order), so:
 
-- elementwise steps (LOMO, the write-back of every rule) are bit-identical compiled and eager: IEEE ops in
-  the same order, and inductor contracts no multiply-add (``-ffp-contract=off``);
-- steps with reductions (AdaLomo's statistics and RMS) sum in another order: within one unit in the
-  last place of the parameter's dtype, and nearly always equal.
+- elementwise steps (LOMO, SFTAdamW, the write-back of every rule) and SM3 (whose reductions are maxima,
+  exact in any order) are bit-identical compiled and eager: IEEE ops in the same order, inductor contracts
+  no multiply-add (``-ffp-contract=off``), and the eager steps avoid torch's fused ones (``alpha=``,
+  ``addcmul``, ``addcdiv`` run as multiply-adds on CPU);
+- AdaLomo's column sums of the gradient add in another order (its whole-tensor sums are torch's, as
+  eager): for a 16-bit parameter within one unit in the last place and nearly always equal (SmolLM2,
+  bf16: >= 99.9998% of elements per step); an fp32 parameter shows the sums' order, ~1e-5 relative.
 
 Each function is compiled once per process with dynamic shapes (``torch.compile(dynamic=True)``) and
 shared by every parameter of every rule; hyper-parameters reach it as tensors, so a learning-rate
