@@ -1,6 +1,7 @@
 """Runs named cases on 2 CPU ranks (gloo) through Lightning; rank 0 writes the results for tests/test_distributed.py.
 
-Usage: ``python tests/distributed_runs.py OUT_DIR CASE [CASE ...]``. Lightning re-launches this script for
+Usage: ``python tests/distributed_runs.py OUT_DIR CASE [CASE ...]``; ``python tests/distributed_runs.py --compiled OUT_DIR``
+runs :func:`run_compiled_shards` alone (rank 0 in this process, rank 1 spawned; no Lightning). Lightning re-launches this script for
 rank 1, so every rank runs the same cases in the same order. Each case trains ``tiny_llama()`` on rank r's
 half of every global batch of ``global_batches()`` and writes ``OUT_DIR/CASE.pt``: the full parameters
 (gathered from shards), the full optimizer state, and each rank's local optimizer-state bytes.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -340,7 +342,49 @@ def run(case: str, out: Path) -> None:
         torch.save(result, out / f"{case}.pt")
 
 
+def compiled_rule(params):
+    """The ``compiled`` case's rule: AdaLomo with its compiled kernels (the suite's ``auto`` is eager)."""
+    return AdaLomo(params, lr=1e-2, weight_decay=0.01, compile=True)
+
+
+def run_compiled_shards(rank: int, out: Path) -> None:
+    """``compiled``: the fused AdaLomo step with ``compile=True`` on FSDP2 shards of ``tiny_llama(intermediate=37)``
+    (uneven shards, so the ranks' kernels see other shapes), through :class:`ShardedFusedUpdater` directly, without
+    Lightning (a cheap case). Rank 0 writes ``OUT/fsdp_adalomo_compiled.pt``: the full parameters after ``STEPS`` steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lomo_lightning.strategies import ShardedFusedUpdater
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=WORLD, timeout=timedelta(minutes=4))
+    try:
+        model = tiny_llama(intermediate=37)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        updater = ShardedFusedUpdater(model, compiled_rule(model.parameters()))
+        for batch in global_batches():
+            assert updater.backward(model(**rank_slice(batch, rank)).loss)
+        params = {name: param.full_tensor() for name, param in model.named_parameters()}
+        if rank == 0:
+            torch.save(params, out / "fsdp_adalomo_compiled.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> None:
+    if sys.argv[1] == "--compiled":
+        import torch.multiprocessing as mp
+
+        out = Path(sys.argv[2])
+        other = mp.get_context("spawn").Process(target=run_compiled_shards, args=(1, out))
+        other.start()
+        run_compiled_shards(0, out)
+        other.join()
+        if other.exitcode != 0:
+            raise SystemExit(f"rank 1 failed with exit code {other.exitcode}")
+        return
     out = Path(sys.argv[1])
     for case in sys.argv[2:]:
         (run_reference if "reference" in parse(case)["flags"] else run)(case, out)

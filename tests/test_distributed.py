@@ -38,6 +38,7 @@ from distributed_runs import (
     RandomPreferencePairs,
     add_unused_parameter,
     case_loss,
+    compiled_rule,
     global_batches,
     global_pair_batches,
     intermediate_size,
@@ -390,3 +391,22 @@ def test_the_unfused_fsdp2_baseline_shards_adamw_state(runs):
     got = result(runs, "fsdp2_adamw")
     whole = sum(2 * p.numel() * p.element_size() for p in got["params"].values())  # exp_avg and exp_avg_sq
     assert all(size < 0.6 * whole for size in got["state_bytes"]), (got["state_bytes"], whole)
+
+
+@pytest.mark.compiled
+def test_sharded_compiled_adalomo_equals_one_process_compiled(tmp_path):
+    """Shards = one process with compilation on: FSDP2 (2 gloo ranks, uneven shards) against the whole batch on one
+    process, both ``compile=True`` (a run of its own, without Lightning: ``distributed_runs.py --compiled``)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
+    done = subprocess.run(
+        [sys.executable, str(TESTS / "distributed_runs.py"), "--compiled", str(tmp_path)],
+        cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=480,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-6000:]
+    got = torch.load(tmp_path / "fsdp_adalomo_compiled.pt")
+    model = tiny_llama(intermediate=37)
+    updater = FusedUpdater(model, compiled_rule(model.parameters()))
+    for batch in global_batches():
+        assert updater.backward(model(**batch).loss)
+    assert max_difference(got, tiny_llama(intermediate=37)) > 5e-4, "training must move the parameters"
+    assert max_difference(got, model) < 1e-5  # what the eager shards meet (test_two_ranks_equal_one_process_on_the_global_batch)

@@ -1,25 +1,34 @@
 """Compiled kernels (``compile=True``) against the eager reference, and the random bits they share.
 
 The tests marked ``compiled`` compile kernels (seconds each, once per process); the others are cheap.
-Contracts: the write-back and LOMO are bit-identical compiled and eager; AdaLomo (which sums in another
+Contracts: the write-back, LOMO, SM3 and SFTAdamW are bit-identical compiled and eager; AdaLomo (which sums in another
 order) is within one unit in the last place, nearly always equal; fused equals unfused with compilation
 on; ``compile="auto"`` falls back to eager, saying so once, where the compiler fails.
+
+The compiled group runs on ``LOMO_LIGHTNING_TEST_DEVICE`` (default ``cpu``; ``benchmarks/gpu_check.sh`` sets
+``cuda``, where the kernels are Triton's): the contracts are the same on every device.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import pytest
 import torch
 from conftest import batches, tiny_llama
 
-from lomo_lightning import AdaLomo, FusedUpdater, Lomo
+from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SFTAdamW
 from lomo_lightning.optim import kernels
 from lomo_lightning.optim.rounding import BLOCK, WriteBack, key_word, random_bits
 
 LOW = [torch.bfloat16, torch.float16]
+DEVICE = torch.device(os.environ.get("LOMO_LIGHTNING_TEST_DEVICE", "cpu"))  # where the compiled group runs
+
+
+def model_on_device(**kwargs) -> torch.nn.Module:
+    return tiny_llama(**kwargs).to(DEVICE)
 
 
 def lowbias32(x: int) -> int:
@@ -58,11 +67,11 @@ def awkward_values() -> torch.Tensor:
 @pytest.mark.compiled
 @pytest.mark.parametrize(("dtype", "rounding"), [(torch.bfloat16, "stochastic"), (torch.float16, "stochastic"), (torch.bfloat16, "kahan")])
 def test_compiled_write_back_equals_eager_bit_for_bit_also_on_a_shard(dtype, rounding):
-    values = awkward_values()
-    start = torch.randn(values.shape, generator=torch.Generator().manual_seed(2)).mul_(1e-3).to(dtype)
+    values = awkward_values().to(DEVICE)
+    start = torch.randn(values.shape, generator=torch.Generator().manual_seed(2)).mul_(1e-3).to(DEVICE, dtype)
 
     def write(compile: bool, offset: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        param = torch.zeros(size, dtype=dtype)
+        param = torch.zeros(size, dtype=dtype, device=DEVICE)
         compensation = start[offset : offset + size].clone()
         write_back = WriteBack(rounding, key=(5, 6, 7), offset=offset, compensation=compensation, compile=compile)
         write_back(param, values[offset : offset + size].clone())
@@ -81,7 +90,8 @@ def test_compiled_write_back_equals_eager_bit_for_bit_also_on_a_shard(dtype, rou
 
 def train(model: torch.nn.Module, make, steps: int = 3, fused: bool = True) -> list[torch.Tensor]:
     optimizer = make(model.parameters())
-    data = batches(steps)
+    device = next(model.parameters()).device
+    data = [{key: value.to(device) for key, value in batch.items()} for batch in batches(steps)]
     if fused:
         updater = FusedUpdater(model, optimizer)
         for batch in data:
@@ -98,7 +108,7 @@ def train(model: torch.nn.Module, make, steps: int = 3, fused: bool = True) -> l
 @pytest.mark.compiled
 @pytest.mark.parametrize(("dtype", "rounding"), [(torch.bfloat16, "stochastic"), (torch.float32, "nearest")], ids=["bf16", "fp32"])
 def test_compiled_lomo_equals_eager_bit_for_bit_fused_and_unfused(dtype, rounding):
-    start = tiny_llama(dtype=dtype)
+    start = model_on_device(dtype=dtype)
 
     def make(compile: bool):
         return lambda params: Lomo(params, lr=0.05, weight_decay=0.1, rounding=rounding, seed=3, compile=compile)
@@ -111,6 +121,39 @@ def test_compiled_lomo_equals_eager_bit_for_bit_fused_and_unfused(dtype, roundin
     assert not all(torch.equal(p, q) for p, q in zip(compiled, start.parameters())), "the steps must move the weights"
 
 
+def sparse_values(seed: int) -> torch.nn.Parameter:
+    """Sparse fine-tuning's values: fp32 entries of a 12 x 10 matrix (``matrix_entries``), not in index order."""
+    values = torch.nn.Parameter((torch.randn(40, generator=torch.Generator().manual_seed(seed)) * 1e-2).to(DEVICE))
+    indices = torch.randperm(120, generator=torch.Generator().manual_seed(seed))[:40].to(DEVICE)
+    values.matrix_entries = lambda: (indices, (12, 10))
+    return values
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("rule", ["sm3", "sft_adamw"])
+def test_compiled_sm3_and_sft_adamw_equal_eager_bit_for_bit_on_matrices_vectors_and_sparse_values(rule):
+    def make(compile: bool):
+        if rule == "sm3":
+            return lambda params: SM3(params, lr=1e-2, momentum=0.5, weight_decay=0.1, seed=3, compile=compile)
+        return lambda params: SFTAdamW(params, lr=1e-2, weight_decay=0.1, seed=3, compile=compile)
+
+    # a bf16 model (matrices and vectors, stochastic write-back), fused
+    start = model_on_device(dtype=torch.bfloat16)
+    runs = [train(copy.deepcopy(start), make(compile)) for compile in (False, True)]
+    assert all(torch.equal(p.view(torch.int16), q.view(torch.int16)) for p, q in zip(*runs))
+    assert not all(torch.equal(p, q) for p, q in zip(runs[0], start.parameters())), "the steps must move the weights"
+    # sparse fine-tuning's fp32 values, unfused (SM3 keeps the accumulators of the whole matrix), with the state
+    finals = []
+    for compile in (False, True):
+        values = sparse_values(0)
+        optimizer = make(compile)([values])
+        for step in range(3):
+            values.grad = torch.randn(40, generator=torch.Generator().manual_seed(10 + step)).to(DEVICE)
+            optimizer.step()
+        finals.append([values.detach(), *(v for v in optimizer.state[values].values() if isinstance(v, torch.Tensor))])
+    assert all(torch.equal(p, q) for p, q in zip(*finals))
+
+
 def units_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """How many representable values of their dtype lie between ``a`` and ``b`` (same sign assumed near 0)."""
     bits = torch.int16 if a.element_size() == 2 else torch.int32
@@ -121,7 +164,7 @@ def units_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.compiled
 def test_compiled_adalomo_is_within_one_unit_of_eager_and_fused_equals_unfused():
-    start = tiny_llama(dtype=torch.bfloat16)
+    start = model_on_device(dtype=torch.bfloat16)
 
     def make(compile: bool):
         return lambda params: AdaLomo(params, lr=1e-2, weight_decay=0.1, seed=3, compile=compile)
@@ -171,8 +214,17 @@ def test_compile_must_be_true_false_or_auto():
 
 def allocation_peak(step) -> int:
     """The most bytes ``step`` held allocated at once beyond what existed before it, from the profiler's
-    allocator events (MemTracker, a dispatch mode, cannot look inside a compiled graph; the allocator can)."""
+    allocator events (MemTracker, a dispatch mode, cannot look inside a compiled graph; the allocator can);
+    on CUDA from the caching allocator's peak."""
     from torch.profiler import ProfilerActivity, profile
+
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -185,12 +237,12 @@ def allocation_peak(step) -> int:
 
 
 @pytest.mark.compiled
-@pytest.mark.parametrize("rule", [Lomo, AdaLomo], ids=["lomo", "adalomo"])
+@pytest.mark.parametrize("rule", [Lomo, AdaLomo, SM3, SFTAdamW], ids=["lomo", "adalomo", "sm3", "sft_adamw"])
 def test_compiled_step_holds_no_more_memory_than_eager(rule):
     torch.manual_seed(0)
     width = 512
-    start = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(4)]).to(torch.bfloat16)
-    x = torch.randn(2, width, dtype=torch.bfloat16)
+    start = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(4)]).to(DEVICE, torch.bfloat16)
+    x = torch.randn(2, width, dtype=torch.bfloat16).to(DEVICE)
     peaks = {}
     for compile in (False, True):
         model = copy.deepcopy(start)
@@ -204,13 +256,13 @@ def test_compiled_step_holds_no_more_memory_than_eager(rule):
 
 @pytest.mark.compiled
 def test_a_stock_rule_under_the_engine_writes_back_compiled_bit_for_bit():
-    start = tiny_llama(dtype=torch.bfloat16)
+    start = model_on_device(dtype=torch.bfloat16)
     finals = []
     for compile in (False, True):
         model = copy.deepcopy(start)
         updater = FusedUpdater(model, torch.optim.AdamW(model.parameters(), lr=1e-3), rounding="stochastic", seed=1, compile=compile)
         for batch in batches(2):
-            updater.backward(model(**batch).loss)
+            updater.backward(model(**{key: value.to(DEVICE) for key, value in batch.items()}).loss)
         finals.append([p.detach() for p in model.parameters()])
     assert all(torch.equal(p.view(torch.int16), q.view(torch.int16)) for p, q in zip(*finals))
     with pytest.raises(ValueError, match="FusedUpdater: compile must be True, False or 'auto'"):

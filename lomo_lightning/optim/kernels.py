@@ -7,10 +7,13 @@ parameter in place, with no fp32 working copy. The functions compiled here are p
 same that the eager path runs (or, where the eager path is the memory-lean in-place reference, the same
 ops in the same order), so:
 
-- elementwise steps (LOMO, the write-back of every rule) are bit-identical compiled and eager: IEEE ops in
-  the same order, and inductor contracts no multiply-add (``-ffp-contract=off``);
-- steps with reductions (AdaLomo's statistics and RMS) sum in another order: within one unit in the
-  last place of the parameter's dtype, and nearly always equal.
+- elementwise steps (LOMO, SFTAdamW, the write-back of every rule) and SM3 (whose reductions are maxima,
+  exact in any order) are bit-identical compiled and eager: IEEE ops in the same order, inductor contracts
+  no multiply-add (``-ffp-contract=off``), and the eager steps avoid torch's fused ones (``alpha=``,
+  ``addcmul``, ``addcdiv`` run as multiply-adds on CPU);
+- AdaLomo's column sums of the gradient add in another order (its whole-tensor sums are torch's, as
+  eager): for a 16-bit parameter within one unit in the last place and nearly always equal (SmolLM2,
+  bf16: >= 99.9998% of elements per step); an fp32 parameter shows the sums' order, ~1e-5 relative.
 
 Each function is compiled once per process with dynamic shapes (``torch.compile(dynamic=True)``) and
 shared by every parameter of every rule; hyper-parameters reach it as tensors, so a learning-rate
@@ -122,21 +125,20 @@ def lomo_step_(
     _store_(param, work - grad.float() * hyper[0], rounding, key, compensation)
 
 
-def adalomo_statistics_(param: Tensor, grad: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """AdaLomo's work on a matrix before its collective: the row statistic ``R`` updated in place, and the
-    partial sums ``(sum(theta^2), col sums of g^2, col sums of (g / sqrt(R))^2, sum(R))``.
+def adalomo_statistics_(grad: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor]:
+    """AdaLomo's work on a matrix before its collective, one pass over the gradient: the row statistic ``R``
+    updated in place, and the column sums ``(col sums of g^2, col sums of (g / sqrt(R))^2)``.
 
     ``hyper = [beta, 1 - beta, eps1]``. The same ops as the eager
     :func:`~lomo_lightning.optim.adalomo.adalomo_update`, without its in-place scratch: ``grad`` is read only.
     """
     grad = grad.float()  # a 16-bit gradient (unfused) is widened as the eager step widens it
-    param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square().reshape(1)
     row_mean = torch.linalg.vector_norm(grad, dim=1).square() / grad.shape[1] + hyper[2]
     new_row = row * hyper[0] + row_mean * hyper[1]
     row.copy_(new_row)
     col_squares = grad.square().sum(0)
     scaled_squares = (grad * new_row.rsqrt().unsqueeze(1)).square().sum(0)
-    return param_squares, col_squares, scaled_squares, new_row.sum().reshape(1)
+    return col_squares, scaled_squares
 
 
 def adalomo_apply_(
@@ -159,3 +161,79 @@ def adalomo_apply_(
     if decays:
         work = work * decay
     _store_(param, work - update * scale, rounding, key, compensation)
+
+
+def sm3_step_(
+    param: Tensor,
+    grad: Tensor,
+    accumulators: list[Tensor],
+    indices: Tensor | None,
+    buffer: Tensor | None,
+    hyper: Tensor,
+    decays: bool,
+    rounding: str,
+    key: Tensor | None,
+    compensation: Tensor | None,
+) -> None:
+    """SM3 (:class:`~lomo_lightning.optim.SM3`): ``nu = min_d a_d + g*g``, every ``a_d`` the max of ``nu`` over the
+    other dimensions, ``u = rsqrt(nu + eps) * g``, momentum ``u <- b * mu + u * (1 - mu)``,
+    ``theta <- (theta - u * lr) * (1 - lr * wd)``, written back. ``hyper = [eps, mu, 1 - mu, lr, 1 - lr * wd]``.
+
+    Dense (``indices`` is ``None``): ``param`` and ``grad`` shaped like the accumulators' broadcast. Entries of a
+    matrix (``indices``, flat positions in it): ``accumulators`` are its ``(rows, 1)`` and ``(1, cols)`` ones.
+    Its reductions are maxima and minima, exact in any order: the same ops as the eager step, bit for bit.
+    """
+    g = grad.float()
+    if indices is None:
+        nu = accumulators[0]
+        for accumulator in accumulators[1:]:
+            nu = torch.minimum(nu, accumulator)
+        nu = nu + g * g
+        for dim, accumulator in enumerate(accumulators):
+            others = [d for d in range(g.dim()) if d != dim]
+            accumulator.copy_(nu.amax(dim=others, keepdim=True) if others else nu)
+    else:
+        rows_acc, cols_acc = accumulators[0].view(-1), accumulators[1].view(-1)
+        flat = indices.long()
+        rows = torch.div(flat, cols_acc.shape[0], rounding_mode="floor")
+        cols = flat - rows * cols_acc.shape[0]
+        nu = torch.minimum(rows_acc[rows], cols_acc[cols]) + g * g
+        rows_acc.scatter_reduce_(0, rows, nu, "amax", include_self=True)
+        cols_acc.scatter_reduce_(0, cols, nu, "amax", include_self=True)
+    update = (nu + hyper[0]).rsqrt() * g
+    if buffer is not None:
+        update = buffer * hyper[1] + update * hyper[2]
+        buffer.copy_(update)
+    work = param.float() - update * hyper[3]
+    if decays:
+        work = work * hyper[4]
+    _store_(param, work, rounding, key, compensation)
+
+
+def sft_adamw_step_(
+    param: Tensor,
+    grad: Tensor,
+    age: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    hyper: Tensor,
+    decays: bool,
+    rounding: str,
+    key: Tensor | None,
+    compensation: Tensor | None,
+) -> None:
+    """SFTAdamW (:class:`~lomo_lightning.optim.SFTAdamW`), elementwise and bit for bit the eager step:
+    ``m <- m * b1 + g * (1 - b1)``, ``v <- v * b2 + (g * g) * (1 - b2)``,
+    ``d = (sqrt(v) + eps) * (1 - b1^a) / sqrt(1 - b2^a)``, ``theta <- (theta - (m / d) * lr) * (1 - lr * wd)``,
+    written back, ``a <- a + 1``. ``hyper = [b1, 1 - b1, b2, 1 - b2, eps, lr, 1 - lr * wd]``."""
+    g = grad.float()
+    m = exp_avg * hyper[0] + g * hyper[1]
+    v = exp_avg_sq * hyper[2] + (g * g) * hyper[3]
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    denom = (v.sqrt() + hyper[4]) * (1.0 - torch.pow(hyper[0], age)) / (1.0 - torch.pow(hyper[2], age)).sqrt()
+    work = param.float() - (m / denom) * hyper[5]
+    if decays:
+        work = work * hyper[6]
+    _store_(param, work, rounding, key, compensation)
+    age.copy_(age + 1.0)

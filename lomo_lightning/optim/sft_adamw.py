@@ -10,7 +10,8 @@ from torch import Tensor
 
 from lomo_lightning.layout import local_tensor
 from lomo_lightning.optim.base import PerParameterOptimizer
-from lomo_lightning.optim.kernels import Compile
+from lomo_lightning.optim.kernels import Compile, compiled, scalars, sft_adamw_step_
+from lomo_lightning.optim.rounding import BLOCK, Write
 
 
 class SFTAdamW(PerParameterOptimizer):
@@ -44,8 +45,8 @@ class SFTAdamW(PerParameterOptimizer):
         rounding: how a 16-bit parameter receives its fp32 result (:class:`~lomo_lightning.optim.Lomo`);
             sparse fine-tuning's values are fp32, so it matters only for 16-bit parameters.
         seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``).
-        compile: ``"auto"``, ``True`` or ``False``: the 16-bit write-back as one compiled pass
-            (:mod:`lomo_lightning.optim.kernels`; bit-identical). The rule's own math runs eagerly.
+        compile: ``"auto"``, ``True`` or ``False``: each update, with its write-back, as one compiled pass
+            (:func:`~lomo_lightning.optim.kernels.sft_adamw_step_`), bit-identical to the eager one.
     """
 
     def __init__(
@@ -80,23 +81,56 @@ class SFTAdamW(PerParameterOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
         age, exp_avg, exp_avg_sq = (local_tensor(state[key]) for key in ("age", "exp_avg", "exp_avg_sq"))
         beta1, beta2 = group["betas"]
-        grad = local_tensor(grad).to(torch.float32)
-        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        # the denominator, bias-corrected entry by entry: (sqrt(v) + eps) * (1 - beta1^a) / sqrt(1 - beta2^a)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
-        denom.mul_(torch.pow(beta1, age).neg_().add_(1.0))
-        denom.div_(torch.pow(beta2, age).neg_().add_(1.0).sqrt_())
-        work = local_param if local_param.dtype == torch.float32 else local_param.float()
-        work.addcdiv_(exp_avg, denom, value=-group["lr"])
-        if group["weight_decay"] > 0.0:
-            work.mul_(1.0 - group["lr"] * group["weight_decay"])
-        if work is not local_param:
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        facts = self._facts.get(param) or self.facts(param)
+        write_back = None
+        if facts.low_precision:
             if group["rounding"] == "stochastic":
                 state.setdefault("step", torch.tensor(0.0))
                 state["step"] += 1
-            self.write_back(param, group, state)(local_param, work)
+            write_back = self.write_back(param, group, state)
+        if facts.compiled:
+            write = write_back or Write()
+            compensation = write.compensation.view(-1) if write.compensation is not None else None
+            hyper = scalars(beta1, 1.0 - beta1, beta2, 1.0 - beta2, group["eps"], lr, 1.0 - lr * weight_decay, device=local_param.device)
+            compiled(sft_adamw_step_)(
+                local_param.view(-1), local_tensor(grad).reshape(-1), age.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1),
+                hyper, weight_decay > 0.0, write.rounding, write.key, compensation,
+            )  # fmt: skip
+            return
+        # the kernel's roundings in its order (no fused multiply-add: alpha=, addcmul and addcdiv would contract)
+        grad = local_tensor(grad).to(torch.float32)
+        scratch = grad * (1.0 - beta1)
+        exp_avg.mul_(beta1).add_(scratch)
+        exp_avg_sq.mul_(beta2).add_(torch.mul(grad, grad, out=scratch).mul_(1.0 - beta2))
+        # the denominator, bias-corrected entry by entry: (sqrt(v) + eps) * (1 - beta1^a) / sqrt(1 - beta2^a)
+        denom = correctly_rounded_sqrt(exp_avg_sq, out=scratch).add_(group["eps"])
+        denom.mul_(torch.pow(beta1, age).neg_().add_(1.0))
+        denom.div_(torch.pow(beta2, age).neg_().add_(1.0).sqrt_())
+        step = torch.div(exp_avg, denom, out=denom).mul_(lr)
+        work = local_param if local_param.dtype == torch.float32 else local_param.float()
+        work.sub_(step)
+        if weight_decay > 0.0:
+            work.mul_(1.0 - lr * weight_decay)
+        if work is not local_param:
+            (write_back or Write())(local_param, work)
         age.add_(1.0)
+
+
+def correctly_rounded_sqrt(x: Tensor, out: Tensor) -> Tensor:
+    """``sqrt(x)`` rounded once, as IEEE 754 (and a compiled kernel, and CUDA) round it, into ``out``.
+
+    Eager ``torch.sqrt`` of fp32 on CPU may call MKL's vector math, which is within one unit but not
+    correctly rounded (16% of the results of random inputs differ). The square root of fp32 computed
+    in fp64 and rounded to fp32 is the correctly rounded one (fp64 has more than twice fp32's precision);
+    in blocks of :data:`BLOCK` elements, so the fp64 temporary stays small.
+    """
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return torch.sqrt(x, out=out)
+    flat_x, flat_out = x.view(-1), out.view(-1)
+    for start in range(0, flat_x.numel(), BLOCK):
+        flat_out[start : start + BLOCK].copy_(flat_x[start : start + BLOCK].double().sqrt_())
+    return out
 
 
 # The name before one casing of acronyms (issue 20), still importable: it was public.

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from lomo_lightning.layout import matrix_entries, shard_group
 from lomo_lightning.optim.base import PerParameterOptimizer
-from lomo_lightning.optim.kernels import Compile
+from lomo_lightning.optim.kernels import Compile, compiled, scalars, sm3_step_
+from lomo_lightning.optim.rounding import BLOCK, Write
 
 
 class SM3(PerParameterOptimizer):
@@ -49,8 +50,9 @@ class SM3(PerParameterOptimizer):
         rounding: how a 16-bit parameter receives its fp32 result (:class:`~lomo_lightning.optim.Lomo`);
             sparse fine-tuning's values are fp32, so it matters only for 16-bit parameters.
         seed: seeds stochastic rounding's bits (default: ``torch.initial_seed()``).
-        compile: ``"auto"``, ``True`` or ``False``: the 16-bit write-back as one compiled pass
-            (:mod:`lomo_lightning.optim.kernels`; bit-identical). The rule's own math runs eagerly.
+        compile: ``"auto"``, ``True`` or ``False``: each update, with its write-back, as one compiled pass
+            (:func:`~lomo_lightning.optim.kernels.sm3_step_`); bit-identical to the eager one (its reductions
+            are maxima, exact in any order).
     """
 
     def __init__(
@@ -92,26 +94,43 @@ class SM3(PerParameterOptimizer):
                 accumulator_shape[dim] = size
                 state[f"accumulator_{dim}"] = torch.zeros(accumulator_shape, dtype=torch.float32, device=param.device)
         accumulators = [state[f"accumulator_{dim}"] for dim in range(len(shape))]
+        momentum = group["momentum"]
+        if momentum > 0.0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros(shape if entries is None else param.shape, dtype=torch.float32, device=param.device)
+        buffer = state.get("momentum_buffer") if momentum > 0.0 else None
+        state["step"] += 1
+        facts = self._facts.get(param) or self.facts(param)
+        write_back = self.write_back(param, group, state) if facts.low_precision else None
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if facts.compiled:
+            write = write_back or Write()
+            view = shape if entries is None else (-1,)  # dense: shaped like the accumulators' broadcast
+            compensation = write.compensation.view(view) if write.compensation is not None else None
+            hyper = scalars(group["eps"], momentum, 1.0 - momentum, lr, 1.0 - lr * weight_decay, device=param.device)
+            compiled(sm3_step_)(
+                param.view(view), grad.view(view), accumulators, None if entries is None else entries[0],
+                buffer, hyper, weight_decay > 0.0, write.rounding, write.key, compensation,
+            )  # fmt: skip
+            return
+        # the kernel's roundings in its order (no fused multiply-add: alpha= and addcmul would contract)
         grad = grad.to(torch.float32, copy=not grad_is_scratch)
         if entries is None:
             grad = grad.view(shape)  # a scalar as one entry
             nu = _dense_accumulate(accumulators, grad)
         else:
             nu = _entries_accumulate(accumulators, grad, entries[0], shape)
-        update = nu.add_(group["eps"]).rsqrt_().mul_(grad)
-        if group["momentum"] > 0.0:
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(update)
-            buffer = state["momentum_buffer"]
-            buffer.mul_(group["momentum"]).add_(update, alpha=1.0 - group["momentum"])
-            update = buffer
+        update = nu.add_(group["eps"]).rsqrt_().mul_(grad)  # nu's memory from here on
+        if buffer is not None:
+            buffer.mul_(momentum).add_(update.mul_(1.0 - momentum))
+            torch.mul(buffer, lr, out=update)
+        else:
+            update.mul_(lr)
         work = param if param.dtype == torch.float32 else param.float()
-        work.sub_(update.view_as(work), alpha=group["lr"])
-        if group["weight_decay"] > 0.0:
-            work.mul_(1.0 - group["lr"] * group["weight_decay"])
-        state["step"] += 1
+        work.sub_(update.view_as(work))
+        if weight_decay > 0.0:
+            work.mul_(1.0 - lr * weight_decay)
         if work is not param:
-            self.write_back(param, group, state)(param, work)
+            (write_back or Write())(param, work)
 
 
 def _dense_accumulate(accumulators: list[Tensor], grad: Tensor) -> Tensor:
@@ -119,7 +138,9 @@ def _dense_accumulate(accumulators: list[Tensor], grad: Tensor) -> Tensor:
     nu = accumulators[0].expand_as(grad).clone()
     for accumulator in accumulators[1:]:
         torch.minimum(nu, accumulator, out=nu)
-    nu.addcmul_(grad, grad)
+    flat_nu, flat_grad = nu.view(-1), grad.reshape(-1)
+    for start in range(0, flat_nu.numel(), BLOCK):  # + g*g, rounded before the sum; a block's temporary at most
+        flat_nu[start : start + BLOCK].add_(flat_grad[start : start + BLOCK].square())
     for dim, accumulator in enumerate(accumulators):
         others = [d for d in range(grad.dim()) if d != dim]
         accumulator.copy_(nu.amax(dim=others, keepdim=True) if others else nu)
@@ -134,7 +155,7 @@ def _entries_accumulate(accumulators: list[Tensor], grad: Tensor, indices: Tenso
     indices = indices.long()
     rows = torch.div(indices, shape[1], rounding_mode="floor")
     cols = indices - rows * shape[1]
-    nu = torch.minimum(rows_acc[rows], cols_acc[cols]).addcmul_(grad, grad)
+    nu = torch.minimum(rows_acc[rows], cols_acc[cols]).add_(grad.square())
     rows_acc.scatter_reduce_(0, rows, nu, "amax", include_self=True)
     cols_acc.scatter_reduce_(0, cols, nu, "amax", include_self=True)
     return nu
