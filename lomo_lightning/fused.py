@@ -76,6 +76,7 @@ class BackwardPass:
     inv_scale: float = 1.0
     clip_coef: Tensor | None = None
     multiplier: Tensor | float | None = None
+    scales: bool = False  # the gradient is scaled or clamped before the rule: in fp32
     norms: list[Tensor] = field(default_factory=list)
 
 
@@ -89,7 +90,8 @@ class FixedFacts:
     group_index: int  # its param group
     position: int  # its index among all parameters of all param groups
     distributed: bool  # a DTensor (FSDP2): elementwise work runs on its local shard
-    needs_fp32_grad: bool  # its gradient is bf16/fp16: the engine makes the fp32 working gradient
+    low_precision_grad: bool  # its gradient is bf16/fp16
+    widen: bool  # ... and the rule works on an fp32 one, which the engine makes (a compiled kernel reads it as it is)
     low_precision: bool  # a bf16/fp16 parameter: a stock rule runs on an fp32 working copy of it
     completion: Completion | None  # the placement's completion of its gradient; None: final as it comes
     batch: Batch | None  # the placement's batch for a split step's collective; None: completed at once
@@ -215,12 +217,20 @@ class FusedUpdater:
             )
         self.placement.attach(self.model, trainable, split_steps=self._splits)
         elements = sum(p.numel() for p in trainable) if self.compile == "auto" else None
+        if isinstance(self.optimizer, PerParameterOptimizer):
+            self.optimizer.learn_facts(trainable)
+        rule = self.optimizer
+
+        def compiled_rule(param: Tensor) -> bool:
+            return isinstance(rule, PerParameterOptimizer) and rule.facts(param).compiled
+
         self._fixed = {
             p: FixedFacts(
                 group_index=group_index[p],
                 position=position[p],
                 distributed=is_distributed(p),
-                needs_fp32_grad=local_tensor(p).dtype != torch.float32,
+                low_precision_grad=local_tensor(p).dtype != torch.float32,
+                widen=local_tensor(p).dtype != torch.float32 and not compiled_rule(p),
                 low_precision=needs_write_back(p),
                 completion=self.placement.completion(p),
                 batch=self.placement.batch_of(p),
@@ -229,8 +239,6 @@ class FusedUpdater:
             )
             for p in trainable
         }
-        if isinstance(self.optimizer, PerParameterOptimizer):
-            self.optimizer.learn_facts(trainable)
         if self.placement.installs_hooks:
             self._handles = [p.register_post_accumulate_grad_hook(self.apply_gradient) for p in self._fixed]
 
@@ -273,7 +281,9 @@ class FusedUpdater:
         elif not self.loss_is_finite(loss.detach()):
             self.skipped_steps += 1
             return False
-        self._pass = BackwardPass(inv_scale=1.0 / scale, clip_coef=clip_coef, multiplier=self._multiplier(1.0 / scale, clip_coef))
+        multiplier = self._multiplier(1.0 / scale, clip_coef)
+        scales = multiplier is not None or self.clip_grad_value is not None
+        self._pass = BackwardPass(inv_scale=1.0 / scale, clip_coef=clip_coef, multiplier=multiplier, scales=scales)
         try:
             scaled.backward(retain_graph=retain_graph)
             self.placement.end_of_pass(measuring=False)
@@ -340,7 +350,7 @@ class FusedUpdater:
             if now.measuring:
                 now.norms.append(torch.linalg.vector_norm(local_tensor(grad) if facts.distributed else grad, dtype=torch.float32))
                 return
-            if facts.needs_fp32_grad:
+            if facts.low_precision_grad and (facts.widen or now.scales):
                 grad = grad.float()  # the one fp32 cast: rules take it as their working gradient
             values = local_tensor(grad) if facts.distributed else grad  # elementwise work on a shard: no DTensor dispatch
             if now.multiplier is not None:

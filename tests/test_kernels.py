@@ -88,6 +88,22 @@ def test_compiled_write_back_equals_eager_bit_for_bit_also_on_a_shard(dtype, rou
     assert equal_bits(shard, eager[cut:])
 
 
+@pytest.mark.compiled
+@pytest.mark.parametrize("offset", [2**31 - 5, 2**32 - 5, 5 * 2**32 + 7], ids=["int31", "int32", "high-word"])
+def test_a_shard_far_into_its_tensor_draws_the_documented_bits_eager_and_compiled(offset):
+    """The write computes its positions' words in int32 (low word, carry, high word): across the 2^31 and 2^32
+    boundaries they are the int64 positions' words that :func:`random_bits` documents."""
+    key = torch.tensor([key_word((1, 2, 3)), offset], device=DEVICE)
+    work = torch.randn(BLOCK + 17, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    bits = random_bits(torch.arange(work.numel(), device=DEVICE) + offset, key, 16)
+    pattern = work.view(torch.int32)
+    expected = ((pattern + bits) & -(2**16)).view(torch.float32).to(torch.bfloat16)  # finite, in range: the bit trick
+    for compile in (False, True):
+        param = torch.zeros(work.numel(), dtype=torch.bfloat16, device=DEVICE)
+        WriteBack("stochastic", key=(1, 2, 3), offset=offset, compile=compile)(param, work.clone())
+        assert equal_bits(param, expected), f"compile={compile}"
+
+
 def train(model: torch.nn.Module, make, steps: int = 3, fused: bool = True) -> list[torch.Tensor]:
     optimizer = make(model.parameters())
     device = next(model.parameters()).device

@@ -192,36 +192,36 @@ def adalomo_update(
         g2d = update.view(row.numel(), -1)
         rows, cols = g2d.shape
         if compile:
-            # the kernel makes the column sums; the whole-tensor sums are torch's cascade sums, as eager: a compiled
-            # reduction over a whole parameter accumulates in long runs (0.34% off over SmolLM2's 28M-element
-            # embedding, which scaled every update of it)
+            # one kernel reads the gradient (and a 16-bit parameter): the row statistic, the column sums, sum(theta^2)
             hyper = torch.tensor([beta, 1.0 - beta, eps1], dtype=torch.float32, device=param.device)
-            col_squares, scaled_squares = compiled(adalomo_statistics_)(g2d, row, hyper)
-            param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
-            row_sum = row.sum().reshape(1)
+            col_squares, scaled_squares, squares = compiled(adalomo_statistics_)(g2d, param.view(rows, -1), row, hyper)
+            param_squares = torch.linalg.vector_norm(param).square_().reshape(1) if squares is None else squares
         else:
             param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
-            # mean(g^2 + eps1) over a dimension, without a g^2 temporary the size of the parameter
-            row_mean = torch.linalg.vector_norm(g2d, dim=1).square_().div_(cols).add_(eps1)
-            row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
-            row_rsqrt = row.rsqrt()
-            # column sums of g^2 and of (g / sqrt(R))^2, g scaled by its row factor on the way (the row half of u,
-            # known before any collective), in blocks of rows: one reduction over dim 0 of a large matrix is an
-            # order of magnitude slower on CPU than over dim 1, and a whole g^2 would be a temporary of its size
-            col_squares, scaled_squares = g2d.new_zeros(cols), g2d.new_zeros(cols)
+            # in blocks of rows: the row statistic of a block, then its column sums of g^2 and of (g / sqrt(R))^2 (g
+            # scaled by its row factor on the way, the row half of u, known before any collective). Squares are
+            # summed in kernels.accumulator's dtype (inline: the hot path); the temporaries are the size of a block
+            # (a whole g^2 would be one the size of the parameter, and one reduction over dim 0 of a large matrix
+            # is slow on CPU)
+            wide = torch.float64 if param.dtype == torch.float32 and param.device.type != "mps" else torch.float32
+            col_sums, scaled_sums = g2d.new_zeros(cols, dtype=wide), g2d.new_zeros(cols, dtype=wide)
             rows_per_block = max(1, _BLOCK_ELEMENTS // max(cols, 1))
             for start in range(0, rows, rows_per_block):
-                block = g2d[start : start + rows_per_block]
-                col_squares.add_(block.square().sum(0))
-                block.mul_(row_rsqrt[start : start + rows_per_block].unsqueeze(1))
-                scaled_squares.add_(block.square().sum(0))
-            row_sum = row.sum()
+                block, block_row = g2d[start : start + rows_per_block], row[start : start + rows_per_block]
+                squares = torch.square(block.to(wide))
+                row_mean = squares.sum(1).float().div_(cols).add_(eps1)
+                block_row.mul_(beta).add_(row_mean.mul_(1.0 - beta))  # two roundings and a sum, as the kernel
+                col_sums.add_(squares.sum(0))
+                block.mul_(block_row.rsqrt().unsqueeze(1))
+                scaled_sums.add_(torch.square(block.to(wide)).sum(0))
+            col_squares, scaled_squares = col_sums.float(), scaled_sums.float()
+        row_sum = row.sum().reshape(1)
         parts = [col_squares, scaled_squares]
         if shard.group is not None:
             whole_col = col_squares.new_zeros(cols)
             whole_col[shard.columns(cols)] = col
             parts.append(whole_col)
-        partial = torch.cat([*parts, row_sum.reshape(1), param_squares])
+        partial = torch.cat([*parts, row_sum, param_squares])
         sums = partial if shard.group is None else (yield partial)
         col_squares, scaled_squares = sums[:cols], sums[cols : 2 * cols]
         whole_col = col if shard.group is None else sums[2 * cols : 3 * cols]

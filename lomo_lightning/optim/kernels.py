@@ -11,9 +11,8 @@ ops in the same order), so:
   exact in any order) are bit-identical compiled and eager: IEEE ops in the same order, inductor contracts
   no multiply-add (``-ffp-contract=off``), and the eager steps avoid torch's fused ones (``alpha=``,
   ``addcmul``, ``addcdiv`` run as multiply-adds on CPU);
-- AdaLomo's column sums of the gradient add in another order (its whole-tensor sums are torch's, as
-  eager): for a 16-bit parameter within one unit in the last place and nearly always equal (SmolLM2,
-  bf16: >= 99.9998% of elements per step); an fp32 parameter shows the sums' order, ~1e-5 relative.
+- AdaLomo's sums of squares add in another order (as accurately as torch's: :func:`column_sums`): its step
+  is within one unit in the last place of the eager one and nearly always equal.
 
 Each function is compiled once per process with dynamic shapes (``torch.compile(dynamic=True)``) and
 shared by every parameter of every rule; hyper-parameters reach it as tensors, so a learning-rate
@@ -125,20 +124,52 @@ def lomo_step_(
     _store_(param, work - grad.float() * hyper[0], rounding, key, compensation)
 
 
-def adalomo_statistics_(grad: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor]:
-    """AdaLomo's work on a matrix before its collective, one pass over the gradient: the row statistic ``R``
-    updated in place, and the column sums ``(col sums of g^2, col sums of (g / sqrt(R))^2)``.
+# Rows per block of a compiled column sum: a sum down a whole column adds in one long run (off by ~1e-5 over
+# SmolLM2's 49152-row embedding); sums of blocks of rows, then of the blocks, are as accurate as torch's.
+_SUM_BLOCK = 64
 
-    ``hyper = [beta, 1 - beta, eps1]``. The same ops as the eager
-    :func:`~lomo_lightning.optim.adalomo.adalomo_update`, without its in-place scratch: ``grad`` is read only.
+
+def accumulator(param: Tensor) -> torch.dtype:
+    """The dtype AdaLomo sums a matrix's squares in: what the parameter can see of the sums' last bits.
+
+    An fp32 parameter's update shows the last bit of its statistics, and eager and compiled steps add in
+    another order: in fp64 (each square of an fp32 value exact, the sum off by ~``n * 2^-53``) both round to
+    the same fp32 sum, nearly always. A 16-bit parameter's write-back does not see those bits: fp32, as fast
+    as the data can be read (inductor converts fp32 to fp64 element by element on CPU). MPS has no fp64.
     """
-    grad = grad.float()  # a 16-bit gradient (unfused) is widened as the eager step widens it
-    row_mean = torch.linalg.vector_norm(grad, dim=1).square() / grad.shape[1] + hyper[2]
+    if param.dtype == torch.float32 and param.device.type != "mps":
+        return torch.float64
+    return torch.float32
+
+
+def column_sums(x: Tensor) -> Tensor:
+    """The sums of the columns of ``x`` (2-D) in two levels: blocks of :data:`_SUM_BLOCK` rows, then the blocks."""
+    if x.shape[0] < 2 * _SUM_BLOCK:  # a graph of its own (dynamo guards on the size), without blocks
+        return x.sum(0)
+    count = x.shape[0] // _SUM_BLOCK
+    blocks = x[: count * _SUM_BLOCK].reshape(count, _SUM_BLOCK, x.shape[1]).sum(1)
+    return blocks.sum(0) + x[count * _SUM_BLOCK :].sum(0)
+
+
+def adalomo_statistics_(grad: Tensor, param: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """AdaLomo's work on a matrix before its collective, reading the gradient (and a 16-bit parameter) once: the
+    row statistic ``R`` updated in place, and ``(col sums of g^2, col sums of (g / sqrt(R))^2, sum(theta^2))``.
+
+    ``hyper = [beta, 1 - beta, eps1]``. The eager :func:`~lomo_lightning.optim.adalomo.adalomo_update` makes the
+    same elementwise ops in the same order and sums the squares in the same dtype (:func:`accumulator`), in
+    another order. ``grad`` is read only. An fp32 parameter's sum of squares (``None`` here) is left to
+    torch's norm, as eager: it scales every update of the tensor, and the last bit of the scale decides the
+    last bit of many fp32 results.
+    """
+    wide = accumulator(param)
+    grad = grad.float()  # a 16-bit gradient is widened as the eager step widens it
+    row_mean = grad.to(wide).square().sum(1).float() / grad.shape[1] + hyper[2]
     new_row = row * hyper[0] + row_mean * hyper[1]
     row.copy_(new_row)
-    col_squares = grad.square().sum(0)
-    scaled_squares = (grad * new_row.rsqrt().unsqueeze(1)).square().sum(0)
-    return col_squares, scaled_squares
+    col_squares = column_sums(grad.to(wide).square()).float()
+    scaled_squares = column_sums((grad * new_row.rsqrt().unsqueeze(1)).to(wide).square()).float()
+    param_squares = None if param.dtype == torch.float32 else param.float().square().sum(1).sum().reshape(1)
+    return col_squares, scaled_squares, param_squares
 
 
 def adalomo_apply_(

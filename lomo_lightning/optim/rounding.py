@@ -21,7 +21,7 @@ random bits of element ``i`` (its position in the whole, global, flattened tenso
 ``t`` of the parameter at position ``index`` in the optimizer's param groups are a counter-based hash,
 ``lowbias32(i ^ k)`` (C. Wellons' 32-bit finalizer, a bijection of 32-bit words with good avalanche, in
 the family of murmur3's ``fmix32``), where ``k`` is 32 bits of a hash of ``(seed, t, index)``. The hash
-is integer arithmetic on int64 tensors that never overflows (:func:`random_bits`), so eager torch,
+is integer arithmetic on int32 words whose products wrap mod 2^32 (:func:`random_bits`), so eager torch,
 torch.compile (C++ on CPU, Triton on CUDA) and every device compute the same bits. The seed is in the
 param group and ``t`` in the optimizer state, so a checkpoint holds all there is: a resumed run is
 bit-identical to an uninterrupted one, fused equals unfused, compiled equals eager, and because the
@@ -59,7 +59,7 @@ _LOW_16_BITS_CLEARED = -(2**16)  # 0xFFFF0000 as an int32
 _FP32_EXPONENT_BIAS = 127
 _FP16_MIN_EXPONENT = -14  # below 2^-14, fp16 values are subnormal: evenly spaced by 2^-24
 _FP16_MANTISSA_BITS = 10
-_MASK_32 = 0xFFFFFFFF
+_SIGN_32 = -(2**31)  # the sign bit of an int32
 _GOLDEN_32 = 0x9E3779B9  # spreads the high word of a position (tensors beyond 2^32 elements)
 
 
@@ -171,26 +171,31 @@ def key_word(key: tuple[int, ...]) -> int:
 
 
 def random_bits(positions: Tensor, key: Tensor, count: int) -> Tensor:
-    """``count`` (<= 32) uniform random bits for each element at ``positions`` (int64, >= 0): a pure function.
+    """``count`` (<= 31) uniform random bits for each element at ``positions`` (int64, >= 0): a pure function.
 
     ``key[0]`` is the write's :func:`key_word`. The position's low word is xor-ed with it, its high word
     (non-zero beyond 2^32 elements) spread by a golden-ratio multiplier, and the result hashed by C. Wellons'
     ``lowbias32`` (hash-prospector: a 32-bit bijection whose output bits flip ~50% per input bit); the top
-    ``count`` bits are returned (int64 in ``[0, 2^count)``).
-
-    ``lowbias32`` multiplies 32-bit words mod 2^32, a product that needs 64 unsigned bits where int64 holds
-    63, and overflow would be undefined in C++ (inductor's CPU code). A multiplier below 2^31 keeps the
-    product below 2^63; the one above is split as ``2^31 + m'``, and ``x * 2^31 mod 2^32`` is ``x``'s lowest
-    bit moved to bit 31.
+    ``count`` bits are returned (int32 in ``[0, 2^count)``). :func:`write_` makes the same word from int32
+    arithmetic alone for a tensor of fewer than 2^31 elements.
     """
-    high = ((positions >> 32) * _GOLDEN_32) & _MASK_32
-    x = (positions & _MASK_32) ^ key[0] ^ high
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK_32  # below 2^31
-    x = x ^ (x >> 15)
-    x = (x * (0x846CA68B - 2**31) + ((x & 1) << 31)) & _MASK_32  # 0x846CA68B = 2^31 + m'
-    x = x ^ (x >> 16)
-    return x >> (32 - count)
+    return _lowbias32(positions.bitwise_xor(key[0]).bitwise_xor((positions >> 32) * _GOLDEN_32).to(torch.int32), count)
+
+
+def _lowbias32(x: Tensor, count: int) -> Tensor:
+    """The top ``count`` bits of C. Wellons' ``lowbias32`` of the int32 words ``x``.
+
+    On int32 words, twice as many to a vector register as int64: a product of two int32 words keeps the low
+    32 bits of the true product (two's complement wraps: in torch's kernels, in CUDA, in the vector
+    instructions inductor emits), which is ``lowbias32``'s product mod 2^32; shifts are made logical by
+    masking off the copies of the sign bit that an arithmetic shift brings in.
+    """
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * (0x846CA68B - 2**32)  # the multiplier as an int32 word
+    x = x ^ ((x >> 16) & 0xFFFF)
+    return (x >> (32 - count)) & ((1 << count) - 1)
 
 
 def write_(param: Tensor, work: Tensor, rounding: str, key: Tensor | None, compensation: Tensor | None) -> None:
@@ -216,15 +221,27 @@ def write_(param: Tensor, work: Tensor, rounding: str, key: Tensor | None, compe
                 block_key = key + torch.tensor([0, start], dtype=torch.int64, device=key.device)
                 write_(param[start : start + BLOCK], work[start : start + BLOCK], rounding, block_key, None)
             return
-        positions = torch.arange(param.numel(), dtype=torch.int64, device=param.device) + key[1]
+        if param.numel() < 2**31:
+            # the word random_bits hashes, in int32 (int64 arithmetic vectorizes poorly, and so do conversions of a
+            # tensor between integer widths): the low word of a position is i + low(offset) mod 2^32 (an int32 sum
+            # wraps), its high word high(offset) plus the carry out of that sum (the sum is below low(offset) as
+            # unsigned words: compared with their sign bits flipped, as signed ones)
+            offset_low = (key[1] & 0xFFFFFFFF).to(torch.int32)  # a scalar: wraps to the low word's bits
+            low = torch.arange(param.numel(), dtype=torch.int32, device=param.device) + offset_low
+            carry = ((low ^ _SIGN_32) < (offset_low ^ _SIGN_32)).to(torch.int32)
+            high = (carry + (key[1] >> 32).to(torch.int32)) * (_GOLDEN_32 - 2**32)  # the multiplier as an int32 word
+            words = low ^ key[0].to(torch.int32) ^ high
+        else:  # beyond int32 positions: the same word from int64 ones
+            positions = torch.arange(param.numel(), dtype=torch.int64, device=param.device) + key[1]
+            words = (positions ^ key[0] ^ ((positions >> 32) * _GOLDEN_32)).to(torch.int32)
         if param.dtype == torch.bfloat16:
             pattern = work.view(torch.int32)
-            bits = random_bits(positions, key, 16).to(torch.int32)
+            bits = _lowbias32(words, 16)
             in_range = (pattern & _MAGNITUDE_BITS) <= _BF16_MAX_BITS
             rounded = torch.where(in_range, pattern + bits, pattern) & _LOW_16_BITS_CLEARED
             param.copy_(rounded.view(torch.float32).to(torch.bfloat16))  # exact: the low 16 bits are zero
         else:
-            param.copy_(_round_to_fp16(work, random_bits(positions, key, 24)))
+            param.copy_(_round_to_fp16(work, _lowbias32(words, 24)))
     elif rounding == "kahan":
         assert compensation is not None, "Kahan write-back needs its compensation buffer"
         if eager:
