@@ -21,6 +21,7 @@ from conftest import batches, tiny_llama
 
 from lomo_lightning import SM3, AdaLomo, FusedUpdater, Lomo, SFTAdamW
 from lomo_lightning.optim import kernels
+from lomo_lightning.optim import rounding as rounding_module
 from lomo_lightning.optim.rounding import BLOCK, WriteBack, key_word, random_bits
 
 LOW = [torch.bfloat16, torch.float16]
@@ -86,6 +87,31 @@ def test_compiled_write_back_equals_eager_bit_for_bit_also_on_a_shard(dtype, rou
     cut = values.numel() // 2 + 3
     shard, _ = write(True, cut, values.numel() - cut)
     assert equal_bits(shard, eager[cut:])
+
+
+def avx2_available() -> bool:
+    from torch._inductor import cpu_vec_isa
+
+    return any(isa.bit_width() == 256 for isa in cpu_vec_isa.valid_vec_isa_list())
+
+
+@pytest.mark.compiled
+@pytest.mark.skipif(DEVICE.type != "cpu" or not avx2_available(), reason="inductor's AVX2 code needs a CPU with AVX2")
+@pytest.mark.parametrize(("dtype", "rounding"), [(torch.bfloat16, "stochastic"), (torch.float16, "stochastic"), (torch.bfloat16, "kahan")])
+def test_the_compiled_write_back_is_exact_in_avx2_code_too(dtype, rounding):
+    """Inductor picks the widest vector ISA of the CPU; the suite's machine has AVX-512, many users' have AVX2 only,
+    where inductor's integer ``<=`` selected the wrong branch of every ``where`` (torch 2.13)."""
+    values = awkward_values()
+    key = torch.tensor([key_word((5, 6, 7)), 11])
+    start = torch.randn(values.shape, generator=torch.Generator().manual_seed(2)).mul_(1e-3).to(dtype)
+    options = {"emulate_precision_casts": True, "cpp.simdlen": 256}
+    avx2 = torch.compile(rounding_module.write_, dynamic=True, fullgraph=True, options=options)
+    eager, compiled = torch.zeros(values.shape, dtype=dtype), torch.zeros(values.shape, dtype=dtype)
+    eager_compensation, compiled_compensation = start.clone(), start.clone()
+    rounding_module.write_(eager, values.clone(), rounding, key, eager_compensation)
+    avx2(compiled, values, rounding, key, compiled_compensation)
+    assert equal_bits(eager, compiled)
+    assert equal_bits(eager_compensation, compiled_compensation)
 
 
 @pytest.mark.compiled

@@ -237,7 +237,8 @@ def write_(param: Tensor, work: Tensor, rounding: str, key: Tensor | None, compe
         if param.dtype == torch.bfloat16:
             pattern = work.view(torch.int32)
             bits = _lowbias32(words, 16)
-            in_range = (pattern & _MAGNITUDE_BITS) <= _BF16_MAX_BITS
+            # `<`, not `<=`: inductor's AVX2 code inverts integer `<=`, `>=` and `!=` (torch 2.13; `<`, `>`, `==` hold)
+            in_range = (pattern & _MAGNITUDE_BITS) < _BF16_MAX_BITS + 1
             rounded = torch.where(in_range, pattern + bits, pattern) & _LOW_16_BITS_CLEARED
             param.copy_(rounded.view(torch.float32).to(torch.bfloat16))  # exact: the low 16 bits are zero
         else:
