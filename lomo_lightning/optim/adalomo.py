@@ -16,7 +16,15 @@ from torch import Tensor
 
 from lomo_lightning.layout import ShardLayout, local_tensor
 from lomo_lightning.optim.base import PerParameterOptimizer, run_update
-from lomo_lightning.optim.kernels import Compile, adalomo_apply_, adalomo_statistics_, compiled
+from lomo_lightning.optim.kernels import (
+    Compile,
+    adalomo_apply_,
+    adalomo_columns_,
+    adalomo_prepare_,
+    adalomo_statistics_,
+    adalomo_vector_step_,
+    compiled,
+)
 from lomo_lightning.optim.rounding import Write, write_
 
 
@@ -112,8 +120,8 @@ class AdaLomo(PerParameterOptimizer):
             self._init_state(param, state, shard)
         state["step"] += 1
         write = self.write_back(param, group, state) if facts.low_precision else None
-        # the compiled matrix step only reads the gradient: no fp32 copy of it is needed
-        reads_only = facts.compiled and param.dim() >= 2
+        # a compiled step only reads the gradient: no fp32 copy of it is needed (a sharded vector's step is eager)
+        reads_only = facts.compiled and (param.dim() >= 2 or shard.group is None)
         if facts.distributed:  # elementwise work on the local shards, the state's included
             param, grad = local_tensor(param), local_tensor(grad)
             state = {key: local_tensor(value) for key, value in state.items()}
@@ -169,10 +177,12 @@ def adalomo_update(
     """One AdaLomo step on ``param`` (the local shard) from an fp32 ``grad`` that it may overwrite.
 
     A 16-bit ``param`` is updated on an fp32 working copy, written back by ``write`` (default: round to
-    nearest). ``compile``: a matrix's step runs as two compiled kernels around the collective
-    (:func:`~lomo_lightning.optim.kernels.adalomo_statistics_`, :func:`~lomo_lightning.optim.kernels.adalomo_apply_`),
-    which read ``grad`` (of any float dtype) without overwriting it and make no fp32 working copy; a
-    vector's step is small and stays eager.
+    nearest). ``compile``: the step of a whole matrix is two compiled calls, up to its update and the update
+    (:func:`~lomo_lightning.optim.kernels.adalomo_prepare_`, :func:`~lomo_lightning.optim.kernels.adalomo_apply_`),
+    a sharded matrix's three around its collective (:func:`~lomo_lightning.optim.kernels.adalomo_statistics_`,
+    :func:`~lomo_lightning.optim.kernels.adalomo_columns_`, ``adalomo_apply_``), a whole vector's one
+    (:func:`~lomo_lightning.optim.kernels.adalomo_vector_step_`); they read ``grad`` (of any float dtype) without
+    overwriting it and make no fp32 working copy. A sharded vector's step stays eager.
 
     A coroutine. On a shard (``shard.group``) it yields once, the partial sums that span the whole tensor,
     and continues when sent them summed over the shard group (see :func:`finish_update`); a whole tensor's
@@ -185,76 +195,91 @@ def adalomo_update(
     """
     eps1, eps2 = eps
     beta = 1.0 - math.pow(step, decay_rate)
-    update = grad  # overwritten in place (eager): from here on it holds u
+    write = write or Write()
+    decays = weight_decay != 0.0
     matrix = "exp_avg_sq_row" in state
+    if compile and (matrix or shard.group is None):
+        # hyper-parameters as data: a new learning rate or step does not recompile
+        hyper = torch.tensor(
+            [beta, 1.0 - beta, eps1, lr, eps2, clip_threshold, weight_decay, shard.rows, shard.numel], dtype=torch.float32, device=param.device
+        )
+        if not matrix:
+            compiled(adalomo_vector_step_)(param, grad, state["exp_avg_sq"], hyper, decays, write.rounding, write.key, write.compensation)
+            return
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        p2d, g2d = param.view(row.numel(), -1), grad.view(row.numel(), -1)
+        # an fp32 matrix's sum(theta^2) is torch's norm, as eager; a 16-bit one's is summed in the kernel
+        param_squares = torch.linalg.vector_norm(param).square_().reshape(1) if param.dtype == torch.float32 else None
+        if shard.group is None:
+            factor, decay, scale = compiled(adalomo_prepare_)(g2d, p2d, row, col, param_squares, hyper)
+        else:
+            col_squares, scaled_squares, row_sum, squares = compiled(adalomo_statistics_)(g2d, p2d, row, hyper)
+            cols = g2d.shape[1]
+            whole_col = col_squares.new_zeros(cols)
+            whole_col[shard.columns(cols)] = col
+            total = param_squares if squares is None else squares
+            sums = yield torch.cat([col_squares, scaled_squares, whole_col, row_sum, total])
+            whole_col = sums[2 * cols : 3 * cols]
+            factor, decay, scale = compiled(adalomo_columns_)(whole_col, sums[:cols], sums[cols : 2 * cols], sums[-2:-1], sums[-1:], hyper)
+            col.copy_(whole_col[shard.columns(cols)])
+        compiled(adalomo_apply_)(p2d, g2d, row, factor, decay, scale, decays, write.rounding, write.key, write.compensation)
+        return
+    update = grad  # overwritten in place: from here on it holds u
+    # sums of squares in kernels.accumulator's dtype, small sums and roots as kernels.exact_sum and exact_sqrt do them
+    # (all inline: the hot path), so that the compiled step makes the same values
+    wide = torch.float64 if param.dtype == torch.float32 and param.device.type != "mps" else torch.float32
+    exact = torch.float32 if param.device.type == "mps" else torch.float64
     if matrix:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         g2d = update.view(row.numel(), -1)
         rows, cols = g2d.shape
-        if compile:
-            # one kernel reads the gradient (and a 16-bit parameter): the row statistic, the column sums, sum(theta^2)
-            hyper = torch.tensor([beta, 1.0 - beta, eps1], dtype=torch.float32, device=param.device)
-            col_squares, scaled_squares, squares = compiled(adalomo_statistics_)(g2d, param.view(rows, -1), row, hyper)
-            param_squares = torch.linalg.vector_norm(param).square_().reshape(1) if squares is None else squares
-        else:
-            param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
-            # in blocks of rows: the row statistic of a block, then its column sums of g^2 and of (g / sqrt(R))^2 (g
-            # scaled by its row factor on the way, the row half of u, known before any collective). Squares are
-            # summed in kernels.accumulator's dtype (inline: the hot path); the temporaries are the size of a block
-            # (a whole g^2 would be one the size of the parameter, and one reduction over dim 0 of a large matrix
-            # is slow on CPU)
-            wide = torch.float64 if param.dtype == torch.float32 and param.device.type != "mps" else torch.float32
-            col_sums, scaled_sums = g2d.new_zeros(cols, dtype=wide), g2d.new_zeros(cols, dtype=wide)
-            rows_per_block = max(1, _BLOCK_ELEMENTS // max(cols, 1))
-            for start in range(0, rows, rows_per_block):
-                block, block_row = g2d[start : start + rows_per_block], row[start : start + rows_per_block]
-                squares = torch.square(block.to(wide))
-                row_mean = squares.sum(1).float().div_(cols).add_(eps1)
-                block_row.mul_(beta).add_(row_mean.mul_(1.0 - beta))  # two roundings and a sum, as the kernel
-                col_sums.add_(squares.sum(0))
-                block.mul_(block_row.rsqrt().unsqueeze(1))
-                scaled_sums.add_(torch.square(block.to(wide)).sum(0))
-            col_squares, scaled_squares = col_sums.float(), scaled_sums.float()
-        row_sum = row.sum().reshape(1)
-        parts = [col_squares, scaled_squares]
+        param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
+        # in blocks of rows: the row statistic of a block, then its column sums of g^2 and of (g / sqrt(R))^2 (g scaled
+        # by its row factor on the way, the row half of u, known before any collective). The temporaries are the size
+        # of a block: a whole g^2 would be one the size of the parameter, and one reduction over dim 0 of a large
+        # matrix is slow on CPU
+        col_sums, scaled_sums = g2d.new_zeros(cols, dtype=wide), g2d.new_zeros(cols, dtype=wide)
+        rows_per_block = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+        for start in range(0, rows, rows_per_block):
+            block, block_row = g2d[start : start + rows_per_block], row[start : start + rows_per_block]
+            squares = torch.square(block.to(wide))
+            row_mean = squares.sum(1).float().div_(cols).add_(eps1)
+            block_row.mul_(beta).add_(row_mean.mul_(1.0 - beta))  # two roundings and a sum, as the kernel
+            col_sums.add_(squares.sum(0))
+            block.mul_(block_row.rsqrt().unsqueeze(1))
+            scaled_sums.add_(torch.square(block.to(wide)).sum(0))
+        parts = [col_sums.float(), scaled_sums.float()]
         if shard.group is not None:
-            whole_col = col_squares.new_zeros(cols)
+            whole_col = g2d.new_zeros(cols)
             whole_col[shard.columns(cols)] = col
             parts.append(whole_col)
-        partial = torch.cat([*parts, row_sum, param_squares])
+        partial = torch.cat([*parts, row.to(exact).sum().float().reshape(1), param_squares])
         sums = partial if shard.group is None else (yield partial)
         col_squares, scaled_squares = sums[:cols], sums[cols : 2 * cols]
         whole_col = col if shard.group is None else sums[2 * cols : 3 * cols]
-        whole_col.mul_(beta).add_(col_squares.div_(shard.rows).add_(eps1), alpha=1.0 - beta)
+        whole_col.mul_(beta).add_(col_squares.div_(shard.rows).add_(eps1).mul_(1.0 - beta))
         if whole_col is not col:
             col.copy_(whole_col[shard.columns(cols)])
-        row_avg = sums[-2].div(shard.rows)
-        param_squares, update_squares = sums[-1], scaled_squares.div_(whole_col).sum().mul_(row_avg)
-        # u = g * rsqrt(R / mean(R)) * rsqrt(C)
-        factor = whole_col.rsqrt().mul_(row_avg.sqrt())
-        if not compile:
-            g2d.mul_(factor.unsqueeze(0))
+        row_avg = sums[-2:-1].div(shard.rows)
+        param_squares = sums[-1:]
+        update_squares = scaled_squares.div_(whole_col).to(exact).sum().float().reshape(1).mul_(row_avg)
+        # u = g * rsqrt(R) * sqrt(mean R) / sqrt(C)
+        g2d.mul_(torch.div(row_avg.to(exact).sqrt_().float(), whole_col.to(exact).sqrt_().float()).unsqueeze(0))
     else:
-        param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
+        param_squares = param.to(wide).square().sum().float().reshape(1)
         vec = state["exp_avg_sq"]
-        vec.mul_(beta).add_(update.square().add_(eps1), alpha=1.0 - beta)
+        vec.mul_(beta).add_(update.square().add_(eps1).mul_(1.0 - beta))  # two roundings and a sum, as the kernel
         update.mul_(vec.rsqrt())
-        partial = torch.cat([torch.linalg.vector_norm(update).square_().reshape(1), param_squares])
+        partial = torch.cat([update.to(wide).square().sum().float().reshape(1), param_squares])
         sums = partial if shard.group is None else (yield partial)
-        update_squares, param_squares = sums[0], sums[1]
-    # grouped update normalization: u / max(1, RMS(u) / d)
-    normalizer = update_squares.div(shard.numel).sqrt_().div_(clip_threshold).clamp_(min=1.0)
-    lr_t = param_squares.div(shard.numel).sqrt_().clamp_(min=eps2).mul_(lr)
+        update_squares, param_squares = sums[0:1], sums[1:2]
+    # grouped update normalization: u / max(1, RMS(u) / d); theta * decay - u * (lr_t / normalizer)
+    normalizer = update_squares.div(shard.numel).to(exact).sqrt_().float().div_(clip_threshold).clamp_(min=1.0)
+    lr_t = param_squares.div(shard.numel).to(exact).sqrt_().float().clamp_(min=eps2).mul_(lr)
     decay = 1.0 - lr_t * weight_decay
-    scale = lr_t.div_(normalizer)  # theta - u * (lr_t / normalizer): the two scalars folded, u read once
-    write = write or Write()
-    if compile and matrix:
-        compiled(adalomo_apply_)(
-            param.view(rows, -1), g2d, row, factor, decay, scale, weight_decay != 0.0, write.rounding, write.key, write.compensation
-        )
-        return
+    scale = lr_t.div_(normalizer)
     work = param if param.dtype == torch.float32 else param.float()
-    if weight_decay != 0.0:
+    if decays:
         work.mul_(decay)
     work.sub_(update.mul_(scale))  # the kernel's roundings, in its order
     if work is not param:

@@ -151,15 +151,24 @@ def column_sums(x: Tensor) -> Tensor:
     return blocks.sum(0) + x[count * _SUM_BLOCK :].sum(0)
 
 
-def adalomo_statistics_(grad: Tensor, param: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """AdaLomo's work on a matrix before its collective, reading the gradient (and a 16-bit parameter) once: the
-    row statistic ``R`` updated in place, and ``(col sums of g^2, col sums of (g / sqrt(R))^2, sum(theta^2))``.
+def exact_sum(x: Tensor) -> Tensor:
+    """The sum of a small fp32 tensor, added in fp64 and rounded once: the same value in any order of the adds.
 
-    ``hyper = [beta, 1 - beta, eps1]``. The eager :func:`~lomo_lightning.optim.adalomo.adalomo_update` makes the
-    same elementwise ops in the same order and sums the squares in the same dtype (:func:`accumulator`), in
-    another order. ``grad`` is read only. An fp32 parameter's sum of squares (``None`` here) is left to
-    torch's norm, as eager: it scales every update of the tensor, and the last bit of the scale decides the
-    last bit of many fp32 results.
+    (Square roots need no such care in a kernel: compiled, fp32 ``sqrt`` is correctly rounded, and the eager
+    step takes its roots through fp64, which rounds to the same value: eager fp32 ``torch.sqrt`` on CPU is
+    not always correctly rounded, MKL's vector math, 17% of random inputs, single elements too.)"""
+    return x.sum() if x.device.type == "mps" else x.double().sum().float()
+
+
+def adalomo_statistics_(grad: Tensor, param: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """AdaLomo's work on a matrix before its collective, reading the gradient (and a 16-bit parameter) once: the row
+    statistic ``R`` updated in place, and ``(col sums of g^2, col sums of (g / sqrt(R))^2, sum(R), sum(theta^2))``.
+
+    ``hyper`` starts ``[beta, 1 - beta, eps1]``. The eager :func:`~lomo_lightning.optim.adalomo.adalomo_update` makes
+    the same elementwise ops in the same order and sums the squares in the same dtype (:func:`accumulator`), in
+    another order. ``grad`` is read only. An fp32 parameter's sum of squares (``None`` here) is left to torch's
+    norm, as eager: it scales every update of the tensor, and the last bit of the scale decides the last bit of
+    many fp32 results.
     """
     wide = accumulator(param)
     grad = grad.float()  # a 16-bit gradient is widened as the eager step widens it
@@ -169,14 +178,48 @@ def adalomo_statistics_(grad: Tensor, param: Tensor, row: Tensor, hyper: Tensor)
     col_squares = column_sums(grad.to(wide).square()).float()
     scaled_squares = column_sums((grad * new_row.rsqrt().unsqueeze(1)).to(wide).square()).float()
     param_squares = None if param.dtype == torch.float32 else param.float().square().sum(1).sum().reshape(1)
-    return col_squares, scaled_squares, param_squares
+    return col_squares, scaled_squares, exact_sum(new_row).reshape(1), param_squares
+
+
+def adalomo_scalars(update_squares: Tensor, param_squares: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor]:
+    """``(decay, scale)`` of an AdaLomo step: ``lr_t = lr * max(eps2, RMS(theta))``, ``decay = 1 - lr_t * wd``,
+    ``scale = lr_t / max(1, RMS(u) / d)``. ``hyper = [beta, 1 - beta, eps1, lr, eps2, d, wd, rows, numel]``."""
+    normalizer = torch.clamp(torch.sqrt(update_squares / hyper[8]) / hyper[5], min=1.0)
+    lr_t = torch.maximum(torch.sqrt(param_squares / hyper[8]), hyper[4]) * hyper[3]
+    return 1.0 - lr_t * hyper[6], lr_t / normalizer
+
+
+def adalomo_columns_(
+    col: Tensor, col_squares: Tensor, scaled_squares: Tensor, row_sum: Tensor, param_squares: Tensor, hyper: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AdaLomo's step of a matrix between its sums (complete) and its update: the column statistic ``C`` (``col``,
+    the whole one) updated in place, and ``(factor, decay, scale)`` for :func:`adalomo_apply_`, ``factor =
+    sqrt(mean R) / sqrt(C)``. The eager :func:`~lomo_lightning.optim.adalomo.adalomo_update` makes the same ops in the
+    same order (its small sums through :func:`exact_sum`, its roots correctly rounded, as here).
+
+    Returned rather than used: a small tensor computed in the kernel of the elementwise update would be
+    recomputed for every element (a root and a division per element).
+    """
+    col.copy_(col * hyper[0] + (col_squares / hyper[7] + hyper[2]) * hyper[1])
+    row_avg = row_sum / hyper[7]
+    decay, scale = adalomo_scalars(exact_sum(scaled_squares / col) * row_avg, param_squares, hyper)
+    return torch.sqrt(row_avg) / torch.sqrt(col), decay, scale
+
+
+def adalomo_prepare_(grad: Tensor, param: Tensor, row: Tensor, col: Tensor, param_squares: Tensor | None, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole (unsharded) matrix's step up to its update, one compiled call: :func:`adalomo_statistics_`, then
+    :func:`adalomo_columns_` (``param_squares``: an fp32 parameter's, from torch's norm; ``None`` for a 16-bit one)."""
+    col_squares, scaled_squares, row_sum, squares = adalomo_statistics_(grad, param, row, hyper)
+    total = squares if param_squares is None else param_squares
+    assert total is not None
+    return adalomo_columns_(col, col_squares, scaled_squares, row_sum, total, hyper)
 
 
 def adalomo_apply_(
     param: Tensor,
     grad: Tensor,
     row: Tensor,
-    col_factor: Tensor,
+    factor: Tensor,
     decay: Tensor,
     scale: Tensor,
     decays: bool,
@@ -184,10 +227,29 @@ def adalomo_apply_(
     key: Tensor | None,
     compensation: Tensor | None,
 ) -> None:
-    """AdaLomo's update of a matrix after its collective, one elementwise pass:
-    ``u = g * rsqrt(R) * col_factor``, ``theta <- theta * decay - u * scale`` (``col_factor = rsqrt(C) sqrt(mean R)``,
-    ``scale = lr_t / normalizer``), written back. Elementwise: the same roundings as the eager update."""
-    update = grad.float() * row.rsqrt().unsqueeze(1) * col_factor.unsqueeze(0)
+    """AdaLomo's update of a matrix, one elementwise pass: ``u = g * rsqrt(R) * factor``,
+    ``theta <- theta * decay - u * scale``, written back. The same roundings as the eager update."""
+    update = grad.float() * row.rsqrt().unsqueeze(1) * factor.unsqueeze(0)
+    work = param.float()
+    if decays:
+        work = work * decay
+    _store_(param, work - update * scale, rounding, key, compensation)
+
+
+def adalomo_vector_step_(
+    param: Tensor, grad: Tensor, vec: Tensor, hyper: Tensor, decays: bool, rounding: str, key: Tensor | None, compensation: Tensor | None
+) -> None:
+    """A whole vector's AdaLomo step as one compiled call: ``V <- beta V + (1 - beta)(g^2 + eps1)``, ``u = g / sqrt(V)``,
+    the scalars (:func:`adalomo_scalars`, the sums of squares in :func:`accumulator`'s dtype), the update written
+    back. The eager :func:`~lomo_lightning.optim.adalomo.adalomo_update` makes the same ops in the same order."""
+    wide = accumulator(param)
+    grad = grad.float()
+    new_vec = vec * hyper[0] + (grad * grad + hyper[2]) * hyper[1]
+    vec.copy_(new_vec)
+    update = grad * new_vec.rsqrt()
+    update_squares = update.to(wide).square().sum().float()
+    param_squares = param.float().to(wide).square().sum().float()
+    decay, scale = adalomo_scalars(update_squares, param_squares, hyper)
     work = param.float()
     if decays:
         work = work * decay
