@@ -218,6 +218,7 @@ def adalomo_update(
             whole_col = col_squares.new_zeros(cols)
             whole_col[shard.columns(cols)] = col
             total = param_squares if squares is None else squares
+            assert total is not None
             sums = yield torch.cat([col_squares, scaled_squares, whole_col, row_sum, total])
             whole_col = sums[2 * cols : 3 * cols]
             factor, decay, scale = compiled(adalomo_columns_)(whole_col, sums[:cols], sums[cols : 2 * cols], sums[-2:-1], sums[-1:], hyper)
