@@ -240,15 +240,16 @@ def adalomo_update(
         # of a block: a whole g^2 would be one the size of the parameter, and one reduction over dim 0 of a large
         # matrix is slow on CPU
         col_sums, scaled_sums = g2d.new_zeros(cols, dtype=wide), g2d.new_zeros(cols, dtype=wide)
-        rows_per_block = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+        rows_per_block = max(1, _BLOCK_ELEMENTS // (2 if wide == torch.float64 else 1) // max(cols, 1))  # 1 MiB blocks
         for start in range(0, rows, rows_per_block):
             block, block_row = g2d[start : start + rows_per_block], row[start : start + rows_per_block]
-            squares = torch.square(block.to(wide))
+            squares = block.to(wide, copy=True).square_()  # one temporary at a time (fp64: twice the block's bytes)
             row_mean = squares.sum(1).float().div_(cols).add_(eps1)
             block_row.mul_(beta).add_(row_mean.mul_(1.0 - beta))  # two roundings and a sum, as the kernel
             col_sums.add_(squares.sum(0))
+            del squares
             block.mul_(block_row.rsqrt().unsqueeze(1))
-            scaled_sums.add_(torch.square(block.to(wide)).sum(0))
+            scaled_sums.add_(block.to(wide, copy=True).square_().sum(0))
         parts = [col_sums.float(), scaled_sums.float()]
         if shard.group is not None:
             whole_col = g2d.new_zeros(cols)

@@ -11,8 +11,19 @@ ops in the same order), so:
   exact in any order) are bit-identical compiled and eager: IEEE ops in the same order, inductor contracts
   no multiply-add (``-ffp-contract=off``), and the eager steps avoid torch's fused ones (``alpha=``,
   ``addcmul``, ``addcdiv`` run as multiply-adds on CPU);
-- AdaLomo's sums of squares add in another order (as accurately as torch's: :func:`column_sums`): its step
-  is within one unit in the last place of the eager one and nearly always equal.
+- AdaLomo's sums add in another order. Where the parameter can see their last bit they are rounded from
+  fp64 in both paths (the squares of an fp32 matrix, :func:`accumulator`; every small sum,
+  :func:`exact_sum`), its roots are correctly rounded in both (eager fp32 ``sqrt`` on CPU is not), and an
+  fp32 matrix's ``sum(theta^2)`` is torch's norm in both; a 16-bit matrix's squares add in fp32 (two
+  levels, :func:`column_sums`), which its write-back does not see. Its step is within one unit in the
+  last place of the eager one and nearly always equal (SmolLM2, 5 steps: ``benchmarks/compiled_kernels.py``).
+
+Two things inductor's CPU code does slowly, element by element through a buffer: reinterpreting a float's
+bits as an integer (``Tensor.view(dtype)``) and converting between dtypes of different vector lengths
+(int64 to int32, fp32 to fp64). The write-back hashes int32 words (no int64) and has the two
+reinterpretations bf16 stochastic rounding needs; the fp64 sums are kept to what fp32 parameters need.
+And one it did wrong: integer ``<=``, ``>=`` and ``!=`` in AVX2 code (torch 2.13) select the wrong branch of a
+``where``; the kernels compare integers with ``<``, ``>`` and ``==`` only.
 
 Each function is compiled once per process with dynamic shapes (``torch.compile(dynamic=True)``) and
 shared by every parameter of every rule; hyper-parameters reach it as tensors, so a learning-rate
