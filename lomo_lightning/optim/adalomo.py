@@ -198,6 +198,16 @@ def adalomo_update(
     write = write or Write()
     decays = weight_decay != 0.0
     matrix = "exp_avg_sq_row" in state
+    if matrix:
+        # sum(theta^2), which scales every update of the tensor (lr_t), the same in the eager and the compiled step
+        # (a kernel's sum, in another order, would move the last bit of the scale and with it the rounding of ~0.1%
+        # of a bf16 tensor's elements): torch's sums of blocks (no temporary the size of the parameter), added in
+        # fp64 (fp32 on MPS). Inline: the hot path
+        flat = param.view(-1)
+        total = flat.new_zeros((), dtype=torch.float32 if flat.device.type == "mps" else torch.float64)
+        for start in range(0, flat.numel(), _BLOCK_ELEMENTS):
+            total += torch.square(flat[start : start + _BLOCK_ELEMENTS].float()).sum()
+        param_squares = total.float().reshape(1)
     if compile and (matrix or shard.group is None):
         # hyper-parameters as data: a new learning rate or step does not recompile
         hyper = torch.tensor(
@@ -208,18 +218,14 @@ def adalomo_update(
             return
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         p2d, g2d = param.view(row.numel(), -1), grad.view(row.numel(), -1)
-        # an fp32 matrix's sum(theta^2) is torch's norm, as eager; a 16-bit one's is summed in the kernel
-        param_squares = torch.linalg.vector_norm(param).square_().reshape(1) if param.dtype == torch.float32 else None
         if shard.group is None:
             factor, decay, scale = compiled(adalomo_prepare_)(g2d, p2d, row, col, param_squares, hyper)
         else:
-            col_squares, scaled_squares, row_sum, squares = compiled(adalomo_statistics_)(g2d, p2d, row, hyper)
+            col_squares, scaled_squares, row_sum = compiled(adalomo_statistics_)(g2d, p2d, row, hyper)
             cols = g2d.shape[1]
             whole_col = col_squares.new_zeros(cols)
             whole_col[shard.columns(cols)] = col
-            total = param_squares if squares is None else squares
-            assert total is not None
-            sums = yield torch.cat([col_squares, scaled_squares, whole_col, row_sum, total])
+            sums = yield torch.cat([col_squares, scaled_squares, whole_col, row_sum, param_squares])
             whole_col = sums[2 * cols : 3 * cols]
             factor, decay, scale = compiled(adalomo_columns_)(whole_col, sums[:cols], sums[cols : 2 * cols], sums[-2:-1], sums[-1:], hyper)
             col.copy_(whole_col[shard.columns(cols)])
@@ -234,7 +240,6 @@ def adalomo_update(
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         g2d = update.view(row.numel(), -1)
         rows, cols = g2d.shape
-        param_squares = torch.linalg.vector_norm(param, dtype=torch.float32).square_().reshape(1)
         # in blocks of rows: the row statistic of a block, then its column sums of g^2 and of (g / sqrt(R))^2 (g scaled
         # by its row factor on the way, the row half of u, known before any collective). The temporaries are the size
         # of a block: a whole g^2 would be one the size of the parameter, and one reduction over dim 0 of a large

@@ -13,9 +13,9 @@ ops in the same order), so:
   ``addcmul``, ``addcdiv`` run as multiply-adds on CPU);
 - AdaLomo's sums add in another order. Where the parameter can see their last bit they are rounded from
   fp64 in both paths (the squares of an fp32 matrix, :func:`accumulator`; every small sum,
-  :func:`exact_sum`), its roots are correctly rounded in both (eager fp32 ``sqrt`` on CPU is not), and an
-  fp32 matrix's ``sum(theta^2)`` is torch's norm in both; a 16-bit matrix's squares add in fp32 (two
-  levels, :func:`column_sums`), which its write-back does not see. Its step is within one unit in the
+  :func:`exact_sum`), its roots are correctly rounded in both (eager fp32 ``sqrt`` on CPU is not), and
+  ``sum(theta^2)``, which scales every update of the tensor, is torch's in both; a 16-bit matrix's gradient
+  squares add in fp32 (two levels, :func:`column_sums`), which its write-back does not see. Its step is within one unit in the
   last place of the eager one and nearly always equal (SmolLM2, 5 steps: ``benchmarks/compiled_kernels.py``).
 
 Two things inductor's CPU code does slowly, element by element through a buffer: reinterpreting a float's
@@ -171,15 +171,13 @@ def exact_sum(x: Tensor) -> Tensor:
     return x.sum() if x.device.type == "mps" else x.double().sum().float()
 
 
-def adalomo_statistics_(grad: Tensor, param: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """AdaLomo's work on a matrix before its collective, reading the gradient (and a 16-bit parameter) once: the row
-    statistic ``R`` updated in place, and ``(col sums of g^2, col sums of (g / sqrt(R))^2, sum(R), sum(theta^2))``.
+def adalomo_statistics_(grad: Tensor, param: Tensor, row: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """AdaLomo's work on a matrix before its collective, reading the gradient once: the row statistic ``R`` updated
+    in place, and ``(col sums of g^2, col sums of (g / sqrt(R))^2, sum(R))``. ``param``: for its dtype only.
 
     ``hyper`` starts ``[beta, 1 - beta, eps1]``. The eager :func:`~lomo_lightning.optim.adalomo.adalomo_update` makes
     the same elementwise ops in the same order and sums the squares in the same dtype (:func:`accumulator`), in
-    another order. ``grad`` is read only. An fp32 parameter's sum of squares (``None`` here) is left to torch's
-    norm, as eager: it scales every update of the tensor, and the last bit of the scale decides the last bit of
-    many fp32 results.
+    another order. ``grad`` is read only.
     """
     wide = accumulator(param)
     grad = grad.float()  # a 16-bit gradient is widened as the eager step widens it
@@ -188,8 +186,7 @@ def adalomo_statistics_(grad: Tensor, param: Tensor, row: Tensor, hyper: Tensor)
     row.copy_(new_row)
     col_squares = column_sums(grad.to(wide).square()).float()
     scaled_squares = column_sums((grad * new_row.rsqrt().unsqueeze(1)).to(wide).square()).float()
-    param_squares = None if param.dtype == torch.float32 else param.float().square().sum(1).sum().reshape(1)
-    return col_squares, scaled_squares, exact_sum(new_row).reshape(1), param_squares
+    return col_squares, scaled_squares, exact_sum(new_row).reshape(1)
 
 
 def adalomo_scalars(update_squares: Tensor, param_squares: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,13 +214,11 @@ def adalomo_columns_(
     return torch.sqrt(row_avg) / torch.sqrt(col), decay, scale
 
 
-def adalomo_prepare_(grad: Tensor, param: Tensor, row: Tensor, col: Tensor, param_squares: Tensor | None, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def adalomo_prepare_(grad: Tensor, param: Tensor, row: Tensor, col: Tensor, param_squares: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A whole (unsharded) matrix's step up to its update, one compiled call: :func:`adalomo_statistics_`, then
-    :func:`adalomo_columns_` (``param_squares``: an fp32 parameter's, from torch's norm; ``None`` for a 16-bit one)."""
-    col_squares, scaled_squares, row_sum, squares = adalomo_statistics_(grad, param, row, hyper)
-    total = squares if param_squares is None else param_squares
-    assert total is not None
-    return adalomo_columns_(col, col_squares, scaled_squares, row_sum, total, hyper)
+    :func:`adalomo_columns_` (``param_squares``: ``sum(theta^2)``, torch's, as eager)."""
+    col_squares, scaled_squares, row_sum = adalomo_statistics_(grad, param, row, hyper)
+    return adalomo_columns_(col, col_squares, scaled_squares, row_sum, param_squares, hyper)
 
 
 def adalomo_apply_(
