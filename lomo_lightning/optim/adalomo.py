@@ -235,8 +235,9 @@ def adalomo_update(
         compiled(adalomo_apply_)(p2d, g2d, row, factor, decay, scale, decays, write.rounding, write.key, write.compensation)
         return
     update = grad  # overwritten in place: from here on it holds u
-    # sums of squares in kernels.accumulator's dtype, small sums and roots as kernels.exact_sum and exact_sqrt do them
-    # (all inline: the hot path), so that the compiled step makes the same values
+    # the compiled step's values: sums of squares in kernels.accumulator's dtype, small sums in fp64 as
+    # kernels.exact_sum adds them, roots correctly rounded (through fp64: eager fp32 sqrt on CPU is not), all inline
+    # (the hot path)
     wide = torch.float64 if param.dtype == torch.float32 and param.device.type != "mps" else torch.float32
     exact = torch.float32 if param.device.type == "mps" else torch.float64
     if matrix:
