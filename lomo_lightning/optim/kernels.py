@@ -22,7 +22,7 @@ Two things inductor's CPU code does slowly, element by element through a buffer:
 bits as an integer (``Tensor.view(dtype)``) and converting between dtypes of different vector lengths
 (int64 to int32, fp32 to fp64). The write-back hashes int32 words (no int64) and has the two
 reinterpretations bf16 stochastic rounding needs; the fp64 sums are kept to what fp32 parameters need.
-And one it did wrong: integer ``<=``, ``>=`` and ``!=`` in AVX2 code (torch 2.13) select the wrong branch of a
+And one it does wrong: integer ``<=``, ``>=`` and ``!=`` in AVX2 code (torch 2.13) select the wrong branch of a
 ``where``; the kernels compare integers with ``<``, ``>`` and ``==`` only.
 
 Each function is compiled once per process with dynamic shapes (``torch.compile(dynamic=True)``) and
@@ -89,8 +89,10 @@ def compiler_works(device_type: str = "cpu") -> bool:
     (no C++ compiler, no Triton, an unsupported backend) means eager, with one logged line.
     """
     try:
-        param = torch.zeros(8, dtype=torch.bfloat16, device=device_type)
-        work = torch.linspace(-1, 1, 8, device=device_type)
+        # more elements than a vector register holds, values in and out of bf16's range: a kernel that picks the
+        # wrong branch of a `where` (as inductor's AVX2 code did for integer `<=`) differs from eager here
+        param = torch.zeros(100, dtype=torch.bfloat16, device=device_type)
+        work = torch.cat([torch.linspace(-1, 1, 96), torch.tensor([3.4e38, -torch.inf, 1e-40, -0.0])]).to(device_type)
         key = torch.tensor([1, 0], dtype=torch.int64, device=device_type)
         compiled(write_)(param, work, "stochastic", key, None)
         expected = torch.zeros_like(param)
