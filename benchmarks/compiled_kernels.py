@@ -9,7 +9,8 @@ Parts, each in a fresh process (so each pays its own compilation):
 
 - ``timing``, per model (``smollm2``: SmolLM2-135M-Instruct; ``llama_100m``: a Llama of 100M parameters from its
   config, random weights, untied embeddings; :data:`LLAMA_100M`) and dtype:
-  the *floor* (forward and backward, every gradient dropped the moment it is ready, no update)
+  the *floor* (forward and backward, every gradient dropped the moment it is ready, no update), the *traffic*
+  floor (AdaLomo's memory traffic and kernel calls without its arithmetic: :func:`traffic`)
   and fused AdaLomo eager (``compile=False``) and compiled (``compile=True``), in bf16 with each rounding
   (stochastic, Kahan, nearest) and in fp32, all on copies of one model, one step of each in turn (so a
   change of the machine's load hits every row alike); the step is the median of the timed rounds after a
@@ -66,8 +67,8 @@ SETTINGS: dict[str, Any] = dict(
     lr=5e-4,
     # the rows timed beside the floor (a smaller set on a busy machine: every row is a model copy and a step)
     timing_runs={
-        "bfloat16": ["eager_stochastic", "compiled_stochastic", "eager_kahan", "compiled_kahan", "eager_nearest", "compiled_nearest"],
-        "float32": ["eager", "compiled"],
+        "bfloat16": ["traffic", "eager_stochastic", "compiled_stochastic", "eager_kahan", "compiled_kahan", "eager_nearest", "compiled_nearest"],
+        "float32": ["traffic", "eager", "compiled"],
     },
 )
 
@@ -95,6 +96,46 @@ def fused_adalomo(model, settings: dict[str, Any], rounding: str, compile: bool)
 
     optimizer = AdaLomo(model.parameters(), lr=settings["lr"], rounding=rounding, seed=0, compile=compile)
     return FusedUpdater(model, optimizer)
+
+
+def _traffic_read(grad, param):
+    squares = grad.float().square()
+    return squares.sum(1), squares.sum(0), param.float().square().sum()
+
+
+def _traffic_write(param, grad, scale):
+    param.copy_(param.float() - grad.float() * scale)
+
+
+def _traffic_vector(param, grad, scale):
+    total = grad.float().square().sum() + param.float().square().sum()
+    param.copy_(param.float() - grad.float() * (scale * total))
+
+
+def traffic(model) -> None:
+    """The bytes a compiled AdaLomo step moves, in as many compiled calls, with none of its arithmetic: what a fused
+    step would cost if its math were free. A hook per parameter, like the floor's, that for a matrix reads the
+    gradient and the parameter in one reduction (sums of squares of the gradient's rows and columns, of the
+    parameter) and then both again in an elementwise pass that writes the parameter (``theta - 0 * g``, rounded to
+    nearest: unchanged), and for a vector does both in one call; then it drops the gradient."""
+    import torch
+
+    from lomo_lightning.optim.compiling import compiled
+
+    zero = torch.zeros(1, device=next(model.parameters()).device)
+
+    def hook(param) -> None:
+        grad, param.grad = param.grad, None
+        with torch.no_grad():
+            if param.dim() >= 2:
+                matrix, gradient = param.view(param.shape[0], -1), grad.view(param.shape[0], -1)
+                compiled(_traffic_read)(gradient, matrix)
+                compiled(_traffic_write)(matrix, gradient, zero)
+            else:
+                compiled(_traffic_vector)(param, grad, zero)
+
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(hook)
 
 
 def compute(dtype: str, device: str):
@@ -134,10 +175,14 @@ def run_timing(case: str, settings: dict[str, Any], device: str) -> dict[str, An
     floor = copy.deepcopy(base)
     drop_gradients(floor)
     runs: dict[str, Any] = {"floor": (floor, None)}
-    for name in settings["timing_runs"][dtype]:  # "eager" or "compiled", then the rounding in bf16
+    for name in settings["timing_runs"][dtype]:  # "traffic", or "eager" or "compiled" then the rounding in bf16
         mode, _, rounding = name.partition("_")
         model = copy.deepcopy(base)
-        runs[name] = (model, fused_adalomo(model, settings, rounding or "nearest", mode == "compiled"))
+        if name == "traffic":
+            traffic(model)
+            runs[name] = (model, None)
+        else:
+            runs[name] = (model, fused_adalomo(model, settings, rounding or "nearest", mode == "compiled"))
     del base
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for batch in data:  # round 0 warms up (state, compilation)
@@ -303,6 +348,11 @@ def markdown(results: dict[str, Any]) -> str:
     if timing:
         lines += [
             f"## Step time (median of {results['settings']['timed_steps']} interleaved rounds after a warm-up round)",
+            "",
+            "*floor*: forward and backward, each gradient dropped when ready, no update. *traffic*: the floor plus the bytes a "
+            "compiled AdaLomo step moves, in as many compiled calls (per matrix a reduction reading the gradient and the "
+            "parameter, then a pass reading both and writing the parameter back unchanged), with none of its arithmetic: "
+            "what a fused step would cost if its math were free.",
             "",
             "| model | dtype | run | step (s) | step / floor | warm-up step (s) | compile (s) |",
             "|---|---|---|---|---|---|---|",
