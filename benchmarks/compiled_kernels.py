@@ -18,6 +18,8 @@ Parts, each in a fresh process (so each pays its own compilation):
   row's warm-up is reported separately as the compile time (the first compiled row pays most of it:
   the kernels are shared). bf16 matmuls run as fp32 matmuls of the bf16 operands
   rounded to bf16 on CPU (``precision.Bf16MatmulsInFp32``: this CPU has no bf16 units), natively on CUDA.
+- ``breakdown``: where compiled fused AdaLomo's time goes on SmolLM2 (:func:`run_breakdown`): the hooks, each kernel,
+  the rest.
 - ``agreement``: the contract per step on SmolLM2. For each of 5 steps, eager and compiled start from the same
   parameters and optimizer state and apply the same gradients (one backward, kept; the rule's unfused ``step()``,
   whose math is the fused engine's: fused = unfused is a contract of the suite), and their results are compared
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("timing", "agreement")
+PARTS = ("timing", "agreement", "breakdown")
 MODELS = ("smollm2", "llama_100m")
 # ~100M parameters: 8 blocks of hidden 768 (12 heads, 4 key/value heads, MLP 2048) and two 32000 x 768 embeddings
 LLAMA_100M: dict[str, Any] = dict(
@@ -64,6 +66,7 @@ SETTINGS: dict[str, Any] = dict(
     timed_steps=3,
     agreement_steps=5,
     agreement_cases=["adalomo:bfloat16", "adalomo:float32", "lomo:bfloat16", "lomo:float32"],
+    breakdown_cases=["bfloat16:stochastic", "bfloat16:kahan", "bfloat16:nearest", "float32:nearest"],
     lr=5e-4,
     # the rows timed beside the floor (a smaller set on a busy machine: every row is a model copy and a step)
     timing_runs={
@@ -316,6 +319,61 @@ def run_agreement(case: str, settings: dict[str, Any], device: str) -> dict[str,
     }
 
 
+def run_breakdown(case: str, settings: dict[str, Any], device: str) -> dict[str, Any]:
+    """Where compiled fused AdaLomo's time goes on SmolLM2 (``dtype:rounding``): per step, the time in the engine's
+    hooks, in each compiled kernel (timers around their calls) and outside them (``sum(theta^2)``'s block sums and the
+    Python of 272 updates); the medians of the timed steps after a warm-up step, alone in the process."""
+    import collections
+
+    import lomo_lightning.optim.adalomo as adalomo_module
+
+    dtype, rounding = case.split(":")
+    model = build_model("smollm2", dtype).to(device)
+    data = batches(1 + settings["timed_steps"], settings, model.config.vocab_size, device)
+    spent: collections.Counter[str] = collections.Counter()
+    original = adalomo_module.compiled
+
+    def timed_compiled(function):
+        kernel = original(function)
+
+        def call(*args, **kwargs):
+            sync(device)
+            began = time.perf_counter()
+            out = kernel(*args, **kwargs)
+            sync(device)
+            spent[function.__name__] += time.perf_counter() - began
+            return out
+
+        return call
+
+    adalomo_module.compiled = timed_compiled  # this process only: the kernels the rule calls, timed
+    updater = fused_adalomo(model, settings, rounding, True)
+    apply_gradient = updater.apply_gradient
+
+    def timed_apply(param, grad=None):
+        began = time.perf_counter()
+        apply_gradient(param, grad)
+        sync(device)
+        spent["hooks"] += time.perf_counter() - began
+
+    updater.apply_gradient = timed_apply
+    updater.refresh()  # the hooks call the timed method
+    steps = []
+    for batch in data:
+        spent.clear()
+        sync(device)
+        began = time.perf_counter()
+        with compute(dtype, device):
+            updater.backward(model(**batch).loss)
+        sync(device)
+        steps.append(dict(spent, step=time.perf_counter() - began))
+    steps = steps[1:]
+    kernels = ("adalomo_prepare_", "adalomo_apply_", "adalomo_vector_step_")
+    row = {key: statistics.median(step.get(key, 0.0) for step in steps) for key in ("step", "hooks", *kernels)}
+    row["outside_kernels"] = statistics.median(step["hooks"] - sum(step.get(key, 0.0) for key in kernels) for step in steps)
+    return {"dtype": dtype, "rounding": rounding, "device": device, "steps": len(steps), **row}
+
+
 def run_in_subprocess(part: str, name: str, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     print(f"== {part}: {name}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -400,6 +458,26 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {rule} | {dtype} ({row['rounding']}) | {row['elements']} | {100 * row['min_identical_share']:.4f}% | {per_step} "
                 f"| {row['max_units_at_scale']:.3g} | {row['max_units_apart']} | {row['beyond_one_unit']} | {moved} |"
             )
+    breakdown = results.get("breakdown", {})
+    if breakdown:
+        lines += [
+            "",
+            "## Where the rule's time goes (SmolLM2, compiled fused AdaLomo, alone in the process)",
+            "",
+            "Per step (ms), medians of the timed steps after a warm-up step: the time in the engine's hooks, in each "
+            "compiled kernel (its statistics up to the update, the update and its write-back, the vectors' steps) and "
+            "outside them in the hooks (`sum(theta^2)` of each matrix, torch's block sums as in the eager step, and the "
+            "Python of 272 updates).",
+            "",
+            "| dtype | write-back | step | in the hooks | statistics kernel | update kernel | vectors | outside the kernels |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for case, row in breakdown.items():
+            if "step" not in row:
+                lines.append(f"| {case} | failed: {row.get('error')} | | | | | | |")
+                continue
+            cells = [row[k] * 1e3 for k in ("step", "hooks", "adalomo_prepare_", "adalomo_apply_", "adalomo_vector_step_", "outside_kernels")]
+            lines.append(f"| {row['dtype']} | {row['rounding']} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -423,7 +501,7 @@ def main() -> None:
 
         quiet(args.threads)
         part, name = args.worker
-        worker = {"timing": run_timing, "agreement": run_agreement}[part]
+        worker = {"timing": run_timing, "agreement": run_agreement, "breakdown": run_breakdown}[part]
         Path(args.result).write_text(json.dumps(worker(name, json.loads(args.settings), args.device)))
         return
 
@@ -438,6 +516,7 @@ def main() -> None:
     cases = {
         "timing": [f"{model}:{dtype}" for model in args.models for dtype in args.dtypes],
         "agreement": args.cases,
+        "breakdown": settings["breakdown_cases"],
     }
     for part in [p for p in PARTS if p in args.parts]:
         for case in cases[part]:
