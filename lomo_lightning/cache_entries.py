@@ -95,12 +95,23 @@ def entry_problem(entry: Path) -> str | None:
     return None
 
 
+def _current_problem(entry: Path) -> str | None:
+    """:func:`entry_problem`, read again if the entry was replaced while it was read (another process renaming a
+    newer copy into place: a file vanishes mid-read); an entry that keeps vanishing is a problem."""
+    for _ in range(3):
+        try:
+            return entry_problem(entry)
+        except FileNotFoundError:
+            continue
+    return "it keeps changing while it is read"
+
+
 def verified_entry(entry: Path) -> bool:
     """Whether the cache ``entry`` exists and holds what was stored; a bad one is logged (and will be rebuilt)."""
     check_cache_folder(entry.parent)
     if not (entry.exists() or entry.is_symlink()):
         return False
-    problem = entry_problem(entry)
+    problem = _current_problem(entry)
     if problem is not None:
         log.warning("Cache entry %s cannot be used (%s): rebuilding it", entry, problem)
         return False
@@ -111,7 +122,9 @@ def store_entry(entry: Path, write: Callable[[Path], object], directory: bool = 
     """Build a cache entry with ``write(staging)`` beside ``entry``, record its digest, and rename it into place.
 
     The staging name is exclusive and new (created with the user's umask, not 0o700, so users who share
-    a cache folder can read each other's entries); a bad entry already at ``entry`` is replaced.
+    a cache folder can read each other's entries); a bad entry already at ``entry`` is replaced. A good one
+    is kept: jobs of a sweep that build the same entry at once each find it missing, and the first to finish
+    puts it in place; replacing it under the others would pull its files from under a job that reads it.
     """
     check_cache_folder(entry.parent)
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +136,8 @@ def store_entry(entry: Path, write: Callable[[Path], object], directory: bool = 
         os.close(descriptor)
     try:
         write(staging)
+        if (entry.exists() or entry.is_symlink()) and _current_problem(entry) is None:
+            return entry  # another process stored it first (the same key: the same content); ours goes
         write_atomically(_digest_path(staging) if directory else _digest_path(entry), content_digest(staging) + "\n")
         if entry.is_dir() and not entry.is_symlink():
             aside = entry.with_name(f".{entry.name}.{os.getpid()}-{secrets.token_hex(4)}.replaced")

@@ -333,6 +333,51 @@ def test_row4_a_cached_dataset_stays_verified_after_datasets_caches_a_map_beside
     assert built == [1] and "Cache entry" not in caplog.text
 
 
+def test_jobs_that_build_the_same_cache_entry_at_once_keep_the_first_one_in_place(tmp_path, caplog):
+    """The jobs of a sweep share the cache and each builds an entry it finds missing. The first to finish puts its
+    entry in place; a later one used to replace it, pulling its files from under a job that was reading it (CI: a
+    multirun job failed in the middle of verifying it). Now the later job keeps it, and drops its own copy."""
+    entry = tmp_path / "cache" / "datasets" / "stdlib-lm-key"
+
+    def write(staging: Path) -> None:
+        (staging / "train").mkdir()
+        (staging / "train" / "data.arrow").write_bytes(b"the same content under the same key")
+
+    first: dict[str, object] = {}
+
+    def write_while_another_job_finishes(staging: Path) -> None:
+        store_entry(entry, write)  # the other job, started later, finishes first
+        first["inode"], first["handle"] = entry.stat().st_ino, open(entry / "train" / "data.arrow", "rb")  # noqa: SIM115
+        write(staging)
+
+    store_entry(entry, write_while_another_job_finishes)
+    handle = first["handle"]
+    assert entry.stat().st_ino == first["inode"], "the entry in place was replaced"
+    assert (entry / "train" / "data.arrow").is_file() and handle.read() == b"the same content under the same key"
+    handle.close()
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name], "no staging copy is left behind"
+    assert verified_entry(entry) and "Cache entry" not in caplog.text
+
+
+def test_an_entry_replaced_while_it_is_verified_is_read_again_not_rebuilt(tmp_path, monkeypatch, caplog):
+    """A file vanishing while an entry is hashed means another process renamed a complete copy into place (entries are
+    renamed in whole): the entry is read again, not declared bad and rebuilt."""
+    import lomo_lightning.cache_entries as cache_entries
+
+    entry = store_entry(tmp_path / "cache" / "entry", lambda staging: (staging / "data.bin").write_bytes(b"x"))
+    real_digest, calls = cache_entries.content_digest, []
+
+    def replaced_once(path: Path) -> str:
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", str(path / "data.bin"))
+        return real_digest(path)
+
+    monkeypatch.setattr(cache_entries, "content_digest", replaced_once)
+    assert verified_entry(entry) and len(calls) == 2
+    assert "Cache entry" not in caplog.text
+
+
 # -- rows 5 and 8: a new run gets a directory of its own, and cleaning up removes only what it wrote ----
 
 
