@@ -145,7 +145,7 @@ def store_entry(entry: Path, write: Callable[[Path], object], directory: bool = 
             remove_entry(aside)
         os.replace(staging, entry)
     except OSError:
-        if entry_problem(entry) is not None:  # another process finishing the same entry first is fine
+        if _current_problem(entry) is not None:  # another process finishing the same entry first is fine
             raise
     finally:
         if staging.exists() or staging.is_symlink():
