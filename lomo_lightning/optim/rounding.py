@@ -179,7 +179,13 @@ def random_bits(positions: Tensor, key: Tensor, count: int) -> Tensor:
     ``count`` bits are returned (int32 in ``[0, 2^count)``). :func:`write_` makes the same word from int32
     arithmetic alone for a tensor of fewer than 2^31 elements.
     """
-    return _lowbias32(positions.bitwise_xor(key[0]).bitwise_xor((positions >> 32) * _GOLDEN_32).to(torch.int32), count)
+    return _lowbias32(_words(positions, key), count)
+
+
+def _words(positions: Tensor, key: Tensor) -> Tensor:
+    """The int32 word :func:`random_bits` hashes for each int64 position: its low word xor the key word xor its
+    high word spread by the golden-ratio multiplier."""
+    return positions.bitwise_xor(key[0]).bitwise_xor((positions >> 32) * _GOLDEN_32).to(torch.int32)
 
 
 def _lowbias32(x: Tensor, count: int) -> Tensor:
@@ -232,8 +238,7 @@ def write_(param: Tensor, work: Tensor, rounding: str, key: Tensor | None, compe
             high = (carry + (key[1] >> 32).to(torch.int32)) * (_GOLDEN_32 - 2**32)  # the multiplier as an int32 word
             words = low ^ key[0].to(torch.int32) ^ high
         else:  # beyond int32 positions: the same word from int64 ones
-            positions = torch.arange(param.numel(), dtype=torch.int64, device=param.device) + key[1]
-            words = (positions ^ key[0] ^ ((positions >> 32) * _GOLDEN_32)).to(torch.int32)
+            words = _words(torch.arange(param.numel(), dtype=torch.int64, device=param.device) + key[1], key)
         if param.dtype == torch.bfloat16:
             pattern = work.view(torch.int32)
             bits = _lowbias32(words, 16)
