@@ -24,8 +24,8 @@ Parts, each in a fresh process (so each pays its own compilation):
   parameters and optimizer state and apply the same gradients (one backward, kept; the rule's unfused ``step()``,
   whose math is the fused engine's: fused = unfused is a contract of the suite), and their results are compared
   element by element: the share bit-identical and the largest distance in units in the last place (the contract:
-  >= 99.9% identical and at most 1 unit, at every step). The eager result is the next step's start. Cases: AdaLomo
-  in bf16 (stochastic rounding) and fp32, LOMO in bf16 (stochastic) and fp32. (Comparing two 5-step trajectories
+  >= 99.9% identical and at most 1 unit, at every step). The eager result is the next step's start. Cases
+  (``rule:dtype[:rounding]``): AdaLomo in bf16 (stochastic rounding, Kahan) and fp32, LOMO in bf16 (stochastic) and fp32. (Comparing two 5-step trajectories
   instead measures how far 1-unit differences grow, not the kernels: 95.5% identical, an earlier run.)
 
 Batches: 2 x 128 random token ids (the timing and the agreement do not depend on the text).
@@ -65,7 +65,7 @@ SETTINGS: dict[str, Any] = dict(
     batch_size=2,
     timed_steps=3,
     agreement_steps=5,
-    agreement_cases=["adalomo:bfloat16", "adalomo:float32", "lomo:bfloat16", "lomo:float32"],
+    agreement_cases=["adalomo:bfloat16", "adalomo:bfloat16:kahan", "adalomo:float32", "lomo:bfloat16", "lomo:float32"],
     breakdown_cases=["bfloat16:stochastic", "bfloat16:kahan", "bfloat16:nearest", "float32:nearest"],
     lr=5e-4,
     # the rows timed beside the floor (a smaller set on a busy machine: every row is a model copy and a step)
@@ -256,10 +256,10 @@ def run_agreement(case: str, settings: dict[str, Any], device: str) -> dict[str,
 
     from lomo_lightning import AdaLomo, Lomo
 
-    rule, dtype = case.split(":")
+    rule, dtype, *write_back = case.split(":")  # rule:dtype, or rule:dtype:rounding
     base = build_model("smollm2", dtype).to(device)
     data = batches(settings["agreement_steps"], settings, base.config.vocab_size, device)
-    rounding = "stochastic" if dtype == "bfloat16" else "nearest"
+    rounding = write_back[0] if write_back else "stochastic" if dtype == "bfloat16" else "nearest"
     make = AdaLomo if rule == "adalomo" else Lomo
     reference, other = base, copy.deepcopy(base)  # reference: eager, the trajectory; other: compiled, reset each step
     eager = make(reference.parameters(), lr=settings["lr"], rounding=rounding, seed=0, compile=False)
@@ -455,7 +455,7 @@ def markdown(results: dict[str, Any]) -> str:
             per_step = ", ".join(f"{100 * s['identical_share']:.4f}%" for s in row["steps"])
             moved = ", ".join(f"{100 * s['moved_share']:.1f}%" for s in row["steps"])
             lines.append(
-                f"| {rule} | {dtype} ({row['rounding']}) | {row['elements']} | {100 * row['min_identical_share']:.4f}% | {per_step} "
+                f"| {rule} | {row['dtype']} ({row['rounding']}) | {row['elements']} | {100 * row['min_identical_share']:.4f}% | {per_step} "
                 f"| {row['max_units_at_scale']:.3g} | {row['max_units_apart']} | {row['beyond_one_unit']} | {moved} |"
             )
     breakdown = results.get("breakdown", {})
